@@ -1,0 +1,181 @@
+"""The single place arbstream's configuration lives, validated at start-up.
+
+Sources, highest priority first: keyword arguments, ``ARB_*`` environment variables, a ``.env``
+file in the working directory, the TOML or YAML file named by ``ARB_CONFIG_FILE``, then the
+defaults below. Every variable is documented in ``.env.example``. Secrets (passwords, tokens,
+Kafka SASL credentials) are read from the environment only and never written to logs.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+from arbstream.fees import DEFAULT_TAKER_FEES
+
+EXCHANGE_ID = r"^[a-z][a-z0-9_]*$"
+
+
+class Settings(BaseSettings):
+    """Validated runtime configuration. Durations are seconds, fees and thresholds fractions."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ARB_", env_file=".env", extra="forbid", validate_default=True
+    )
+
+    # --- where things live -------------------------------------------------------------
+    state_dir: Path = Field(Path(".state"), description="Local services' data, checkpoints, logs")
+    data_dir: Path = Field(Path("../shared/data"), description="Recorded market data root")
+    config_file: Path | None = Field(None, description="Optional TOML or YAML settings file")
+
+    # --- exchanges and fees ------------------------------------------------------------
+    exchanges: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TAKER_FEES),
+        description="Exchange ids whose topics are created and read",
+    )
+    fees: dict[str, float] = Field(
+        default_factory=dict, description="Taker-fee overrides, fractions, merged over the table"
+    )
+
+    # --- Kafka ---------------------------------------------------------------------------
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_partitions: int = Field(3, ge=1, description="Partitions of each md.* topic")
+    kafka_replication: int = Field(1, ge=1)
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+
+    # --- InfluxDB ------------------------------------------------------------------------
+    influx_url: str = "http://127.0.0.1:8086"
+    influx_api: Literal["v1", "v2"] = "v1"
+    influx_db: str = Field("arbstream", description="v1 database or v2 bucket")
+    influx_org: str = "arbstream"
+    influx_token: SecretStr | None = None
+    influx_username: str | None = None
+    influx_password: SecretStr | None = None
+
+    # --- MongoDB -------------------------------------------------------------------------
+    mongo_uri: SecretStr = SecretStr("mongodb://127.0.0.1:27017")
+    mongo_db: str = "arbstream"
+
+    # --- Spark job -----------------------------------------------------------------------
+    spark_master: str = "local[2]"
+    spark_kafka_source: Literal["python", "builtin"] = "python"
+    spark_shuffle_partitions: int = Field(4, ge=1)
+    trigger_seconds: float = Field(1.0, gt=0, description="Micro-batch trigger interval")
+    max_offsets_per_trigger: int | None = Field(200_000, ge=1)
+    starting_offsets: Literal["earliest", "latest"] = "earliest"
+    fail_on_data_loss: bool = True
+    watermark_seconds: float = Field(10.0, ge=0, description="Event-time watermark delay")
+    window_seconds: float = Field(1.0, gt=0, description="Snapshot window W")
+    max_quote_age_seconds: float = Field(5.0, gt=0, description="Quote staleness bound")
+    min_net: float = Field(0.0, description="Opportunity threshold on net spread, fraction")
+
+    @field_validator("exchanges")
+    @classmethod
+    def _exchange_ids(cls, value: list[str]) -> list[str]:
+        import re
+
+        bad = [e for e in value if not re.match(EXCHANGE_ID, e)]
+        if bad:
+            raise ValueError(f"exchange ids must be lower-case identifiers, got {bad}")
+        if not value:
+            raise ValueError("at least one exchange must be configured")
+        return value
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, value: str) -> str:
+        for hostport in value.split(","):
+            host, _, port = hostport.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"kafka_bootstrap entries must be host:port, got {hostport!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        missing = [e for e in self.exchanges if e not in self.taker_fees]
+        if missing:
+            raise ValueError(f"no taker fee for exchanges {missing}; add them to ARB_FEES")
+        bad_fee = {e: f for e, f in self.taker_fees.items() if not 0 <= f < 0.1}
+        if bad_fee:
+            raise ValueError(f"fees are fractions in [0, 0.1), got {bad_fee}")
+        ratio = self.max_quote_age_seconds / self.window_seconds
+        if abs(ratio - round(ratio)) > 1e-9:
+            raise ValueError(
+                "max_quote_age_seconds must be a whole multiple of window_seconds "
+                f"(got {self.max_quote_age_seconds} and {self.window_seconds})"
+            )
+        if urlparse(self.influx_url).scheme not in ("http", "https"):
+            raise ValueError(f"influx_url must be http(s)://host:port, got {self.influx_url!r}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        path = os.environ.get("ARB_CONFIG_FILE")
+        if path:
+            file = Path(path)
+            if not file.is_file():
+                raise FileNotFoundError(f"ARB_CONFIG_FILE={path} does not exist")
+            if file.suffix == ".toml":
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=file))
+            elif file.suffix in (".yaml", ".yml"):
+                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=file))
+            else:
+                raise ValueError(f"ARB_CONFIG_FILE must end in .toml, .yaml or .yml: {path}")
+        return tuple(sources)
+
+    # --- derived ---------------------------------------------------------------------------
+    @property
+    def taker_fees(self) -> dict[str, float]:
+        """Default fee table merged with ``fees`` overrides (fractions)."""
+        return {**DEFAULT_TAKER_FEES, **self.fees}
+
+    def kafka_client_config(self) -> dict[str, Any]:
+        """librdkafka settings shared by every producer, consumer and admin client."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.kafka_bootstrap,
+            "security.protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_sasl_mechanism:
+            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
+            conf["sasl.username"] = self.kafka_sasl_username or ""
+            conf["sasl.password"] = (
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else ""
+            )
+        return conf
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.state_dir / "checkpoints"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Load and validate settings once per process.
+
+    Raises:
+        pydantic.ValidationError: with every invalid variable named.
+    """
+    return Settings()

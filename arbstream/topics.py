@@ -1,0 +1,76 @@
+"""Kafka topic names and their creation with explicit partition counts.
+
+Market data is per exchange: ``md.<exchange>.quotes`` and ``md.<exchange>.trades``. The Spark
+job publishes ``arb.opportunities``; anything that fails validation goes to ``md.deadletter``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from arbstream.config import Settings
+
+log = logging.getLogger(__name__)
+
+DEADLETTER = "md.deadletter"
+OPPORTUNITIES = "arb.opportunities"
+#: Regex matching every per-exchange quote topic (for ``subscribePattern``).
+QUOTES_PATTERN = r"md\.[a-z0-9_]+\.quotes"
+
+
+def quotes_topic(exchange: str) -> str:
+    return f"md.{exchange}.quotes"
+
+
+def trades_topic(exchange: str) -> str:
+    return f"md.{exchange}.trades"
+
+
+def topic_layout(settings: Settings) -> dict[str, int]:
+    """Every topic arbstream needs, mapped to its partition count."""
+    layout: dict[str, int] = {}
+    for exchange in settings.exchanges:
+        layout[quotes_topic(exchange)] = settings.kafka_partitions
+        layout[trades_topic(exchange)] = settings.kafka_partitions
+    layout[OPPORTUNITIES] = settings.kafka_partitions
+    layout[DEADLETTER] = 1
+    return layout
+
+
+def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
+    """Create missing topics with their explicit partition counts; return those created.
+
+    Existing topics are left alone; a topic with fewer partitions than configured is logged.
+
+    Raises:
+        RuntimeError: when the broker is unreachable or refuses a creation.
+    """
+    admin = AdminClient(settings.kafka_client_config())
+    try:
+        existing = admin.list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        raise RuntimeError(f"Kafka at {settings.kafka_bootstrap} unreachable: {exc}") from exc
+    wanted = topic_layout(settings)
+    for name, meta in existing.items():
+        if name in wanted and len(meta.partitions) < wanted[name]:
+            log.warning("%s has %d partitions, config asks %d", name, len(meta.partitions),
+                        wanted[name])
+    new = [
+        NewTopic(name, num_partitions=parts, replication_factor=settings.kafka_replication)
+        for name, parts in wanted.items()
+        if name not in existing
+    ]
+    if not new:
+        return []
+    created = []
+    for name, future in admin.create_topics(new, request_timeout=timeout).items():
+        try:
+            future.result()
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args[0].code() != 36:  # TOPIC_ALREADY_EXISTS: a concurrent creator won
+                raise RuntimeError(f"could not create topic {name}: {exc}") from exc
+    return created

@@ -1,0 +1,1 @@
+"""Market-data producers: replay of recorded data (and, later, live websocket feeds)."""

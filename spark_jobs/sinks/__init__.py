@@ -1,0 +1,1 @@
+"""Idempotent sinks used from foreachBatch: MongoDB, InfluxDB, Kafka."""
