@@ -1,0 +1,449 @@
+"""Kafka as a Spark data source, written on PySpark's Python Data Source API with confluent-kafka.
+
+Registered as format ``arbkafka``. Its rows have the built-in ``format("kafka")`` source's
+columns (``key, value, topic, partition, offset, timestamp, timestampType``), so everything
+downstream is the same whichever source a deployment selects (``ARB_SPARK_KAFKA_SOURCE``).
+
+Stream reading (``spark.readStream.format("arbkafka")``), options as in the built-in source:
+
+* ``kafka.bootstrap.servers`` (required) and any other ``kafka.<librdkafka setting>``;
+* ``subscribe`` (comma-separated topics) or ``subscribePattern`` (a Python regex, full match);
+* ``startingOffsets``: ``earliest`` (default) or ``latest``, used only when the query has no
+  checkpoint; afterwards offsets come from the checkpoint;
+* ``maxOffsetsPerTrigger``: cap on records per micro-batch, split over partitions in
+  proportion to their backlog, like the built-in source;
+* ``failOnDataLoss`` (default ``true``): fail when offsets go backwards (topic recreated, broker
+  lost its data) or records were deleted before being read; with ``false`` such partitions
+  restart from their earliest available offset and a warning is logged;
+* ``endOffsets``: ``fetch`` (default) takes each partition's end from a fetch response's
+  high-water mark; ``list`` uses ListOffsets(LATEST). ``fetch`` exists because tansu answers
+  ListOffsets(LATEST) with the last batch's base offset + 1, which is not the end.
+
+Batch writing (``df.write.format("arbkafka")``) takes columns ``topic``, ``key``, ``value``
+(string or binary) and produces them with an idempotent producer (acks=all) on the executors.
+
+Offsets are JSON ``{"<topic>": {"<partition>": next_offset}}``. Kafka clients are opened
+lazily where they are used (driver for planning, executors for reading), never in
+``__init__``, so the reader pickles cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from pyspark.sql.datasource import (
+    DataSource,
+    DataSourceStreamReader,
+    DataSourceWriter,
+    InputPartition,
+    WriterCommitMessage,
+)
+from pyspark.sql.streaming.datasource import (
+    ReadAllAvailable,
+    ReadLimit,
+    ReadMaxRows,
+    SupportsTriggerAvailableNow,
+)
+from pyspark.sql.types import StructType
+
+log = logging.getLogger(__name__)
+
+FORMAT = "arbkafka"
+SCHEMA = (
+    "key BINARY, value BINARY, topic STRING, partition INT, offset BIGINT, "
+    "timestamp TIMESTAMP, timestampType INT"
+)
+ARROW_SCHEMA = pa.schema(
+    [
+        ("key", pa.binary()),
+        ("value", pa.binary()),
+        ("topic", pa.string()),
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
+        ("timestamp", pa.timestamp("us", tz="UTC")),
+        ("timestampType", pa.int32()),
+    ]
+)
+ARROW_BATCH_ROWS = 10_000
+
+Offsets = dict[str, dict[str, int]]
+
+
+class KafkaDataLossError(RuntimeError):
+    """Offsets went backwards or records vanished before the query read them."""
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    if value is None:
+        return default
+    if value.lower() not in ("true", "false"):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value.lower() == "true"
+
+
+def client_config(options: dict[str, str]) -> dict[str, Any]:
+    """librdkafka settings from ``kafka.*`` options.
+
+    Raises:
+        ValueError: ``kafka.bootstrap.servers`` is missing.
+    """
+    conf = {k[len("kafka."):]: v for k, v in options.items() if k.startswith("kafka.")}
+    if "bootstrap.servers" not in conf:
+        raise ValueError("option kafka.bootstrap.servers is required")
+    return conf
+
+
+@dataclass(frozen=True)
+class KafkaPartition(InputPartition):
+    """One topic-partition's offset range ``[start, end)`` for one micro-batch."""
+
+    topic: str
+    partition: int
+    start: int
+    end: int
+
+
+class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
+    """Micro-batch reader over a set of topics; see the module docstring for options."""
+
+    def __init__(self, options: dict[str, str]) -> None:
+        self.conf = client_config(options)
+        topics = options.get("subscribe")
+        pattern = options.get("subscribePattern")
+        if bool(topics) == bool(pattern):
+            raise ValueError("set exactly one of the options subscribe, subscribePattern")
+        self.topics = [t.strip() for t in topics.split(",")] if topics else None
+        self.pattern = re.compile(pattern) if pattern else None
+        self.starting = options.get("startingOffsets", "earliest")
+        if self.starting not in ("earliest", "latest"):
+            raise ValueError(f"startingOffsets must be earliest or latest, not {self.starting!r}")
+        max_offsets = options.get("maxOffsetsPerTrigger")
+        self.max_offsets = int(max_offsets) if max_offsets else None
+        if self.max_offsets is not None and self.max_offsets < 1:
+            raise ValueError("maxOffsetsPerTrigger must be a positive integer")
+        self.fail_on_data_loss = _flag(options.get("failOnDataLoss"), True)
+        self.end_offsets_mode = options.get("endOffsets", "fetch")
+        if self.end_offsets_mode not in ("fetch", "list"):
+            raise ValueError("endOffsets must be fetch or list")
+        self.poll_timeout = float(options.get("pollTimeoutMs", "120000")) / 1000
+        self._consumer: Any = None
+        self._available_now: Offsets | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_consumer"] = None
+        return state
+
+    # --- driver side -------------------------------------------------------------------
+    def _client(self) -> Any:
+        from confluent_kafka import Consumer
+
+        if self._consumer is None:
+            self._consumer = Consumer(
+                {
+                    **self.conf,
+                    "group.id": f"arbstream-planner-{uuid.uuid4()}",
+                    "enable.auto.commit": False,
+                    "enable.partition.eof": True,
+                    "max.partition.fetch.bytes": 65536,
+                    "queued.max.messages.kbytes": 1024,
+                    "fetch.wait.max.ms": 10,
+                }
+            )
+        return self._consumer
+
+    def _topic_partitions(self) -> dict[str, list[int]]:
+        meta = self._client().list_topics(timeout=15)
+        out = {}
+        for name, topic in meta.topics.items():
+            if topic.error is not None:
+                continue
+            wanted = name in self.topics if self.topics else self.pattern.fullmatch(name)
+            if wanted:
+                out[name] = sorted(topic.partitions)
+        return out
+
+    def _earliest(self, topic: str, partition: int) -> int:
+        from confluent_kafka import TopicPartition
+
+        low, _ = self._client().get_watermark_offsets(
+            TopicPartition(topic, partition), timeout=15, cached=False
+        )
+        return max(low, 0)
+
+    def _end_offsets(self, positions: Offsets) -> Offsets:
+        """High-water mark of every partition in ``positions``.
+
+        ``fetch`` mode assigns each partition at its last known position and reads the
+        high-water mark that the broker returns with the first fetch response (a message or an
+        end-of-partition event), so at most one fetch per partition is downloaded here.
+        """
+        from confluent_kafka import KafkaError, TopicPartition
+
+        client = self._client()
+        tps = [
+            TopicPartition(t, int(p), off) for t, parts in positions.items()
+            for p, off in parts.items()
+        ]
+        if not tps:
+            return {}
+        if self.end_offsets_mode == "list":
+            return _group(
+                (tp.topic, tp.partition, client.get_watermark_offsets(tp, timeout=15)[1])
+                for tp in tps
+            )
+        client.assign(tps)
+        pending = {(tp.topic, tp.partition) for tp in tps}
+        deadline = time.monotonic() + 15
+        try:
+            while pending and time.monotonic() < deadline:
+                msg = client.poll(0.2)
+                if msg is not None and (msg.error() is None or msg.error().code() == KafkaError._PARTITION_EOF):
+                    pending.discard((msg.topic(), msg.partition()))
+            ends = []
+            for tp in tps:
+                if (tp.topic, tp.partition) in pending:
+                    log.warning("no fetch response from %s[%d]; keeping offset %d",
+                                tp.topic, tp.partition, tp.offset)
+                    ends.append((tp.topic, tp.partition, tp.offset))
+                    continue
+                _, high = client.get_watermark_offsets(tp, cached=True)
+                ends.append((tp.topic, tp.partition, high))
+            return _group(ends)
+        finally:
+            client.unassign()
+
+    def _positions(self, start: Offsets) -> Offsets:
+        """``start`` plus newly discovered partitions (from their earliest offset)."""
+        positions: Offsets = {t: dict(parts) for t, parts in start.items()}
+        for topic, parts in self._topic_partitions().items():
+            known = positions.setdefault(topic, {})
+            for p in parts:
+                if str(p) not in known:
+                    known[str(p)] = self._earliest(topic, p)
+        return positions
+
+    def initialOffset(self) -> dict:
+        positions = self._positions({})
+        if self.starting == "earliest":
+            return positions
+        return self._end_offsets(positions)
+
+    def getDefaultReadLimit(self) -> ReadLimit:
+        return ReadMaxRows(self.max_offsets) if self.max_offsets else ReadAllAvailable()
+
+    def prepareForTriggerAvailableNow(self) -> None:
+        self._available_now = self._end_offsets(self._positions({}))
+
+    def latestOffset(self, start: dict, limit: ReadLimit) -> dict:
+        positions = self._positions(start)
+        ends = self._end_offsets(positions)
+        if self._available_now is not None:
+            ends = _group(
+                (t, int(p), min(off, self._available_now.get(t, {}).get(p, off)))
+                for t, parts in ends.items() for p, off in parts.items()
+            )
+        for topic, parts in ends.items():
+            for p, end in parts.items():
+                begin = positions[topic][p]
+                if end < begin:
+                    self._data_loss(
+                        f"{topic}[{p}] end offset {end} is before the checkpointed offset "
+                        f"{begin}: the topic was recreated or the broker lost its data"
+                    )
+                    positions[topic][p] = self._earliest(topic, int(p))
+        if isinstance(limit, ReadMaxRows):
+            ends = _rate_limit(positions, ends, limit.max_rows)
+        return ends
+
+    def _data_loss(self, message: str) -> None:
+        if self.fail_on_data_loss:
+            raise KafkaDataLossError(
+                message + ". Delete the query's checkpoint or set failOnDataLoss=false "
+                "(ARB_FAIL_ON_DATA_LOSS=false) to restart those partitions from earliest."
+            )
+        log.warning("data loss: %s; restarting from earliest", message)
+
+    def partitions(self, start: dict, end: dict) -> list[KafkaPartition]:
+        out = []
+        for topic, parts in end.items():
+            for p, stop in parts.items():
+                begin = start.get(topic, {}).get(p)
+                if begin is None:
+                    begin = self._earliest(topic, int(p))
+                if stop < begin:  # data loss already reported in latestOffset
+                    begin = self._earliest(topic, int(p))
+                if stop > begin:
+                    out.append(KafkaPartition(topic, int(p), begin, stop))
+        return out
+
+    def commit(self, end: dict) -> None:
+        """Offsets live in Spark's checkpoint; nothing is committed to Kafka."""
+
+    def stop(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+    # --- executor side -----------------------------------------------------------------
+    def read(self, partition: KafkaPartition) -> Iterator[pa.RecordBatch]:  # type: ignore[override]
+        """Yield the records of ``[start, end)`` as Arrow batches of up to 10k rows.
+
+        Raises:
+            KafkaDataLossError: records in the range were deleted (``failOnDataLoss``), or the
+                range could not be read within ``pollTimeoutMs``.
+        """
+        from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+        consumer = Consumer(
+            {
+                **self.conf,
+                "group.id": f"arbstream-reader-{uuid.uuid4()}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+            }
+        )
+        try:
+            consumer.assign([TopicPartition(partition.topic, partition.partition,
+                                            partition.start)])
+            cols: dict[str, list[Any]] = {name: [] for name in ARROW_SCHEMA.names}
+            expected = partition.start
+            deadline = time.monotonic() + self.poll_timeout
+            while expected < partition.end:
+                msg = consumer.poll(0.5)
+                if msg is None or (msg.error() and msg.error().code() == KafkaError._PARTITION_EOF):
+                    if time.monotonic() > deadline:
+                        raise KafkaDataLossError(
+                            f"timed out reading {partition.topic}[{partition.partition}] "
+                            f"offsets {expected}..{partition.end}"
+                        )
+                    continue
+                if msg.error():
+                    raise RuntimeError(f"Kafka error on {partition}: {msg.error()}")
+                offset = msg.offset()
+                if offset >= partition.end:
+                    break
+                if offset > expected:
+                    self._data_loss(
+                        f"{partition.topic}[{partition.partition}] offsets {expected}..{offset} "
+                        "were deleted before they were read"
+                    )
+                expected = offset + 1
+                ts_type, ts = msg.timestamp()
+                cols["key"].append(msg.key())
+                cols["value"].append(msg.value())
+                cols["topic"].append(partition.topic)
+                cols["partition"].append(partition.partition)
+                cols["offset"].append(offset)
+                cols["timestamp"].append(ts * 1000 if ts >= 0 else None)
+                cols["timestampType"].append(max(ts_type - 1, 0))
+                if len(cols["offset"]) >= ARROW_BATCH_ROWS:
+                    yield pa.RecordBatch.from_pydict(cols, schema=ARROW_SCHEMA)
+                    cols = {name: [] for name in ARROW_SCHEMA.names}
+            if cols["offset"]:
+                yield pa.RecordBatch.from_pydict(cols, schema=ARROW_SCHEMA)
+        finally:
+            consumer.close()
+
+
+def _group(items: Any) -> Offsets:
+    out: Offsets = {}
+    for topic, partition, offset in items:
+        out.setdefault(topic, {})[str(partition)] = int(offset)
+    return out
+
+
+def _rate_limit(start: Offsets, end: Offsets, max_rows: int) -> Offsets:
+    """Cap the total ``end - start`` at ``max_rows``, split in proportion to each backlog."""
+    backlog = {
+        (t, p): end[t][p] - start.get(t, {}).get(p, end[t][p])
+        for t in end for p in end[t]
+    }
+    total = sum(max(b, 0) for b in backlog.values())
+    if total <= max_rows:
+        return end
+    capped = _group(
+        (t, p, start[t][p] + (max(b, 0) * max_rows) // total) for (t, p), b in backlog.items()
+    )
+    if capped == start:  # every share rounded down to zero: move the largest backlog on
+        t, p = max(backlog, key=lambda k: backlog[k])
+        capped[t][p] = start[t][p] + min(backlog[(t, p)], max_rows)
+    return capped
+
+
+class KafkaWriter(DataSourceWriter):
+    """Produces each row's ``value`` to its ``topic`` with ``key``; idempotent producer."""
+
+    def __init__(self, options: dict[str, str]) -> None:
+        self.conf = client_config(options)
+
+    def write(self, iterator: Iterator[Any]) -> WriterCommitMessage:
+        """Produce every row, flush, and fail the task if any delivery failed.
+
+        Raises:
+            RuntimeError: with the first delivery error, after all rows were attempted.
+        """
+        from confluent_kafka import Producer
+
+        producer = Producer(
+            {**self.conf, "enable.idempotence": True, "acks": "all", "linger.ms": 20,
+             "compression.type": "lz4"}
+        )
+        errors: list[str] = []
+
+        def on_delivery(err: Any, _msg: Any) -> None:
+            if err is not None:
+                errors.append(str(err))
+
+        count = 0
+        for row in iterator:
+            key, value = row["key"], row["value"]
+            while True:
+                try:
+                    producer.produce(
+                        row["topic"],
+                        key=key.encode() if isinstance(key, str) else key,
+                        value=value.encode() if isinstance(value, str) else value,
+                        on_delivery=on_delivery,
+                    )
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+            count += 1
+            producer.poll(0)
+        remaining = producer.flush(60)
+        if remaining or errors:
+            raise RuntimeError(
+                f"{len(errors)} Kafka deliveries failed, {remaining} undelivered: "
+                f"{errors[:1]}"
+            )
+        return ProducedCount(count)
+
+
+@dataclass
+class ProducedCount(WriterCommitMessage):
+    rows: int
+
+
+class KafkaDataSource(DataSource):
+    """``arbkafka``: Kafka stream reader and batch writer (see module docstring)."""
+
+    @classmethod
+    def name(cls) -> str:
+        return FORMAT
+
+    def schema(self) -> str:
+        return SCHEMA
+
+    def streamReader(self, schema: StructType) -> KafkaStreamReader:
+        return KafkaStreamReader(self.options)
+
+    def writer(self, schema: StructType, overwrite: bool) -> KafkaWriter:
+        return KafkaWriter(self.options)

@@ -1,0 +1,46 @@
+"""SparkSession construction shared by ``arbstream stream``, ``spark-submit`` and the tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+from arbstream.config import Settings
+from arbstream.stack import ensure_java
+from spark_jobs.kafka_source import KafkaDataSource
+
+
+def build_session(settings: Settings, app_name: str = "arbstream", ui: bool = False) -> SparkSession:
+    """Get or create the SparkSession, UTC everywhere, with the ``arbkafka`` source registered.
+
+    Under ``spark-submit`` (a JVM gateway already exists) the master and resources come from
+    spark-submit's own flags; otherwise ``settings.spark_master`` (``local[2]`` by default).
+
+    Raises:
+        arbstream.stack.StackError: no Java 17+ runtime and it cannot be installed.
+    """
+    submitted = "PYSPARK_GATEWAY_PORT" in os.environ
+    if not submitted:
+        ensure_java()
+        # Executors' Python workers must import arbstream: use this very interpreter.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(app_name)
+    if not submitted:
+        builder = builder.master(settings.spark_master)
+    session = (
+        builder.config("spark.sql.session.timeZone", "UTC")
+        .config("spark.driver.extraJavaOptions", "-Duser.timezone=UTC")
+        .config("spark.executor.extraJavaOptions", "-Duser.timezone=UTC")
+        .config("spark.sql.shuffle.partitions", str(settings.spark_shuffle_partitions))
+        .config("spark.ui.enabled", str(ui).lower())
+        .config("spark.sql.streaming.stateStore.providerClass",
+                "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("WARN")
+    session.dataSource.register(KafkaDataSource)
+    return session

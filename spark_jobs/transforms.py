@@ -1,0 +1,263 @@
+"""Pure DataFrame transformations of the arbitrage job: parse, validate, dedupe, snapshot, spread.
+
+Every function takes and returns a DataFrame and does no I/O, so each is tested on static
+DataFrames and the same code runs inside the streaming query. Only Spark's own operators are
+used (``from_json``, window aggregations, higher-order array functions): no Python UDFs.
+
+Spread semantics (what ``tests/test_transforms.py`` pins down):
+
+* For each symbol and each event-time window of width ``W`` (ending on multiples of ``W``
+  since the epoch), the *snapshot* holds each exchange's latest quote with
+  ``exchange_ts`` in ``(window_end - max_quote_age, window_end]``.
+* For every ordered pair of distinct exchanges (buy on A at A's ask, sell on B at B's bid):
+  ``gross = B.bid / A.ask - 1`` and ``net = gross - fee_A - fee_B`` (fractions; taker fees from
+  :mod:`arbstream.fees`); ``gross_bps = gross * 10_000`` and likewise ``net_bps``.
+* An opportunity is a pair with ``net > min_net``.
+
+Implementation: Spark windows are ``[start, end)``, so quotes are windowed on ``event_time =
+exchange_ts - 1 µs``; a sliding window of length ``max_quote_age`` and slide ``W`` then holds
+exactly the quotes with ``exchange_ts`` in ``(end - max_quote_age, end]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from arbstream.schemas import EXCHANGE_RE, QUOTE_DDL, SCHEMA_VERSION, SYMBOL_RE
+
+BPS = 10_000.0
+QUOTE_COLUMNS = [
+    "exchange", "symbol", "bid", "ask", "bid_size", "ask_size", "exchange_ts", "received_ts",
+    "dedupe_key",
+]
+
+
+def _fee_map(fees: Mapping[str, float]) -> Column:
+    pairs = [x for exchange, fee in sorted(fees.items()) for x in (F.lit(exchange), F.lit(fee))]
+    return F.create_map(*pairs)
+
+
+def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
+    """Parse Kafka records into quotes and say why each invalid one is invalid.
+
+    Input: the Kafka source's columns (``key, value, topic, partition, offset, ...``).
+    Output: the quote fields of :class:`arbstream.schemas.Quote`, plus ``ts`` (timestamp of
+    ``exchange_ts``), ``raw`` (the value as UTF-8 text, or base64 when it is not UTF-8),
+    ``raw_encoding``, ``topic``, ``partition``, ``offset`` and ``error``: null for a valid quote,
+    else the first failed check as a sentence. Nothing is dropped here.
+    """
+    text = F.col("value").cast("string")
+    utf8 = F.is_valid_utf8(text)
+    parsed = raw.select(
+        utf8.alias("_utf8"),
+        "topic", "partition", "offset",
+        F.when(utf8, text).otherwise(F.base64(F.col("value"))).alias("raw"),
+        F.when(utf8, F.lit("utf-8")).otherwise(F.lit("base64")).alias("raw_encoding"),
+        F.when(utf8, F.try_parse_json(text)).isNotNull().alias("_json_ok"),
+        F.from_json(text, QUOTE_DDL).alias("q"),
+    ).select("*", *[F.col(f"q.{c}").alias(c) for c in QUOTE_COLUMNS + ["schema_version", "type"]])
+    topic_exchange = F.regexp_extract("topic", r"^md\.([^.]+)\.quotes$", 1)
+    fee = _fee_map(fees)[F.col("exchange")]
+
+    def positive(name: str) -> tuple[Column, Column]:
+        return (
+            F.col(name).isNull() | (F.col(name) <= 0),
+            F.lit(f"{name} missing or not a positive number"),
+        )
+
+    checks: list[tuple[Column, Column]] = [
+        (F.col("raw").isNull(), F.lit("empty payload")),
+        (~F.col("_utf8"), F.lit("payload is not UTF-8")),
+        (~F.col("_json_ok"), F.lit("malformed JSON")),
+        (
+            F.col("schema_version").isNull() | (F.col("schema_version") != SCHEMA_VERSION),
+            F.concat(F.lit("unsupported schema_version "),
+                     F.coalesce(F.col("schema_version").cast("string"), F.lit("null"))),
+        ),
+        (F.coalesce(F.col("type"), F.lit("")) != "quote", F.lit("type must be 'quote'")),
+        (
+            ~F.coalesce(F.col("exchange").rlike(EXCHANGE_RE.pattern), F.lit(False)),
+            F.lit("exchange missing or not a lower-case id"),
+        ),
+        (
+            (topic_exchange != "") & (topic_exchange != F.col("exchange")),
+            F.concat(F.lit("exchange '"), F.col("exchange"),
+                     F.lit("' does not match topic "), F.col("topic")),
+        ),
+        (
+            ~F.coalesce(F.col("symbol").rlike(SYMBOL_RE.pattern), F.lit(False)),
+            F.lit("symbol missing or not canonical BASE-QUOTE"),
+        ),
+        positive("bid"),
+        positive("ask"),
+        (
+            F.col("bid") > F.col("ask"),
+            F.concat(F.lit("crossed quote: bid "), F.col("bid").cast("string"),
+                     F.lit(" > ask "), F.col("ask").cast("string")),
+        ),
+        (F.col("bid_size") < 0, F.lit("bid_size is negative")),
+        (F.col("ask_size") < 0, F.lit("ask_size is negative")),
+        positive("exchange_ts"),
+        positive("received_ts"),
+        (F.coalesce(F.length("dedupe_key"), F.lit(0)) == 0, F.lit("dedupe_key missing")),
+        (
+            fee.isNull(),
+            F.concat(F.lit("no taker fee configured for exchange "), F.col("exchange")),
+        ),
+    ]
+    error = F.coalesce(*[F.when(cond, msg) for cond, msg in checks])
+    return parsed.select(
+        *QUOTE_COLUMNS,
+        F.timestamp_millis("exchange_ts").alias("ts"),
+        "raw", "raw_encoding", "topic", "partition", "offset",
+        error.alias("error"),
+    )
+
+
+def valid_quotes(parsed: DataFrame) -> DataFrame:
+    """The valid rows of :func:`parse_quotes`, quote columns plus ``ts``."""
+    return parsed.where(F.col("error").isNull()).select(*QUOTE_COLUMNS, "ts")
+
+
+def dead_letters(parsed: DataFrame, stage: str = "stream") -> DataFrame:
+    """The invalid rows of :func:`parse_quotes` as ``md.deadletter`` records.
+
+    Output columns ``key`` (the source topic) and ``value``: canonical
+    :class:`arbstream.schemas.DeadLetter` JSON with the reason and the raw payload.
+    """
+    bad = parsed.where(F.col("error").isNotNull())
+    value = F.to_json(
+        F.struct(
+            F.lit(SCHEMA_VERSION).alias("schema_version"),
+            F.lit("deadletter").alias("type"),
+            F.lit(stage).alias("stage"),
+            F.col("error").alias("reason"),
+            F.col("topic").alias("source_topic"),
+            F.col("partition").alias("source_partition"),
+            F.col("offset").alias("source_offset"),
+            F.coalesce(F.col("raw"), F.lit("")).alias("raw"),
+            F.col("raw_encoding"),
+            F.unix_millis(F.current_timestamp()).alias("rejected_ts"),
+        )
+    )
+    return bad.select(F.col("topic").alias("key"), value.alias("value"))
+
+
+def dedupe(quotes: DataFrame, watermark_seconds: float) -> DataFrame:
+    """Add ``event_time`` (``ts`` − 1 µs), watermark it, and drop repeated ``dedupe_key``s.
+
+    Duplicates are dropped while the first copy's event time is within the watermark delay
+    (``dropDuplicatesWithinWatermark``); quotes later than the watermark are dropped by Spark.
+    On a static DataFrame (tests, backfills) this is a plain ``dropDuplicates``.
+    """
+    with_time = quotes.withColumn("event_time", F.col("ts") - F.expr("INTERVAL 1 MICROSECOND"))
+    marked = with_time.withWatermark("event_time", f"{int(watermark_seconds * 1000)} milliseconds")
+    if marked.isStreaming:
+        return marked.dropDuplicatesWithinWatermark(["dedupe_key"])
+    return marked.dropDuplicates(["dedupe_key"])
+
+
+def snapshots(quotes: DataFrame, window_seconds: float, max_quote_age_seconds: float) -> DataFrame:
+    """Each exchange's latest quote per symbol and window: the snapshot of the module docstring.
+
+    Input: :func:`dedupe` output. Output: one row per (symbol, window_end, exchange) with
+    ``window_start`` (= window_end − max_quote_age), ``window_end``, ``bid``, ``ask`` and
+    ``quote_ts`` (the chosen quote's exchange time). "Latest" orders by ``ts``, then
+    ``received_ts``, then ``dedupe_key`` so ties resolve the same way every time.
+    """
+    window = F.window(
+        "event_time",
+        f"{int(max_quote_age_seconds * 1000)} milliseconds",
+        f"{int(window_seconds * 1000)} milliseconds",
+    )
+    latest = F.max(F.struct("ts", "received_ts", "dedupe_key", "bid", "ask"))
+    return (
+        quotes.groupBy("symbol", "exchange", window.alias("window"))
+        .agg(latest.alias("q"))
+        .select(
+            "symbol", "exchange", "window",
+            F.col("q.bid").alias("bid"),
+            F.col("q.ask").alias("ask"),
+            F.col("q.ts").alias("quote_ts"),
+        )
+    )
+
+
+def pairs(snapshot: DataFrame, window_seconds: float) -> DataFrame:
+    """Every ordered pair of distinct exchanges in each (symbol, window) snapshot.
+
+    Output: ``symbol, window_start, window_end, buy_exchange, buy_ask, buy_ts, sell_exchange,
+    sell_bid, sell_ts``. Snapshots with one exchange yield nothing.
+    """
+    # Re-window on the first window's time so that the watermark can close this aggregation.
+    regroup = F.window(F.window_time("window"), f"{int(window_seconds * 1000)} milliseconds")
+    grouped = snapshot.groupBy("symbol", regroup.alias("slot")).agg(
+        F.collect_list(F.struct("exchange", "bid", "ask", "quote_ts", "window")).alias("qs")
+    )
+    combos = F.filter(
+        F.flatten(
+            F.transform("qs", lambda a: F.transform("qs", lambda b: F.struct(
+                a.alias("buy"), b.alias("sell")
+            )))
+        ),
+        lambda p: p["buy"]["exchange"] != p["sell"]["exchange"],
+    )
+    return grouped.select("symbol", F.explode(combos).alias("p")).select(
+        "symbol",
+        F.col("p.buy.window.start").alias("window_start"),
+        F.col("p.buy.window.end").alias("window_end"),
+        F.col("p.buy.exchange").alias("buy_exchange"),
+        F.col("p.buy.ask").alias("buy_ask"),
+        F.col("p.buy.quote_ts").alias("buy_ts"),
+        F.col("p.sell.exchange").alias("sell_exchange"),
+        F.col("p.sell.bid").alias("sell_bid"),
+        F.col("p.sell.quote_ts").alias("sell_ts"),
+    )
+
+
+def spreads(pair_rows: DataFrame, fees: Mapping[str, float]) -> DataFrame:
+    """Add fees, gross and net spreads (fractions and bps) and a deterministic id.
+
+    ``opportunity_id`` is ``symbol|window_end ISO-8601 UTC ms|buy_exchange|sell_exchange``;
+    it is the MongoDB ``_id`` and the Kafka key, so replays overwrite instead of duplicating.
+    """
+    fee = _fee_map(fees)
+    gross = F.col("sell_bid") / F.col("buy_ask") - F.lit(1.0)
+    net = F.col("gross") - F.col("buy_fee") - F.col("sell_fee")
+    return (
+        pair_rows.withColumn("buy_fee", fee[F.col("buy_exchange")])
+        .withColumn("sell_fee", fee[F.col("sell_exchange")])
+        .withColumn("gross", gross)
+        .withColumn("net", net)
+        .withColumn("gross_bps", F.col("gross") * BPS)
+        .withColumn("net_bps", F.col("net") * BPS)
+        .withColumn(
+            "opportunity_id",
+            F.concat_ws(
+                "|", "symbol",
+                F.date_format("window_end", "yyyy-MM-dd'T'HH:mm:ss.SSS'Z'"),
+                "buy_exchange", "sell_exchange",
+            ),
+        )
+    )
+
+
+def opportunities(spread_rows: DataFrame, min_net: float) -> DataFrame:
+    """Pairs whose net spread (fraction) is strictly above ``min_net``."""
+    return spread_rows.where(F.col("net") > F.lit(min_net))
+
+
+def spread_stream(
+    raw: DataFrame,
+    fees: Mapping[str, float],
+    watermark_seconds: float,
+    window_seconds: float,
+    max_quote_age_seconds: float,
+) -> DataFrame:
+    """The whole chain from Kafka records to spread rows (all pairs, not only opportunities)."""
+    quotes = dedupe(valid_quotes(parse_quotes(raw, fees)), watermark_seconds)
+    snap = snapshots(quotes, window_seconds, max_quote_age_seconds)
+    return spreads(pairs(snap, window_seconds), fees)

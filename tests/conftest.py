@@ -1,0 +1,75 @@
+"""Session fixtures: one real local stack (tansu, InfluxDB, SecantusDB) and one SparkSession.
+
+Services run as processes on free loopback ports with their data in a temporary state
+directory, exactly as ``arbstream up`` runs them. The recorded market data is read in place
+from ``ARB_DATA_DIR`` (default ``../shared/data`` beside the repository).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from arbstream import stack
+from arbstream.config import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("ARB_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (and, for InfluxDB, whose port + 2 is free too)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 2))
+            except OSError:
+                continue
+        return port
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "iaqf-2023-03").is_dir():
+        pytest.fail(f"recorded data not found under {DATA_DIR}; set ARB_DATA_DIR")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[Settings]:
+    """Settings pointing at a freshly started real stack; services stop after the session."""
+    state = tmp_path_factory.mktemp("state")
+    conf = Settings(
+        state_dir=state,
+        data_dir=data_dir,
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        influx_url=f"http://127.0.0.1:{free_port()}",
+        mongo_uri=f"mongodb://127.0.0.1:{free_port()}",
+        kafka_partitions=2,
+        spark_shuffle_partitions=2,
+    )
+    try:
+        stack.up(conf)
+        yield conf
+    finally:
+        stack.down(conf)
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory: pytest.TempPathFactory):
+    """One local SparkSession for the whole test session (start-up takes ~8 s)."""
+    from spark_jobs.session import build_session
+
+    conf = Settings(
+        state_dir=tmp_path_factory.mktemp("spark"), spark_shuffle_partitions=2
+    )
+    session = build_session(conf, app_name="arbstream-tests")
+    yield session
+    session.stop()
