@@ -111,6 +111,33 @@ class Trade(_Event):
         return self
 
 
+class Heartbeat(BaseModel):
+    """Event-time progress of one exchange feed, with no market data.
+
+    Producers send one when a feed is quiet, and a replay sends one after its last quote, so
+    the stream's watermark passes the last windows and they are emitted. ``dedupe_key`` is
+    ``exchange:hb:<exchange_ts>``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    type: Literal["heartbeat"] = "heartbeat"
+    exchange: str = Field(pattern=EXCHANGE_RE.pattern)
+    exchange_ts: int = Field(gt=0, description="event time reached, UTC ms")
+    received_ts: int = Field(gt=0, description="UTC ms")
+    dedupe_key: str = ""
+
+    @model_validator(mode="after")
+    def _key(self) -> Heartbeat:
+        if not self.dedupe_key:
+            object.__setattr__(self, "dedupe_key", f"{self.exchange}:hb:{self.exchange_ts}")
+        return self
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
 class DeadLetter(BaseModel):
     """A record that failed validation, with why and the payload exactly as received.
 

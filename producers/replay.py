@@ -42,7 +42,9 @@ from arbstream.schemas import (
     EXCHANGE_RE,
     SYMBOL_RE,
     DeadLetter,
+    Heartbeat,
     Quote,
+    now_ms,
     validation_reason,
 )
 from arbstream.topics import DEADLETTER, ensure_topics, quotes_topic
@@ -608,6 +610,7 @@ def publish_quotes(
     speed: float | None = None,
     progress: bool = True,
     deadletters: Sequence[DeadLetter] = (),
+    heartbeat: bool = True,
 ) -> ReplayReport:
     """Publish quotes to ``md.<exchange>.quotes`` in event-time order, then flush.
 
@@ -625,6 +628,9 @@ def publish_quotes(
             measured on a monotonic clock from the first quote).
         progress: show a tqdm progress bar on stderr (only when stderr is a TTY).
         deadletters: rejected input records to publish alongside.
+        heartbeat: end with one :class:`Heartbeat` per exchange at the last quote time +
+            ``watermark_seconds + max_quote_age_seconds + window_seconds``, so the stream's
+            watermark passes every window of the replay and all of them are emitted.
 
     Returns:
         A :class:`ReplayReport` with acknowledged counts per topic.
@@ -671,10 +677,15 @@ def publish_quotes(
             topic = msg.topic() or ""
             acked[topic] = acked.get(topic, 0) + 1
 
-    def send(topic: str, key: bytes | None, value: bytes) -> None:
+    beats: list[str] = []
+
+    def on_heartbeat(err: KafkaError | None, msg: Message) -> None:
+        (failures if err is not None else beats).append(f"{msg.topic()}: {err}")
+
+    def send(topic: str, key: bytes | None, value: bytes, callback: Any = on_delivery) -> None:
         while True:
             try:
-                producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                producer.produce(topic, value=value, key=key, on_delivery=callback)
                 return
             except BufferError:
                 producer.poll(0.1)  # local queue full: serve deliveries, then retry
@@ -706,6 +717,14 @@ def publish_quotes(
                 bar.update(pending)
                 pending = 0
         bar.update(pending)
+        if heartbeat and last_ts is not None:
+            flush_ts = last_ts + int(1000 * (
+                settings.watermark_seconds + settings.max_quote_age_seconds
+                + settings.window_seconds
+            ))
+            for exchange in sorted(exchanges):
+                beat = Heartbeat(exchange=exchange, exchange_ts=flush_ts, received_ts=now_ms())
+                send(quotes_topic(exchange), exchange.encode(), beat.to_json(), on_heartbeat)
     except KafkaException as exc:
         producer.flush()
         raise _delivery_error(

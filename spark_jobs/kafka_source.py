@@ -205,7 +205,10 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         try:
             while pending and time.monotonic() < deadline:
                 msg = client.poll(0.2)
-                if msg is not None and (msg.error() is None or msg.error().code() == KafkaError._PARTITION_EOF):
+                eof = msg is not None and msg.error() is not None and (
+                    msg.error().code() == KafkaError._PARTITION_EOF
+                )
+                if msg is not None and (msg.error() is None or eof):
                     pending.discard((msg.topic(), msg.partition()))
             ends = []
             for tp in tps:
@@ -318,7 +321,10 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
             deadline = time.monotonic() + self.poll_timeout
             while expected < partition.end:
                 msg = consumer.poll(0.5)
-                if msg is None or (msg.error() and msg.error().code() == KafkaError._PARTITION_EOF):
+                at_end = msg is not None and msg.error() is not None and (
+                    msg.error().code() == KafkaError._PARTITION_EOF
+                )
+                if msg is None or at_end:
                     if time.monotonic() > deadline:
                         raise KafkaDataLossError(
                             f"timed out reading {partition.topic}[{partition.partition}] "
@@ -447,3 +453,17 @@ class KafkaDataSource(DataSource):
 
     def writer(self, schema: StructType, overwrite: bool) -> KafkaWriter:
         return KafkaWriter(self.options)
+
+
+def end_offsets(conf: dict[str, Any], topics: list[str]) -> Offsets:
+    """Current end offset (high-water mark) of every partition of ``topics``.
+
+    ``conf`` is a librdkafka configuration. Uses the same fetch-based probe as the stream
+    reader, so it is right on tansu too. Missing topics are left out.
+    """
+    options = {f"kafka.{k}": str(v) for k, v in conf.items()}
+    reader = KafkaStreamReader({**options, "subscribe": ",".join(topics)})
+    try:
+        return reader._end_offsets(reader._positions({}))
+    finally:
+        reader.stop()

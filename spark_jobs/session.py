@@ -12,7 +12,9 @@ from arbstream.stack import ensure_java
 from spark_jobs.kafka_source import KafkaDataSource
 
 
-def build_session(settings: Settings, app_name: str = "arbstream", ui: bool = False) -> SparkSession:
+def build_session(
+    settings: Settings, app_name: str = "arbstream", ui: bool = False
+) -> SparkSession:
     """Get or create the SparkSession, UTC everywhere, with the ``arbkafka`` source registered.
 
     Under ``spark-submit`` (a JVM gateway already exists) the master and resources come from

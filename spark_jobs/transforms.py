@@ -62,9 +62,12 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
     topic_exchange = F.regexp_extract("topic", r"^md\.([^.]+)\.quotes$", 1)
     fee = _fee_map(fees)[F.col("exchange")]
 
-    def positive(name: str) -> tuple[Column, Column]:
+    is_quote = F.col("type") == "quote"
+
+    def positive(name: str, quote_only: bool = True) -> tuple[Column, Column]:
+        cond = F.col(name).isNull() | (F.col(name) <= 0)
         return (
-            F.col(name).isNull() | (F.col(name) <= 0),
+            (is_quote & cond) if quote_only else cond,
             F.lit(f"{name} missing or not a positive number"),
         )
 
@@ -77,7 +80,10 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
             F.concat(F.lit("unsupported schema_version "),
                      F.coalesce(F.col("schema_version").cast("string"), F.lit("null"))),
         ),
-        (F.coalesce(F.col("type"), F.lit("")) != "quote", F.lit("type must be 'quote'")),
+        (
+            ~F.coalesce(F.col("type"), F.lit("")).isin("quote", "heartbeat"),
+            F.lit("type must be 'quote' or 'heartbeat'"),
+        ),
         (
             ~F.coalesce(F.col("exchange").rlike(EXCHANGE_RE.pattern), F.lit(False)),
             F.lit("exchange missing or not a lower-case id"),
@@ -88,7 +94,7 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
                      F.lit("' does not match topic "), F.col("topic")),
         ),
         (
-            ~F.coalesce(F.col("symbol").rlike(SYMBOL_RE.pattern), F.lit(False)),
+            is_quote & ~F.coalesce(F.col("symbol").rlike(SYMBOL_RE.pattern), F.lit(False)),
             F.lit("symbol missing or not canonical BASE-QUOTE"),
         ),
         positive("bid"),
@@ -100,8 +106,8 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
         ),
         (F.col("bid_size") < 0, F.lit("bid_size is negative")),
         (F.col("ask_size") < 0, F.lit("ask_size is negative")),
-        positive("exchange_ts"),
-        positive("received_ts"),
+        positive("exchange_ts", quote_only=False),
+        positive("received_ts", quote_only=False),
         (F.coalesce(F.length("dedupe_key"), F.lit(0)) == 0, F.lit("dedupe_key missing")),
         (
             fee.isNull(),
@@ -111,15 +117,26 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
     error = F.coalesce(*[F.when(cond, msg) for cond, msg in checks])
     return parsed.select(
         *QUOTE_COLUMNS,
+        "type",
         F.timestamp_millis("exchange_ts").alias("ts"),
         "raw", "raw_encoding", "topic", "partition", "offset",
         error.alias("error"),
     )
 
 
+def valid_events(parsed: DataFrame) -> DataFrame:
+    """Valid quotes and heartbeats of :func:`parse_quotes`: quote columns, ``type``, ``ts``.
+
+    Heartbeats (``{"type": "heartbeat", "exchange", "exchange_ts", "received_ts", ...}``) carry
+    only event time. They move the watermark, so windows close while a market is quiet and
+    after a finite replay, and are removed before the snapshots.
+    """
+    return parsed.where(F.col("error").isNull()).select(*QUOTE_COLUMNS, "type", "ts")
+
+
 def valid_quotes(parsed: DataFrame) -> DataFrame:
-    """The valid rows of :func:`parse_quotes`, quote columns plus ``ts``."""
-    return parsed.where(F.col("error").isNull()).select(*QUOTE_COLUMNS, "ts")
+    """The valid quotes of :func:`parse_quotes` (no heartbeats): quote columns plus ``ts``."""
+    return valid_events(parsed).where(F.col("type") == "quote").drop("type")
 
 
 def dead_letters(parsed: DataFrame, stage: str = "stream") -> DataFrame:
@@ -258,6 +275,7 @@ def spread_stream(
     max_quote_age_seconds: float,
 ) -> DataFrame:
     """The whole chain from Kafka records to spread rows (all pairs, not only opportunities)."""
-    quotes = dedupe(valid_quotes(parse_quotes(raw, fees)), watermark_seconds)
+    events = dedupe(valid_events(parse_quotes(raw, fees)), watermark_seconds)
+    quotes = events.where(F.col("type") == "quote")
     snap = snapshots(quotes, window_seconds, max_quote_age_seconds)
     return spreads(pairs(snap, window_seconds), fees)

@@ -264,48 +264,57 @@ def consumer(settings: Settings) -> Consumer:
             "group.id": f"test-replay-{uuid.uuid4()}",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
+            "fetch.wait.max.ms": 50,
         }
     )
 
 
 def read_from(
-    settings: Settings, topic: str, start: dict[int, int] | None = None
-) -> tuple[dict[int, int], list[Message]]:
-    """Consume ``topic`` from ``start`` (partition -> offset; default beginning) to EOF.
+    settings: Settings, start: dict[str, dict[int, int]]
+) -> tuple[dict[str, dict[int, int]], dict[str, list[Message]]]:
+    """Consume each topic from ``start`` (topic -> partition -> offset; missing = beginning)
+    up to the partition-EOF event of every partition.
 
-    Returns the next offset of every partition and the records read. (tansu's ListOffsets
-    LATEST is off, so the end is found by reading up to the partition-EOF event.)
+    Returns every partition's next offset and the records read, per topic. (tansu answers
+    ListOffsets LATEST wrongly, so the end is found by reading up to EOF.)
     """
     c = consumer(settings)
     try:
-        partitions = sorted(c.list_topics(topic, timeout=10).topics[topic].partitions)
-        start = start or {}
-        nxt = {p: start.get(p, 0) for p in partitions}
-        c.assign([TopicPartition(topic, p, start.get(p, OFFSET_BEGINNING)) for p in partitions])
-        records: list[Message] = []
-        at_eof: set[int] = set()
-        while len(at_eof) < len(partitions):
+        meta = c.list_topics(timeout=10).topics
+        nxt: dict[str, dict[int, int]] = {}
+        assignment = []
+        for topic, offsets in start.items():
+            nxt[topic] = {}
+            for p in sorted(meta[topic].partitions):
+                nxt[topic][p] = offsets.get(p, 0)
+                assignment.append(TopicPartition(topic, p, offsets.get(p, OFFSET_BEGINNING)))
+        c.assign(assignment)
+        records: dict[str, list[Message]] = {t: [] for t in start}
+        at_eof: set[tuple[str, int]] = set()
+        while len(at_eof) < len(assignment):
             msg = c.poll(10)
-            assert msg is not None, f"timed out reading {topic}"
+            assert msg is not None, f"timed out reading {list(start)}"
+            topic, partition = msg.topic() or "", msg.partition() or 0
             err = msg.error()
             if err is not None:
                 assert err.code() == KafkaError._PARTITION_EOF, err
-                at_eof.add(msg.partition())
+                at_eof.add((topic, partition))
                 continue
-            records.append(msg)
-            nxt[msg.partition()] = msg.offset() + 1
+            records[topic].append(msg)
+            nxt[topic][partition] = (msg.offset() or 0) + 1
         return nxt, records
     finally:
         c.close()
 
 
 def snapshot(settings: Settings, topics: list[str]) -> dict[str, dict[int, int]]:
+    """Every partition's next offset now, so a test counts only the records it adds."""
     ensure_topics(settings)
-    return {t: read_from(settings, t)[0] for t in topics}
+    return read_from(settings, {t: {} for t in topics})[0]
 
 
 def read_new(settings: Settings, before: dict[str, dict[int, int]]) -> dict[str, list[Message]]:
-    return {t: read_from(settings, t, offsets)[1] for t, offsets in before.items()}
+    return read_from(settings, before)[1]
 
 
 QUOTE_TOPICS = [quotes_topic(e) for e in ("binance", "coinbase", "kraken")]
@@ -413,3 +422,18 @@ def test_publish_paced_and_unconfigured_exchange(settings: Settings) -> None:
     narrow = settings.model_copy(update={"exchanges": ["coinbase"]})
     with pytest.raises(ValueError, match="ARB_EXCHANGES"):
         publish_quotes(quotes, narrow, progress=False)
+
+
+def test_publish_rejects_invalid_frame_before_kafka() -> None:
+    frame = pd.DataFrame(
+        {
+            "exchange": ["coinbase", "coinbase"], "symbol": ["BTC-USD", "BTC-USD"],
+            "exchange_ts": [ms(START), ms(START) + 1], "bid": [2.0, 3.0], "ask": [2.5, 2.9],
+            "bid_size": [None, -1.0], "ask_size": [None, None],
+        }
+    )
+    nowhere = Settings(kafka_bootstrap="127.0.0.1:1")  # never contacted: checks come first
+    with pytest.raises(ReplayInputError, match=r"crossed quote \(bid > ask\): 1 row\(s\)"):
+        publish_quotes(frame, nowhere, progress=False)
+    with pytest.raises(ValueError, match="speed"):
+        publish_quotes(frame, nowhere, speed=0, progress=False)

@@ -76,7 +76,8 @@ def to_utc(value: Any) -> dt.datetime:
     raise TypeError(f"expected a datetime or epoch milliseconds, got {type(value).__name__}")
 
 
-def _client(settings: Settings) -> MongoClient:
+def connect(settings: Settings) -> MongoClient:
+    """A UTC-aware MongoClient for ``settings.mongo_uri`` (use it as a context manager)."""
     return MongoClient(settings.mongo_uri.get_secret_value(), tz_aware=True, tzinfo=UTC)
 
 
@@ -170,7 +171,7 @@ def upsert_opportunities(settings: Settings, rows: Iterable[Mapping[str, Any]]) 
     first = next(chunks, None)
     if first is None:
         return 0  # empty partition: no connection at all
-    with _client(settings) as client:
+    with connect(settings) as client:
         key = (settings.mongo_uri.get_secret_value(), settings.mongo_db)
         if key not in _ensured:
             ensure_indexes(client[settings.mongo_db])
@@ -223,7 +224,7 @@ def find_opportunities(
     if min_net_bps is not None:
         query["net_bps"] = {"$gte": min_net_bps}
     order = DESCENDING if newest_first else ASCENDING
-    with _client(settings) as client:
+    with connect(settings) as client:
         cursor = _collection(client, settings).find(query)
         cursor = cursor.sort([("window_end", order), ("net_bps", DESCENDING)])
         if limit:
@@ -255,7 +256,7 @@ def summary(settings: Settings, top_n: int = 10) -> dict[str, Any]:
         },
         {"$sort": {"count": -1, "_id.symbol": 1, "_id.buy_exchange": 1, "_id.sell_exchange": 1}},
     ]
-    with _client(settings) as client:
+    with connect(settings) as client:
         coll = _collection(client, settings)
         pairs = [{**g.pop("_id"), **g} for g in coll.aggregate(pipeline)]
         top = coll.find().sort([("net_bps", DESCENDING), ("window_end", ASCENDING)])

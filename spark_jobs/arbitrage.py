@@ -1,0 +1,249 @@
+"""The arbitrage streaming job: per-exchange quote topics in, spreads and opportunities out.
+
+Two streaming queries share one source definition:
+
+* ``ingest``: parse and validate every record; invalid ones go to ``md.deadletter`` with their
+  reason and raw payload, valid quotes to InfluxDB measurement ``quote``.
+* ``spreads``: valid quotes → watermark → dedupe → snapshots → pairs → spreads; every pair to
+  InfluxDB measurement ``spread``, opportunities (net > min_net) upserted into MongoDB
+  ``opportunities`` and produced to ``arb.opportunities``.
+
+Sinks are written from ``foreachBatch`` and are idempotent (deterministic ids, InfluxDB
+series+timestamp overwrite), so a micro-batch replayed after a failure does not duplicate.
+Run with ``arbstream stream`` or ``spark-submit spark_jobs/arbitrage.py`` (same ``ARB_*``
+configuration).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.streaming import StreamingQuery
+
+from arbstream.config import Settings, get_settings
+from arbstream.topics import DEADLETTER, OPPORTUNITIES, quotes_topic
+from spark_jobs import transforms as T
+from spark_jobs.kafka_source import FORMAT, end_offsets
+from spark_jobs.sinks import influx, mongo
+
+log = logging.getLogger(__name__)
+QUERIES = ("ingest", "spreads")
+
+
+def _source_format(settings: Settings) -> str:
+    return FORMAT if settings.spark_kafka_source == "python" else "kafka"
+
+
+def kafka_options(settings: Settings) -> dict[str, str]:
+    """``kafka.*`` options for either source or sink, from the one Kafka configuration.
+
+    The built-in (JVM) connector takes SASL credentials as a JAAS line; librdkafka takes them
+    as ``sasl.username``/``sasl.password``.
+    """
+    conf = settings.kafka_client_config()
+    if settings.spark_kafka_source == "builtin" and "sasl.mechanism" in conf:
+        module = (
+            "org.apache.kafka.common.security.plain.PlainLoginModule"
+            if conf["sasl.mechanism"] == "PLAIN"
+            else "org.apache.kafka.common.security.scram.ScramLoginModule"
+        )
+        user, password = conf.pop("sasl.username"), conf.pop("sasl.password")
+        conf["sasl.jaas.config"] = f'{module} required username="{user}" password="{password}";'
+    return {f"kafka.{k}": str(v) for k, v in conf.items()}
+
+
+def read_quote_records(spark: SparkSession, settings: Settings) -> DataFrame:
+    """Streaming DataFrame of raw Kafka records from every configured exchange's quote topic."""
+    reader = (
+        spark.readStream.format(_source_format(settings))
+        .options(**kafka_options(settings))
+        .option("subscribe", ",".join(quotes_topic(e) for e in settings.exchanges))
+        .option("startingOffsets", settings.starting_offsets)
+        .option("failOnDataLoss", str(settings.fail_on_data_loss).lower())
+    )
+    if settings.max_offsets_per_trigger:
+        reader = reader.option("maxOffsetsPerTrigger", str(settings.max_offsets_per_trigger))
+    try:
+        return reader.load()
+    except Exception as exc:
+        if settings.spark_kafka_source == "builtin" and "kafka" in str(exc).lower():
+            raise RuntimeError(
+                "ARB_SPARK_KAFKA_SOURCE=builtin needs the spark-sql-kafka-0-10 connector jar "
+                "(spark-submit --packages org.apache.spark:spark-sql-kafka-0-10_2.13:<spark "
+                "version>); use ARB_SPARK_KAFKA_SOURCE=python without it"
+            ) from exc
+        raise
+
+
+def write_kafka(df: DataFrame, topic: str, settings: Settings) -> None:
+    """Produce a batch DataFrame of ``key``/``value`` columns to ``topic``."""
+    (
+        df.select(F.lit(topic).alias("topic"), "key", "value")
+        .write.format(_source_format(settings))
+        .options(**kafka_options(settings))
+        .mode("append")
+        .save()
+    )
+
+
+def _to_json_records(df: DataFrame, key: str) -> DataFrame:
+    return df.select(
+        F.col(key).alias("key"),
+        F.to_json(F.struct(*[F.col(c) for c in df.columns])).alias("value"),
+    )
+
+
+def ingest_batch(settings: Settings) -> Callable[[DataFrame, int], None]:
+    """foreachBatch body of the ``ingest`` query: dead letters to Kafka, quotes to InfluxDB."""
+
+    def run(batch: DataFrame, batch_id: int) -> None:
+        batch.persist()
+        try:
+            bad = T.dead_letters(batch)
+            if not bad.isEmpty():
+                write_kafka(bad, DEADLETTER, settings)
+            T.valid_quotes(batch).foreachPartition(
+                lambda rows: influx.write_quotes(settings, (r.asDict() for r in rows))
+            )
+        finally:
+            batch.unpersist()
+
+    return run
+
+
+def spreads_batch(settings: Settings) -> Callable[[DataFrame, int], None]:
+    """foreachBatch body of the ``spreads`` query: InfluxDB, MongoDB and Kafka sinks."""
+
+    def run(batch: DataFrame, batch_id: int) -> None:
+        batch.persist()
+        try:
+            batch.foreachPartition(
+                lambda rows: influx.write_spreads(settings, (r.asDict() for r in rows))
+            )
+            opps = T.opportunities(batch, settings.min_net).persist()
+            try:
+                if not opps.isEmpty():
+                    opps.foreachPartition(
+                        lambda rows: mongo.upsert_opportunities(
+                            settings, (r.asDict() for r in rows)
+                        )
+                    )
+                    write_kafka(_to_json_records(opps, "opportunity_id"), OPPORTUNITIES, settings)
+            finally:
+                opps.unpersist()
+        finally:
+            batch.unpersist()
+
+    return run
+
+
+def prepare_sinks(settings: Settings) -> None:
+    """Create the InfluxDB database (v1) and MongoDB indexes; both are idempotent."""
+    influx.ensure_database(settings)
+    with mongo.connect(settings) as client:
+        mongo.ensure_indexes(client[settings.mongo_db])
+
+
+def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = None) -> list[
+    StreamingQuery
+]:
+    """Start the ``ingest`` and ``spreads`` queries; checkpoints under ``checkpoint``."""
+    root = checkpoint or settings.checkpoint_dir
+    prepare_sinks(settings)
+    parsed = T.parse_quotes(read_quote_records(spark, settings), settings.taker_fees)
+    spread_rows = T.spread_stream(
+        read_quote_records(spark, settings),
+        settings.taker_fees,
+        settings.watermark_seconds,
+        settings.window_seconds,
+        settings.max_quote_age_seconds,
+    )
+    trigger = {"processingTime": f"{int(settings.trigger_seconds * 1000)} milliseconds"}
+    ingest = (
+        parsed.writeStream.queryName("ingest")
+        .foreachBatch(ingest_batch(settings))
+        .option("checkpointLocation", str(root / "ingest"))
+        .trigger(**trigger)
+        .start()
+    )
+    spreads = (
+        spread_rows.writeStream.queryName("spreads")
+        .outputMode("append")
+        .foreachBatch(spreads_batch(settings))
+        .option("checkpointLocation", str(root / "spreads"))
+        .trigger(**trigger)
+        .start()
+    )
+    return [ingest, spreads]
+
+
+def _processed(query: StreamingQuery) -> dict[str, dict[str, int]]:
+    import json
+
+    progress = query.lastProgress
+    if not progress or not progress.get("sources"):
+        return {}
+    end = progress["sources"][0].get("endOffset")
+    if isinstance(end, str):
+        end = json.loads(end)
+    return end or {}
+
+
+def wait_drained(
+    queries: list[StreamingQuery], settings: Settings, timeout: float = 1800.0
+) -> dict[str, Any]:
+    """Block until every query has processed all records now in the quote topics and is idle.
+
+    Returns the topic end offsets that were reached.
+
+    Raises:
+        TimeoutError: not drained within ``timeout`` seconds.
+        pyspark.errors.StreamingQueryException: a query failed.
+    """
+    topics = [quotes_topic(e) for e in settings.exchanges]
+    targets = end_offsets(settings.kafka_client_config(), topics)
+    deadline = time.monotonic() + timeout
+    idle_rounds = 0
+    while time.monotonic() < deadline:
+        for q in queries:
+            if q.exception():
+                raise q.exception()  # type: ignore[misc]
+        caught_up = all(
+            _processed(q).get(t, {}).get(p, -1) >= off
+            for q in queries
+            for t, parts in targets.items()
+            for p, off in parts.items()
+        )
+        idle = all(
+            not q.status["isDataAvailable"] and not q.status["isTriggerActive"] for q in queries
+        )
+        idle_rounds = idle_rounds + 1 if caught_up and idle else 0
+        if idle_rounds >= 3:
+            return targets
+        time.sleep(max(settings.trigger_seconds, 0.5))
+    raise TimeoutError(f"stream did not drain {targets} within {timeout:.0f}s")
+
+
+def main() -> None:
+    """Entry point for ``spark-submit spark_jobs/arbitrage.py`` and ``arbstream stream``."""
+    from arbstream.topics import ensure_topics
+    from spark_jobs.session import build_session
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = get_settings()
+    ensure_topics(settings)
+    spark = build_session(settings, app_name="arbstream-arbitrage", ui=True)
+    queries = start(spark, settings)
+    log.info("queries %s running; checkpoints in %s", [q.name for q in queries],
+             settings.checkpoint_dir)
+    spark.streams.awaitAnyTermination()
+
+
+if __name__ == "__main__":
+    main()
