@@ -183,7 +183,8 @@ def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = Non
     return [ingest, spreads]
 
 
-def _processed(query: StreamingQuery) -> dict[str, dict[str, int]]:
+def processed_offsets(query: StreamingQuery) -> dict[str, dict[str, int]]:
+    """End offsets of the query's last completed micro-batch, ``{topic: {partition: n}}``."""
     import json
 
     progress = query.lastProgress
@@ -215,7 +216,7 @@ def wait_drained(
             if q.exception():
                 raise q.exception()  # type: ignore[misc]
         caught_up = all(
-            _processed(q).get(t, {}).get(p, -1) >= off
+            processed_offsets(q).get(t, {}).get(p, -1) >= off
             for q in queries
             for t, parts in targets.items()
             for p, off in parts.items()

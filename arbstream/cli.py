@@ -1,0 +1,302 @@
+"""``arbstream`` command line: local stack, replays, the streaming job, the demo, queries."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+import time
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from arbstream import stack
+from arbstream.config import Settings, get_settings
+
+app = typer.Typer(help="Real-time cross-exchange crypto arbitrage.", no_args_is_help=True)
+replay_app = typer.Typer(help="Publish recorded market data to the quote topics.")
+opps_app = typer.Typer(help="Query detected opportunities (MongoDB).")
+app.add_typer(replay_app, name="replay")
+app.add_typer(opps_app, name="opportunities")
+console = Console()
+err = Console(stderr=True)
+
+DEMO_FROM = "2023-03-10T00:00:00Z"
+DEMO_TO = "2023-03-13T00:00:00Z"
+COLUMNS = [
+    "window_end", "symbol", "buy_exchange", "sell_exchange", "buy_ask", "sell_bid",
+    "gross_bps", "net_bps",
+]
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except (ValidationError, ValueError, FileNotFoundError) as exc:
+        err.print(f"[red]invalid configuration:[/red]\n{exc}")
+        raise typer.Exit(2) from None
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(1)
+
+
+def _status_table(rows: list[stack.ServiceStatus]) -> Table:
+    table = Table("service", "endpoint", "healthy", "pid", "detail")
+    for s in rows:
+        mark = "[green]yes[/green]" if s.healthy else "[red]no[/red]"
+        table.add_row(s.name, s.endpoint, mark, str(s.pid or "-"), s.detail)
+    return table
+
+
+@app.command()
+def up() -> None:
+    """Start local Kafka (tansu), InfluxDB and MongoDB-protocol servers; create topics."""
+    from arbstream.topics import ensure_topics
+
+    settings = _settings()
+    try:
+        rows = stack.up(settings)
+        created = ensure_topics(settings)
+    except (stack.StackError, RuntimeError) as exc:
+        raise _fail(exc) from None
+    console.print(_status_table(rows))
+    if created:
+        console.print(f"created {len(created)} topics")
+
+
+@app.command()
+def down() -> None:
+    """Stop the local services started from this state directory."""
+    stopped = stack.down(_settings())
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@app.command()
+def status() -> None:
+    """Health-check every service (exit code 1 if any is unhealthy)."""
+    rows = stack.status(_settings())
+    console.print(_status_table(rows))
+    if not all(r.healthy for r in rows):
+        raise typer.Exit(1)
+
+
+@app.command()
+def topics() -> None:
+    """Create any missing topic with its configured partition count."""
+    from arbstream.topics import ensure_topics, topic_layout
+
+    settings = _settings()
+    try:
+        created = ensure_topics(settings)
+    except RuntimeError as exc:
+        raise _fail(exc) from None
+    for name, parts in topic_layout(settings).items():
+        console.print(f"{name:32} {parts} partition(s){'  (created)' if name in created else ''}")
+
+
+def _time(value: str | None) -> datetime | None:
+    from producers.replay import parse_time
+
+    if value is None:
+        return None
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _speed(value: str) -> float | None:
+    from producers.replay import parse_speed
+
+    try:
+        return parse_speed(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+SpeedOpt = Annotated[str, typer.Option("--speed", help="'max' or N for N x real time")]
+
+
+@replay_app.command("iaqf")
+def replay_iaqf_cmd(
+    start: Annotated[str | None, typer.Option("--from", help="ISO-8601, inclusive")] = None,
+    end: Annotated[str | None, typer.Option("--to", help="ISO-8601, exclusive")] = None,
+    speed: SpeedOpt = "max",
+) -> None:
+    """Replay the IAQF 1-minute bars: each close becomes a quote at bar open + 60 s."""
+    from producers.replay import replay_iaqf
+
+    try:
+        report = replay_iaqf(_settings(), _time(start), _time(end), _speed(speed))
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+    console.print(report.summary())
+
+
+@replay_app.command("csv")
+def replay_csv_cmd(
+    path: Path,
+    speed: SpeedOpt = "max",
+    deadletter: Annotated[
+        bool, typer.Option(help="publish bad rows to md.deadletter instead of stopping")
+    ] = False,
+) -> None:
+    """Replay a tick CSV: exchange,symbol,ts,bid,ask[,bid_size,ask_size]."""
+    from producers.replay import replay_csv
+
+    try:
+        report = replay_csv(_settings(), path, _speed(speed), deadletter)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+    console.print(report.summary())
+
+
+@app.command()
+def stream() -> None:
+    """Run the Spark streaming job locally (ARB_SPARK_MASTER, default local[2])."""
+    from spark_jobs.arbitrage import main
+
+    main()
+
+
+class Format(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, float):
+        return f"{value:.6g}" if abs(value) < 1 else f"{value:.2f}"
+    return str(value)
+
+
+def print_opportunities(rows: list[dict[str, Any]], fmt: Format) -> None:
+    """Print opportunity documents as a table, CSV or JSON lines."""
+    if fmt is Format.json:
+        for row in rows:
+            sys.stdout.write(json.dumps(row, default=_cell) + "\n")
+    elif fmt is Format.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(COLUMNS)
+        for row in rows:
+            writer.writerow([_cell(row.get(c)) if c == "window_end" else row.get(c)
+                             for c in COLUMNS])
+    else:
+        table = Table(*COLUMNS)
+        for row in rows:
+            table.add_row(*[_cell(row.get(c)) for c in COLUMNS])
+        console.print(table)
+
+
+@opps_app.command("list")
+def opportunities_list(
+    symbol: Annotated[str | None, typer.Option(help="canonical BASE-QUOTE")] = None,
+    since: Annotated[str | None, typer.Option(help="window_end >= since (ISO-8601)")] = None,
+    until: Annotated[str | None, typer.Option(help="window_end < until (ISO-8601)")] = None,
+    min_net_bps: Annotated[float | None, typer.Option(help="net spread floor, bps")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many rows")] = 100,
+    fmt: Annotated[Format, typer.Option("--format")] = Format.table,
+) -> None:
+    """List opportunities ordered by window_end, then net bps."""
+    from spark_jobs.sinks.mongo import find_opportunities
+
+    rows = find_opportunities(
+        _settings(), symbol=symbol, since=_time(since), until=_time(until),
+        min_net_bps=min_net_bps, limit=limit,
+    )
+    print_opportunities(rows, fmt)
+
+
+@app.command()
+def demo(
+    start: Annotated[str, typer.Option("--from")] = DEMO_FROM,
+    end: Annotated[str, typer.Option("--to")] = DEMO_TO,
+) -> None:
+    """Everything on the real data: up, topics, stream, replay the USDC depeg, summary."""
+    from arbstream.topics import ensure_topics
+    from producers.replay import replay_iaqf
+    from spark_jobs import arbitrage
+    from spark_jobs.session import build_session
+
+    t0 = time.monotonic()
+    base = _settings()
+    # A fresh checkpoint reading from the topics' current end: the demo processes exactly what
+    # it replays, and the idempotent sinks make a re-run overwrite instead of duplicate.
+    settings = base.model_copy(update={"starting_offsets": "latest"})
+    checkpoint = settings.checkpoint_dir / "demo"
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    try:
+        err.print("starting local services ...")
+        stack.up(settings)
+        ensure_topics(settings)
+        err.print("starting Spark ...")
+        spark = build_session(settings, app_name="arbstream-demo")
+        queries = arbitrage.start(spark, settings, checkpoint)
+        while any(q.lastProgress is None for q in queries):  # initial offsets are pinned
+            for q in queries:
+                if q.exception():
+                    raise q.exception()  # type: ignore[misc]
+            time.sleep(0.5)
+        initial = {q.name: arbitrage.processed_offsets(q) for q in queries}
+        err.print(f"replaying IAQF bars {start} -> {end} at max speed ...")
+        report = replay_iaqf(settings, _time(start), _time(end), None)
+        err.print(report.summary())
+        err.print("waiting for the stream to drain the topics ...")
+        targets = arbitrage.wait_drained(queries, settings)
+        for q in queries:
+            q.stop()
+    except (stack.StackError, RuntimeError, ValueError, TimeoutError) as exc:
+        raise _fail(exc) from None
+    consumed = sum(
+        off - initial["ingest"].get(t, {}).get(p, 0)
+        for t, parts in targets.items() for p, off in parts.items()
+    )
+    _demo_summary(settings, _time(start), _time(end), report.quotes, consumed,
+                  time.monotonic() - t0)
+
+
+def _demo_summary(
+    settings: Settings, start: datetime | None, end: datetime | None, quotes: int,
+    consumed: int, wall: float,
+) -> None:
+    from datetime import timedelta
+
+    from spark_jobs.sinks.mongo import OPPORTUNITIES, find_opportunities
+
+    until = end + timedelta(seconds=settings.max_quote_age_seconds + 1) if end else None
+    rows = find_opportunities(settings, since=start, until=until)
+    counts: dict[tuple[str, str, str], list[float]] = {}
+    for r in rows:
+        counts.setdefault((r["symbol"], r["buy_exchange"], r["sell_exchange"]), []).append(
+            r["net_bps"]
+        )
+    table = Table("symbol", "buy on", "sell on", "opportunities", "max net bps",
+                  title="Opportunities per symbol and pair")
+    for (sym, buy, sell), nets in sorted(counts.items()):
+        table.add_row(sym, buy, sell, str(len(nets)), f"{max(nets):.2f}")
+    console.print(table)
+    console.print("Top 10 by net bps")
+    print_opportunities(sorted(rows, key=lambda r: -r["net_bps"])[:10], Format.table)
+    console.print(
+        f"quotes replayed: {quotes}   Kafka records consumed (quotes + heartbeats): {consumed}"
+        f"   opportunities: {len(rows)}   wall time: {wall:.1f} s\n"
+        f"MongoDB: {settings.mongo_db}.{OPPORTUNITIES}   "
+        f"InfluxDB ({settings.influx_url}, db {settings.influx_db}): measurements quote, spread\n"
+        "More: arbstream opportunities list --min-net-bps 10"
+    )
+
+
+if __name__ == "__main__":
+    app()
