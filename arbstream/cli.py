@@ -25,7 +25,7 @@ replay_app = typer.Typer(help="Publish recorded market data to the quote topics.
 opps_app = typer.Typer(help="Query detected opportunities (MongoDB).")
 app.add_typer(replay_app, name="replay")
 app.add_typer(opps_app, name="opportunities")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 DEMO_FROM = "2023-03-10T00:00:00Z"
