@@ -17,7 +17,8 @@ RUN mkdir -p /usr/share/man/man1 \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY pyproject.toml ./
+# README.md* : optional (the wildcard lets the build go on while it does not exist yet).
+COPY pyproject.toml README.md* ./
 COPY arbstream ./arbstream
 COPY producers ./producers
 COPY spark_jobs ./spark_jobs

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from reference import reference_opportunities, reference_spreads
 
 from arbstream.config import Settings
 from arbstream.topics import DEADLETTER, OPPORTUNITIES, ensure_topics, quotes_topic
@@ -25,7 +26,6 @@ from spark_jobs import arbitrage
 from spark_jobs.kafka_source import end_offsets
 from spark_jobs.sinks import influx
 from spark_jobs.sinks.mongo import find_opportunities
-from tests.reference import reference_opportunities, reference_spreads
 
 pytestmark = pytest.mark.e2e
 
@@ -140,11 +140,9 @@ def test_influx_has_every_quote_and_spread(first_run, e2e_settings, expected) ->
     top = spreads.sort_values("net_bps").iloc[-1]
     rows = influx.query(
         conf,
-        "SELECT net_bps FROM spread WHERE symbol = '{}' AND buy_exchange = '{}' AND "
-        "sell_exchange = '{}' AND time = {}ms".format(
-            top.symbol, top.buy_exchange, top.sell_exchange,
-            int(top.window_end.timestamp() * 1000),
-        ),
+        f"SELECT net_bps FROM spread WHERE symbol = '{top.symbol}' "
+        f"AND buy_exchange = '{top.buy_exchange}' AND sell_exchange = '{top.sell_exchange}' "
+        f"AND time = {int(top.window_end.timestamp() * 1000)}ms",
     )
     assert rows[0]["net_bps"] == top.net_bps
 

@@ -1,0 +1,424 @@
+"""Settings: defaults, validation, sources (env, .env, TOML/YAML file), secrets, .env.example.
+
+Pure and fast: no services. Every test runs in an empty temporary working directory with no
+``ARB_*`` variable in the environment, so a developer's ``.env`` or shell cannot leak in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from arbstream.config import Settings, get_settings
+from arbstream.fees import DEFAULT_TAKER_FEES
+
+REPO = Path(__file__).resolve().parent.parent
+ENV_EXAMPLE = REPO / ".env.example"
+#: ``ARB_NAME=value`` or ``# ARB_NAME=value`` (a documented but unset variable).
+VAR_LINE = re.compile(r"^(?P<comment>#\s*)?(?P<name>ARB_[A-Z0-9_]+)=(?P<value>.*)$")
+SECRETS = ("ARB_KAFKA_SASL_PASSWORD", "ARB_INFLUX_TOKEN", "ARB_INFLUX_PASSWORD")
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """Empty cwd (no stray ``.env``), no ``ARB_*`` variables, fresh ``get_settings`` cache."""
+    for name in list(os.environ):
+        if name.startswith("ARB_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+def env_names() -> set[str]:
+    return {f"ARB_{name.upper()}" for name in Settings.model_fields}
+
+
+# --- defaults and fees --------------------------------------------------------------------
+def test_defaults_load() -> None:
+    s = Settings()
+    assert s.state_dir == Path(".state")
+    assert s.checkpoint_dir == Path(".state") / "checkpoints"
+    assert s.data_dir == Path("../shared/data")
+    assert s.config_file is None
+    assert s.exchanges == list(DEFAULT_TAKER_FEES)
+    assert s.fees == {}
+    assert s.kafka_bootstrap == "127.0.0.1:9092"
+    assert s.influx_api == "v1"
+    assert s.mongo_uri.get_secret_value() == "mongodb://127.0.0.1:27017"
+    assert (s.window_seconds, s.max_quote_age_seconds, s.watermark_seconds) == (1.0, 5.0, 10.0)
+    assert s.min_net == 0.0
+    assert get_settings() is get_settings()
+
+
+def test_fee_table() -> None:
+    expected = {
+        "coinbase": 0.006,
+        "kraken": 0.0026,
+        "binance": 0.001,
+        "bitstamp": 0.004,
+        "bitfinex": 0.002,
+        "gemini": 0.004,
+    }
+    assert dict(DEFAULT_TAKER_FEES) == expected
+    assert Settings().taker_fees == expected
+
+
+def test_fee_override_merges_over_table() -> None:
+    s = Settings(fees={"binance": 0.00075})
+    assert s.taker_fees["binance"] == 0.00075
+    assert s.taker_fees["coinbase"] == 0.006
+    assert len(s.taker_fees) == len(DEFAULT_TAKER_FEES)
+    # A new exchange is accepted once it has a fee.
+    s = Settings(exchanges=["coinbase", "okx"], fees={"okx": 0.001})
+    assert s.taker_fees["okx"] == 0.001
+
+
+def test_exchange_without_fee_rejected() -> None:
+    with pytest.raises(ValidationError, match=r"no taker fee for exchanges \['okx'\].*ARB_FEES"):
+        Settings(exchanges=["coinbase", "okx"])
+
+
+@pytest.mark.parametrize("fee", [0.1, 0.5, -0.001])
+def test_fee_out_of_range_rejected(fee: float) -> None:
+    with pytest.raises(ValidationError, match=r"fees are fractions in \[0, 0\.1\)"):
+        Settings(fees={"binance": fee})
+
+
+def test_max_quote_age_must_be_multiple_of_window() -> None:
+    with pytest.raises(ValidationError, match="whole multiple of window_seconds"):
+        Settings(max_quote_age_seconds=2.5, window_seconds=1.0)
+    assert Settings(max_quote_age_seconds=3.0, window_seconds=0.5).max_quote_age_seconds == 3.0
+    # Float rounding (0.3 / 0.1 = 2.9999999999999996) is tolerated.
+    assert Settings(max_quote_age_seconds=0.3, window_seconds=0.1).window_seconds == 0.1
+
+
+@pytest.mark.parametrize("bootstrap", ["localhost", "host:abc", ":9092", "a:1,b"])
+def test_bad_kafka_bootstrap_rejected(bootstrap: str) -> None:
+    with pytest.raises(ValidationError, match="kafka_bootstrap entries must be host:port"):
+        Settings(kafka_bootstrap=bootstrap)
+
+
+def test_kafka_bootstrap_list_accepted() -> None:
+    assert Settings(kafka_bootstrap="b1:9092, b2:9093").kafka_bootstrap == "b1:9092, b2:9093"
+
+
+@pytest.mark.parametrize("exchange", ["Coinbase", "coin-base", "1inch", ""])
+def test_bad_exchange_id_rejected(exchange: str) -> None:
+    with pytest.raises(ValidationError, match="exchange ids must be lower-case identifiers"):
+        Settings(exchanges=[exchange], fees={exchange: 0.001})
+
+
+def test_no_exchange_rejected() -> None:
+    with pytest.raises(ValidationError, match="at least one exchange"):
+        Settings(exchanges=[])
+
+
+def test_bad_influx_url_rejected() -> None:
+    with pytest.raises(ValidationError, match="influx_url must be http"):
+        Settings(influx_url="influxdb:8086")
+
+
+def test_unknown_setting_rejected() -> None:
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        Settings(kafka_bootstrapp="127.0.0.1:9092")
+
+
+# --- environment ------------------------------------------------------------------------
+def test_env_vars_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ARB_EXCHANGES", '["coinbase","kraken"]')
+    monkeypatch.setenv("ARB_FEES", '{"binance":0.00075}')
+    monkeypatch.setenv("ARB_KAFKA_BOOTSTRAP", "kafka:9092")
+    monkeypatch.setenv("ARB_KAFKA_PARTITIONS", "6")
+    monkeypatch.setenv("ARB_FAIL_ON_DATA_LOSS", "false")
+    monkeypatch.setenv("ARB_TRIGGER_SECONDS", "0.5")
+    monkeypatch.setenv("ARB_STATE_DIR", "/state")
+    monkeypatch.setenv("ARB_INFLUX_API", "v2")
+    monkeypatch.setenv("ARB_MIN_NET", "-0.001")
+    s = Settings()
+    assert s.exchanges == ["coinbase", "kraken"]
+    assert s.taker_fees["binance"] == 0.00075
+    assert s.kafka_bootstrap == "kafka:9092"
+    assert s.kafka_partitions == 6
+    assert s.fail_on_data_loss is False
+    assert s.trigger_seconds == 0.5
+    assert s.checkpoint_dir == Path("/state/checkpoints")
+    assert s.influx_api == "v2"
+    assert s.min_net == -0.001
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "field"),
+    [
+        ("ARB_KAFKA_PARTITIONS", "0", "kafka_partitions"),
+        ("ARB_INFLUX_API", "v3", "influx_api"),
+        ("ARB_STARTING_OFFSETS", "newest", "starting_offsets"),
+        ("ARB_EXCHANGES", "coinbase,kraken", "exchanges"),
+    ],
+)
+def test_bad_env_value_names_the_field(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, field: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises((ValidationError, ValueError), match=field):
+        Settings()
+
+
+def test_dotenv_in_cwd_read_and_env_wins(monkeypatch: pytest.MonkeyPatch, isolated: Path) -> None:
+    (isolated / ".env").write_text("ARB_KAFKA_PARTITIONS=5\nARB_MONGO_DB=fromdotenv\n")
+    assert Settings().kafka_partitions == 5
+    monkeypatch.setenv("ARB_KAFKA_PARTITIONS", "7")
+    s = Settings()
+    assert (s.kafka_partitions, s.mongo_db) == (7, "fromdotenv")
+
+
+def test_dotenv_unknown_key_rejected(isolated: Path) -> None:
+    (isolated / ".env").write_text("ARB_KAFKA_PARTITONS=5\n")
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        Settings()
+
+
+# --- config file -------------------------------------------------------------------------
+TOML = """\
+exchanges = ["coinbase", "kraken", "okx"]
+kafka_partitions = 6
+window_seconds = 2.0
+max_quote_age_seconds = 6.0
+
+[fees]
+okx = 0.001
+kraken = 0.002
+"""
+
+YAML = """\
+exchanges: [coinbase, kraken, okx]
+kafka_partitions: 6
+window_seconds: 2.0
+max_quote_age_seconds: 6.0
+fees:
+  okx: 0.001
+  kraken: 0.002
+"""
+
+
+@pytest.mark.parametrize(("suffix", "text"), [(".toml", TOML), (".yaml", YAML), (".yml", YAML)])
+def test_config_file(
+    monkeypatch: pytest.MonkeyPatch, isolated: Path, suffix: str, text: str
+) -> None:
+    path = isolated / f"arbstream{suffix}"
+    path.write_text(text)
+    monkeypatch.setenv("ARB_CONFIG_FILE", str(path))
+    s = Settings()
+    assert s.config_file == path
+    assert s.exchanges == ["coinbase", "kraken", "okx"]
+    assert s.kafka_partitions == 6
+    assert (s.window_seconds, s.max_quote_age_seconds) == (2.0, 6.0)
+    assert s.taker_fees["okx"] == 0.001
+    assert s.taker_fees["kraken"] == 0.002
+    assert s.taker_fees["coinbase"] == 0.006
+
+
+def test_env_and_dotenv_override_config_file(
+    monkeypatch: pytest.MonkeyPatch, isolated: Path
+) -> None:
+    path = isolated / "arbstream.toml"
+    path.write_text('kafka_partitions = 6\nmongo_db = "fromfile"\ninflux_db = "fromfile"\n')
+    (isolated / ".env").write_text("ARB_INFLUX_DB=fromdotenv\n")
+    monkeypatch.setenv("ARB_CONFIG_FILE", str(path))
+    monkeypatch.setenv("ARB_KAFKA_PARTITIONS", "9")
+    s = Settings()
+    assert s.kafka_partitions == 9
+    assert s.influx_db == "fromdotenv"
+    assert s.mongo_db == "fromfile"
+
+
+def test_config_file_validated(monkeypatch: pytest.MonkeyPatch, isolated: Path) -> None:
+    path = isolated / "arbstream.yaml"
+    path.write_text("exchanges: [coinbase, okx]\n")
+    monkeypatch.setenv("ARB_CONFIG_FILE", str(path))
+    with pytest.raises(ValidationError, match="no taker fee for exchanges"):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("arbstream.toml", "kafka_partitons = 6\n"), ("arbstream.yaml", "kafka_partitons: 6\n")],
+)
+def test_config_file_unknown_key_rejected(
+    monkeypatch: pytest.MonkeyPatch, isolated: Path, name: str, text: str
+) -> None:
+    path = isolated / name
+    path.write_text(text)
+    monkeypatch.setenv("ARB_CONFIG_FILE", str(path))
+    with pytest.raises(ValidationError, match=r"kafka_partitons\s+Extra inputs are not permitted"):
+        Settings()
+
+
+def test_config_file_missing(monkeypatch: pytest.MonkeyPatch, isolated: Path) -> None:
+    monkeypatch.setenv("ARB_CONFIG_FILE", str(isolated / "nope.toml"))
+    with pytest.raises(FileNotFoundError, match=r"ARB_CONFIG_FILE=.*nope\.toml does not exist"):
+        Settings()
+
+
+def test_config_file_bad_suffix(monkeypatch: pytest.MonkeyPatch, isolated: Path) -> None:
+    path = isolated / "arbstream.json"
+    path.write_text("{}")
+    monkeypatch.setenv("ARB_CONFIG_FILE", str(path))
+    with pytest.raises(ValueError, match=r"must end in \.toml, \.yaml or \.yml"):
+        Settings()
+
+
+# --- secrets and Kafka client configuration ------------------------------------------------
+def test_secrets_hidden() -> None:
+    s = Settings(
+        kafka_sasl_mechanism="PLAIN",
+        kafka_sasl_username="alice",
+        kafka_sasl_password="kafka-pw-123",
+        influx_token="influx-token-456",
+        influx_username="bob",
+        influx_password="influx-pw-789",
+        mongo_uri="mongodb://carol:mongo-pw-000@db.example:27017",
+    )
+    for secret in ("kafka-pw-123", "influx-token-456", "influx-pw-789", "mongo-pw-000"):
+        assert secret not in repr(s)
+        assert secret not in str(s)
+        assert secret not in s.model_dump_json()
+    assert isinstance(s.influx_token, SecretStr)
+    assert s.influx_token.get_secret_value() == "influx-token-456"
+    assert s.mongo_uri.get_secret_value().endswith("@db.example:27017")
+
+
+def test_kafka_client_config_plaintext() -> None:
+    assert Settings(kafka_bootstrap="b1:9092,b2:9092").kafka_client_config() == {
+        "bootstrap.servers": "b1:9092,b2:9092",
+        "security.protocol": "PLAINTEXT",
+    }
+
+
+def test_kafka_client_config_sasl_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ARB_KAFKA_BOOTSTRAP", "broker.example:9093")
+    monkeypatch.setenv("ARB_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("ARB_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("ARB_KAFKA_SASL_USERNAME", "arb")
+    monkeypatch.setenv("ARB_KAFKA_SASL_PASSWORD", "s3cret")
+    s = Settings()
+    assert "s3cret" not in repr(s)
+    assert s.kafka_client_config() == {
+        "bootstrap.servers": "broker.example:9093",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "arb",
+        "sasl.password": "s3cret",
+    }
+
+
+def test_spark_kafka_options_sasl() -> None:
+    """The JVM connector gets the same credentials as a JAAS line; arbkafka gets librdkafka's."""
+    arbitrage = pytest.importorskip("spark_jobs.arbitrage")
+    sasl = dict(
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="PLAIN",
+        kafka_sasl_username="arb",
+        kafka_sasl_password="s3cret",
+    )
+    builtin = arbitrage.kafka_options(Settings(spark_kafka_source="builtin", **sasl))
+    assert builtin["kafka.sasl.jaas.config"] == (
+        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+        'username="arb" password="s3cret";'
+    )
+    assert "kafka.sasl.password" not in builtin
+    python = arbitrage.kafka_options(Settings(spark_kafka_source="python", **sasl))
+    assert python["kafka.sasl.password"] == "s3cret"
+    assert python["kafka.security.protocol"] == "SASL_SSL"
+
+
+# --- .env.example ------------------------------------------------------------------------
+def example_lines() -> list[str]:
+    return ENV_EXAMPLE.read_text().splitlines()
+
+
+def example_vars() -> dict[str, list[tuple[bool, str]]]:
+    """Every variable line of ``.env.example``: name -> [(active, value)]."""
+    found: dict[str, list[tuple[bool, str]]] = {}
+    for line in example_lines():
+        m = VAR_LINE.match(line)
+        if m:
+            found.setdefault(m["name"], []).append((m["comment"] is None, m["value"]))
+    return found
+
+
+def active_values() -> dict[str, str]:
+    """Uncommented, non-empty assignments, shell-unquoted."""
+    out = {}
+    for name, entries in example_vars().items():
+        for active, value in entries:
+            if active and value:
+                (out[name],) = shlex.split(value)
+    return out
+
+
+def test_env_example_covers_exactly_the_settings() -> None:
+    documented = set(example_vars())
+    assert env_names() - documented == set(), "Settings fields missing from .env.example"
+    assert documented - env_names() == set(), "stale variables in .env.example"
+
+
+def test_env_example_each_variable_once_and_commented() -> None:
+    lines = example_lines()
+    defined: list[str] = []
+    for i, line in enumerate(lines):
+        m = VAR_LINE.match(line)
+        if not m or line.startswith("#  "):  # indented header examples are not definitions
+            continue
+        defined.append(m["name"])
+        above = lines[i - 1]
+        assert above.startswith("#") and not VAR_LINE.match(above), (
+            f"{m['name']} has no description comment above it"
+        )
+    assert sorted(defined) == sorted(env_names()), "each variable is defined exactly once"
+
+
+def test_env_example_secrets_unset() -> None:
+    found = example_vars()
+    for name in SECRETS:
+        assert all(not active and not value for active, value in found[name]), name
+
+
+def test_env_example_unset_variables_default_to_none() -> None:
+    """Commented-out variables are exactly the settings without a default value."""
+    active = set(active_values())
+    for name in env_names() - active:
+        field = name.removeprefix("ARB_").lower()
+        assert Settings.model_fields[field].default is None, f"{name} should be set"
+
+
+def test_env_example_loads_as_dotenv_with_the_defaults(tmp_path: Path) -> None:
+    dotenv = tmp_path / "example.env"
+    dotenv.write_bytes(ENV_EXAMPLE.read_bytes())
+    loaded = Settings(_env_file=dotenv)
+    assert loaded == Settings(), ".env.example values differ from the Settings defaults"
+
+
+def test_env_example_loads_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = Settings()
+    values = active_values()
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    loaded = Settings()
+    assert loaded == defaults
+    for name in values:
+        assert name.removeprefix("ARB_").lower() in loaded.model_fields_set
+
+
+def test_env_example_documents_syntax() -> None:
+    text = ENV_EXAMPLE.read_text()
+    assert """ARB_EXCHANGES='["coinbase","kraken"]'""" in text
+    assert """ARB_FEES='{"binance":0.00075}'""" in text
+    assert "ARB_CONFIG_FILE" in text and "YAML" in text and "TOML" in text
