@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from arbstream import stack
@@ -40,12 +41,12 @@ def _settings() -> Settings:
     try:
         return get_settings()
     except (ValidationError, ValueError, FileNotFoundError) as exc:
-        err.print(f"[red]invalid configuration:[/red]\n{exc}")
+        err.print("[red]invalid configuration:[/red]\n" + escape(str(exc)))
         raise typer.Exit(2) from None
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc}")
+    err.print("[red]error:[/red] " + escape(str(exc)))
     return typer.Exit(1)
 
 
@@ -91,16 +92,20 @@ def status() -> None:
 
 @app.command()
 def topics() -> None:
-    """Create any missing topic with its configured partition count."""
-    from arbstream.topics import ensure_topics, topic_layout
+    """Create any missing topic with its configured partition count; list them as they are."""
+    from arbstream.topics import ensure_topics, partition_counts, topic_layout
 
     settings = _settings()
     try:
         created = ensure_topics(settings)
+        actual = partition_counts(settings)
     except RuntimeError as exc:
         raise _fail(exc) from None
-    for name, parts in topic_layout(settings).items():
-        console.print(f"{name:32} {parts} partition(s){'  (created)' if name in created else ''}")
+    for name, wanted in topic_layout(settings).items():
+        note = "  (created)" if name in created else ""
+        if actual.get(name, wanted) != wanted:
+            note += f"  (configured {wanted})"
+        console.print(f"{name:32} {actual.get(name, '?')} partition(s){note}")
 
 
 def _time(value: str | None) -> datetime | None:
@@ -206,16 +211,21 @@ def opportunities_list(
     since: Annotated[str | None, typer.Option(help="window_end >= since (ISO-8601)")] = None,
     until: Annotated[str | None, typer.Option(help="window_end < until (ISO-8601)")] = None,
     min_net_bps: Annotated[float | None, typer.Option(help="net spread floor, bps")] = None,
-    limit: Annotated[int | None, typer.Option(help="at most this many rows")] = 100,
+    limit: Annotated[int | None, typer.Option(min=0, help="at most this many rows")] = 100,
     fmt: Annotated[Format, typer.Option("--format")] = Format.table,
 ) -> None:
     """List opportunities ordered by window_end, then net bps."""
+    from pymongo.errors import PyMongoError
+
     from spark_jobs.sinks.mongo import find_opportunities
 
-    rows = find_opportunities(
-        _settings(), symbol=symbol, since=_time(since), until=_time(until),
-        min_net_bps=min_net_bps, limit=limit,
-    )
+    try:
+        rows = find_opportunities(
+            _settings(), symbol=symbol, since=_time(since), until=_time(until),
+            min_net_bps=min_net_bps, limit=limit,
+        )
+    except PyMongoError as exc:
+        raise _fail(exc) from None
     print_opportunities(rows, fmt)
 
 

@@ -68,8 +68,9 @@ def _influx_endpoint(settings: Settings) -> Endpoint:
 
 def _mongo_endpoint(settings: Settings) -> Endpoint:
     url = urlparse(settings.mongo_uri.get_secret_value())
-    host = (url.hostname or "127.0.0.1") if "," not in url.netloc else "remote-replica-set"
-    return Endpoint(host, url.port or 27017)
+    if "," in url.netloc:  # a replica set / seed list is never a local single server
+        return Endpoint("remote-replica-set", 27017)
+    return Endpoint(url.hostname or "127.0.0.1", url.port or 27017)
 
 
 # --- health checks -----------------------------------------------------------------------
@@ -266,6 +267,13 @@ def up(settings: Settings, timeout: float = 60.0) -> list[ServiceStatus]:
     for svc in services(settings):
         if svc.health(settings)[0]:
             continue
+        running = _pid(settings, svc.name)
+        if running is not None:
+            raise StackError(
+                f"{svc.name} (pid {running}) started from {settings.state_dir} is running but "
+                f"not healthy at {svc.endpoint.host}:{svc.endpoint.port}; did its endpoint "
+                "change? Run `arbstream down` first"
+            )
         if not svc.endpoint.local:
             raise StackError(
                 f"{svc.name} at {svc.endpoint.host}:{svc.endpoint.port} is external and "
@@ -278,7 +286,7 @@ def up(settings: Settings, timeout: float = 60.0) -> list[ServiceStatus]:
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=home,
+                start_new_session=True, cwd=home, env={**os.environ, "NO_COLOR": "1"},
             )
         (home / "pid").write_text(str(proc.pid))
         deadline = time.monotonic() + timeout

@@ -40,6 +40,20 @@ def topic_layout(settings: Settings) -> dict[str, int]:
     return layout
 
 
+def partition_counts(settings: Settings, timeout: float = 15.0) -> dict[str, int]:
+    """Partition count of every topic on the broker.
+
+    Raises:
+        RuntimeError: the broker is unreachable.
+    """
+    admin = AdminClient(settings.kafka_client_config())
+    try:
+        topics = admin.list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        raise RuntimeError(f"Kafka at {settings.kafka_bootstrap} unreachable: {exc}") from exc
+    return {name: len(meta.partitions) for name, meta in topics.items()}
+
+
 def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
     """Create missing topics with their explicit partition counts; return those created.
 
@@ -48,16 +62,11 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
     Raises:
         RuntimeError: when the broker is unreachable or refuses a creation.
     """
-    admin = AdminClient(settings.kafka_client_config())
-    try:
-        existing = admin.list_topics(timeout=timeout).topics
-    except KafkaException as exc:
-        raise RuntimeError(f"Kafka at {settings.kafka_bootstrap} unreachable: {exc}") from exc
+    existing = partition_counts(settings, timeout)
     wanted = topic_layout(settings)
-    for name, meta in existing.items():
-        if name in wanted and len(meta.partitions) < wanted[name]:
-            log.warning("%s has %d partitions, config asks %d", name, len(meta.partitions),
-                        wanted[name])
+    for name, parts in existing.items():
+        if name in wanted and parts < wanted[name]:
+            log.warning("%s has %d partitions, config asks %d", name, parts, wanted[name])
     new = [
         NewTopic(name, num_partitions=parts, replication_factor=settings.kafka_replication)
         for name, parts in wanted.items()
@@ -65,6 +74,7 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
     ]
     if not new:
         return []
+    admin = AdminClient(settings.kafka_client_config())
     created = []
     for name, future in admin.create_topics(new, request_timeout=timeout).items():
         try:

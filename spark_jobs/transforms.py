@@ -35,6 +35,20 @@ QUOTE_COLUMNS = [
 ]
 
 
+def _java_regex(pattern: str) -> str:
+    """A ``^...$`` pattern for Spark's ``rlike`` (Java), where ``$`` also matches before a
+    final newline: anchor at the very end of input with ``\\z`` instead."""
+    return pattern.removesuffix("$") + r"\z"
+
+
+EXCHANGE_JAVA_RE = _java_regex(EXCHANGE_RE.pattern)
+SYMBOL_JAVA_RE = _java_regex(SYMBOL_RE.pattern)
+
+
+def _ms(seconds: float) -> str:
+    return f"{round(seconds * 1000)} milliseconds"
+
+
 def _fee_map(fees: Mapping[str, float]) -> Column:
     pairs = [x for exchange, fee in sorted(fees.items()) for x in (F.lit(exchange), F.lit(fee))]
     return F.create_map(*pairs)
@@ -65,7 +79,9 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
     is_quote = F.col("type") == "quote"
 
     def positive(name: str, quote_only: bool = True) -> tuple[Column, Column]:
-        cond = F.col(name).isNull() | (F.col(name) <= 0)
+        col = F.col(name)
+        # from_json reads the strings "NaN" and "Infinity" as doubles: reject them too.
+        cond = col.isNull() | (col <= 0) | F.isnan(col) | (col == F.lit(float("inf")))
         return (
             (is_quote & cond) if quote_only else cond,
             F.lit(f"{name} missing or not a positive number"),
@@ -85,7 +101,7 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
             F.lit("type must be 'quote' or 'heartbeat'"),
         ),
         (
-            ~F.coalesce(F.col("exchange").rlike(EXCHANGE_RE.pattern), F.lit(False)),
+            ~F.coalesce(F.col("exchange").rlike(EXCHANGE_JAVA_RE), F.lit(False)),
             F.lit("exchange missing or not a lower-case id"),
         ),
         (
@@ -94,7 +110,7 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
                      F.lit("' does not match topic "), F.col("topic")),
         ),
         (
-            is_quote & ~F.coalesce(F.col("symbol").rlike(SYMBOL_RE.pattern), F.lit(False)),
+            is_quote & ~F.coalesce(F.col("symbol").rlike(SYMBOL_JAVA_RE), F.lit(False)),
             F.lit("symbol missing or not canonical BASE-QUOTE"),
         ),
         positive("bid"),
@@ -171,7 +187,7 @@ def dedupe(quotes: DataFrame, watermark_seconds: float) -> DataFrame:
     On a static DataFrame (tests, backfills) this is a plain ``dropDuplicates``.
     """
     with_time = quotes.withColumn("event_time", F.col("ts") - F.expr("INTERVAL 1 MICROSECOND"))
-    marked = with_time.withWatermark("event_time", f"{int(watermark_seconds * 1000)} milliseconds")
+    marked = with_time.withWatermark("event_time", _ms(watermark_seconds))
     if marked.isStreaming:
         return marked.dropDuplicatesWithinWatermark(["dedupe_key"])
     return marked.dropDuplicates(["dedupe_key"])
@@ -180,15 +196,15 @@ def dedupe(quotes: DataFrame, watermark_seconds: float) -> DataFrame:
 def snapshots(quotes: DataFrame, window_seconds: float, max_quote_age_seconds: float) -> DataFrame:
     """Each exchange's latest quote per symbol and window: the snapshot of the module docstring.
 
-    Input: :func:`dedupe` output. Output: one row per (symbol, window_end, exchange) with
-    ``window_start`` (= window_end − max_quote_age), ``window_end``, ``bid``, ``ask`` and
+    Input: :func:`dedupe` output. Output: one row per (symbol, exchange, window) with the
+    ``window`` struct (``start`` = ``end`` − max_quote_age, ``end``), ``bid``, ``ask`` and
     ``quote_ts`` (the chosen quote's exchange time). "Latest" orders by ``ts``, then
     ``received_ts``, then ``dedupe_key`` so ties resolve the same way every time.
     """
     window = F.window(
         "event_time",
-        f"{int(max_quote_age_seconds * 1000)} milliseconds",
-        f"{int(window_seconds * 1000)} milliseconds",
+        _ms(max_quote_age_seconds),
+        _ms(window_seconds),
     )
     latest = F.max(F.struct("ts", "received_ts", "dedupe_key", "bid", "ask"))
     return (
@@ -210,7 +226,7 @@ def pairs(snapshot: DataFrame, window_seconds: float) -> DataFrame:
     sell_bid, sell_ts``. Snapshots with one exchange yield nothing.
     """
     # Re-window on the first window's time so that the watermark can close this aggregation.
-    regroup = F.window(F.window_time("window"), f"{int(window_seconds * 1000)} milliseconds")
+    regroup = F.window(F.window_time("window"), _ms(window_seconds))
     grouped = snapshot.groupBy("symbol", regroup.alias("slot")).agg(
         F.collect_list(F.struct("exchange", "bid", "ask", "quote_ts", "window")).alias("qs")
     )

@@ -1,0 +1,424 @@
+"""The ``arbstream`` command line, run in-process with Typer's CliRunner against the real stack.
+
+Configuration reaches the CLI only through ``ARB_*`` environment variables (as in a shell);
+``get_settings`` is cached per process, so its cache is cleared around every invocation.
+Every test gets its own MongoDB database.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka.admin import AdminClient
+from pymongo import MongoClient
+from typer.testing import CliRunner, Result
+
+from arbstream.cli import app
+from arbstream.config import Settings, get_settings
+from arbstream.topics import DEADLETTER, OPPORTUNITIES, quotes_topic, topic_layout
+from producers.replay import load_iaqf_quotes, parse_time
+from spark_jobs.sinks.mongo import upsert_opportunities
+
+T0 = datetime(2023, 3, 11, 4, 0, 1, tzinfo=UTC)
+SEC = timedelta(seconds=1)
+CSV_HEADER = "window_end,symbol,buy_exchange,sell_exchange,buy_ask,sell_bid,gross_bps,net_bps"
+
+Invoke = Callable[..., Result]
+
+
+def flat(text: str) -> str:
+    """Whitespace collapsed, so rich's line wrapping does not matter."""
+    return " ".join(text.split())
+
+
+@pytest.fixture
+def env(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> Iterator[Settings]:
+    """The session stack's settings as ``ARB_*`` variables, with a fresh MongoDB database.
+
+    Yields the equivalent :class:`Settings` (for seeding and expectations).
+    """
+    for name in list(os.environ):
+        if name.startswith("ARB_"):
+            monkeypatch.delenv(name)
+    db = "t_cli_" + re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40]
+    values = {
+        "ARB_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "ARB_KAFKA_PARTITIONS": str(settings.kafka_partitions),
+        "ARB_INFLUX_URL": settings.influx_url,
+        "ARB_MONGO_URI": settings.mongo_uri.get_secret_value(),
+        "ARB_MONGO_DB": db,
+        "ARB_STATE_DIR": str(settings.state_dir),
+        "ARB_DATA_DIR": str(settings.data_dir),
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    with MongoClient(settings.mongo_uri.get_secret_value()) as client:
+        client.drop_database(db)
+    get_settings.cache_clear()
+    yield settings.model_copy(update={"mongo_db": db})
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def invoke(env: Settings) -> Invoke:
+    """Run ``arbstream <args>``; extra ``ARB_*`` variables may be passed as keywords."""
+    runner = CliRunner()
+
+    def run(*args: str, **extra_env: str) -> Result:
+        get_settings.cache_clear()
+        try:
+            return runner.invoke(app, list(args), env=extra_env or None)
+        finally:
+            get_settings.cache_clear()
+
+    return run
+
+
+def _explain(result: Result) -> str:
+    return f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+
+
+# --- stack -----------------------------------------------------------------------------------
+
+
+def test_status_lists_every_service_healthy(invoke: Invoke, env: Settings) -> None:
+    result = invoke("status")
+    assert result.exit_code == 0, _explain(result)
+    lines = result.stdout.splitlines()
+    for name, endpoint in [
+        ("kafka", env.kafka_bootstrap),
+        ("influxdb", env.influx_url.removeprefix("http://")),
+        ("mongodb", env.mongo_uri.get_secret_value().removeprefix("mongodb://")),
+    ]:
+        [row] = [line for line in lines if re.search(rf"\b{name}\b", line)]
+        cells = [c.strip() for c in re.split(r"[│|]", row) if c.strip()]
+        assert cells[:3] == [name, endpoint, "yes"], row
+        assert cells[3].isdigit(), row  # started by the session stack: it has a pid
+
+
+def test_status_exits_1_when_a_service_is_down(invoke: Invoke, env: Settings) -> None:
+    from conftest import free_port
+
+    port = free_port()
+    result = invoke("status", ARB_MONGO_URI=f"mongodb://127.0.0.1:{port}")
+    assert result.exit_code == 1, _explain(result)
+    [row] = [line for line in result.stdout.splitlines() if "mongodb" in line]
+    cells = [c.strip() for c in re.split(r"[│|]", row) if c.strip()]
+    assert cells[:3] == ["mongodb", f"127.0.0.1:{port}", "no"], row
+    assert "Connection refused" in flat(result.stdout)
+    assert re.search(r"\bkafka\b.*\byes\b", result.stdout)
+
+
+def test_up_is_a_no_op_on_a_healthy_stack(invoke: Invoke, env: Settings) -> None:
+    before = [line for line in invoke("status").stdout.splitlines() if "yes" in line]
+    result = invoke("up")
+    assert result.exit_code == 0, _explain(result)
+    rows = [line for line in result.stdout.splitlines() if "yes" in line]
+    assert len(rows) == 3
+    pid = [[c.strip() for c in re.split(r"[│|]", r) if c.strip()][3] for r in rows]
+    assert pid == [[c.strip() for c in re.split(r"[│|]", r) if c.strip()][3] for r in before]
+
+
+def test_topics_lists_every_topic_with_partitions(invoke: Invoke, env: Settings) -> None:
+    result = invoke("topics")
+    assert result.exit_code == 0, _explain(result)
+    listed = {}
+    for line in result.stdout.splitlines():
+        m = re.fullmatch(r"(\S+)\s+(\d+) partition\(s\)(  \(created\))?", line.strip())
+        assert m, line
+        listed[m[1]] = int(m[2])
+    expected = {quotes_topic(e): 2 for e in env.exchanges}
+    expected |= {f"md.{e}.trades": 2 for e in env.exchanges}
+    expected |= {OPPORTUNITIES: 2, DEADLETTER: 1}
+    assert listed == expected == topic_layout(env)
+    # the broker agrees
+    meta = AdminClient(env.kafka_client_config()).list_topics(timeout=10).topics
+    assert {t: len(meta[t].partitions) for t in expected} == expected
+
+    again = invoke("topics")  # idempotent: nothing left to create
+    assert again.exit_code == 0, _explain(again)
+    assert "(created)" not in again.stdout
+
+
+def test_topics_reports_the_brokers_partition_counts(invoke: Invoke) -> None:
+    assert invoke("topics").exit_code == 0  # every topic exists with 2 partitions
+    result = invoke("topics", ARB_KAFKA_PARTITIONS="3")
+    assert result.exit_code == 0, _explain(result)
+    assert re.search(r"md\.kraken\.quotes\s+2 partition", result.stdout), result.stdout
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        (
+            "ARB_WINDOW_SECONDS", "0.7",
+            "max_quote_age_seconds must be a whole multiple of window_seconds "
+            "(got 5.0 and 0.7)",
+        ),
+        ("ARB_KAFKA_BOOTSTRAP", "no-port", "kafka_bootstrap entries must be host:port"),
+        ("ARB_EXCHANGES", '["kraken", "mtgox"]', "no taker fee for exchanges ['mtgox']"),
+        ("ARB_CONFIG_FILE", "/nonexistent/arb.toml", "ARB_CONFIG_FILE=/nonexistent/arb.toml"),
+    ],
+)
+@pytest.mark.parametrize("command", [["status"], ["opportunities", "list"], ["topics"]])
+def test_invalid_configuration_exits_2_naming_the_problem(
+    invoke: Invoke, command: list[str], variable: str, value: str, message: str
+) -> None:
+    result = invoke(*command, **{variable: value})
+    assert result.exit_code == 2, _explain(result)
+    assert "invalid configuration" in result.stderr
+    assert message in flat(result.stderr), result.stderr
+    assert "Traceback" not in result.output
+
+
+# --- opportunities ---------------------------------------------------------------------------
+
+
+def _row(
+    symbol: str, end: datetime, buy: str, sell: str, ask: float, bid: float, gross_bps: float,
+    net_bps: float,
+) -> dict[str, Any]:
+    stamp = end.strftime("%Y-%m-%dT%H:%M:%S.") + f"{end.microsecond // 1000:03d}Z"
+    return {
+        "opportunity_id": f"{symbol}|{stamp}|{buy}|{sell}",
+        "symbol": symbol,
+        "window_start": end - SEC,
+        "window_end": end,
+        "buy_exchange": buy,
+        "sell_exchange": sell,
+        "buy_ask": ask,
+        "sell_bid": bid,
+        "buy_ts": end - timedelta(milliseconds=400),
+        "sell_ts": end - timedelta(milliseconds=150),
+        "buy_fee": 0.0026,
+        "sell_fee": 0.006,
+        "gross": gross_bps / 10_000,
+        "net": net_bps / 10_000,
+        "gross_bps": gross_bps,
+        "net_bps": net_bps,
+    }
+
+
+#: Seeded opportunities, by a short name.
+ROWS = {
+    "a": _row("BTC-USD", T0, "kraken", "coinbase", 20000.5, 20210.25, 104.875, 18.5),
+    "b": _row("BTC-USD", T0 + SEC, "binance", "kraken", 20100.0, 20173.0, 36.3184, 3.25),
+    "c": _row("USDC-USD", T0 + SEC, "kraken", "coinbase", 0.9871, 0.9958, 88.1371, 7.0),
+    "d": _row("BTC-USDT", T0 + 2 * SEC, "binance", "coinbase", 20050.0, 20200.0, 74.813, 25.0),
+    "e": _row("BTC-USD", T0 + 2 * SEC, "kraken", "coinbase", 20001.0, 20300.0, 149.49, 40.0),
+}
+
+
+@pytest.fixture
+def seeded(env: Settings) -> Settings:
+    assert upsert_opportunities(env, ROWS.values()) == len(ROWS)
+    return env
+
+
+def _csv_line(name: str) -> list[str]:
+    r = ROWS[name]
+    return [
+        r["window_end"].strftime("%Y-%m-%dT%H:%M:%SZ"), r["symbol"], r["buy_exchange"],
+        r["sell_exchange"], *(str(r[k]) for k in ("buy_ask", "sell_bid", "gross_bps", "net_bps")),
+    ]
+
+
+def _iso(value: datetime) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        ([], "acbed"),  # window_end ascending, then net_bps descending
+        (["--symbol", "BTC-USD"], "abe"),
+        (["--symbol", "ETH-USD"], ""),
+        (["--since", _iso(T0 + SEC)], "cbed"),  # inclusive
+        (["--until", _iso(T0 + 2 * SEC)], "acb"),  # exclusive
+        (["--since", _iso(T0 + SEC), "--until", _iso(T0 + 2 * SEC)], "cb"),
+        (["--since", "2023-03-11T04:00:01.001"], "cbed"),  # naive means UTC
+        (["--since", "2023-03-11T06:00:02+02:00", "--until", "2023-03-11T04:00:03Z"], "cb"),
+        (["--min-net-bps", "7"], "aced"),  # inclusive floor
+        (["--min-net-bps", "7.0001"], "aed"),
+        (["--symbol", "BTC-USD", "--min-net-bps", "10", "--until", _iso(T0 + 2 * SEC)], "a"),
+        (["--limit", "2"], "ac"),
+        (["--limit", "0"], "acbed"),  # 0 means all
+    ],
+)
+def test_opportunities_csv(invoke: Invoke, seeded: Settings, args: list[str], names: str) -> None:
+    result = invoke("opportunities", "list", "--format", "csv", *args)
+    assert result.exit_code == 0, _explain(result)
+    lines = result.stdout.splitlines()
+    assert lines[0] == CSV_HEADER
+    assert list(csv.reader(io.StringIO(result.stdout)))[1:] == [_csv_line(n) for n in names]
+
+
+def test_opportunities_json_lines(invoke: Invoke, seeded: Settings) -> None:
+    result = invoke("opportunities", "list", "--format", "json", "--symbol", "BTC-USD")
+    assert result.exit_code == 0, _explain(result)
+    docs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [d["opportunity_id"] for d in docs] == [ROWS[n]["opportunity_id"] for n in "abe"]
+    for doc, name in zip(docs, "abe", strict=True):
+        row = ROWS[name]
+        for key, value in row.items():
+            if isinstance(value, datetime):
+                assert parse_time(doc[key]) == value, key
+                assert doc[key].endswith("Z"), key
+            else:
+                assert doc[key] == value, key
+        assert parse_time(doc["first_seen_at"]) > T0  # set on insert, wall-clock time
+
+
+def test_opportunities_table(invoke: Invoke, seeded: Settings) -> None:
+    result = invoke("opportunities", "list", "--min-net-bps", "5")
+    assert result.exit_code == 0, _explain(result)
+    out = result.stdout
+    for column in CSV_HEADER.split(","):
+        assert column in out
+    rows = [
+        [c.strip() for c in re.split(r"[│|]", line) if c.strip()]
+        for line in out.splitlines() if "2023-03-11" in line
+    ]
+    assert rows == [
+        ["2023-03-11T04:00:01Z", "BTC-USD", "kraken", "coinbase", "20000.50", "20210.25",
+         "104.88", "18.50"],
+        ["2023-03-11T04:00:02Z", "USDC-USD", "kraken", "coinbase", "0.9871", "0.9958",
+         "88.14", "7.00"],
+        ["2023-03-11T04:00:03Z", "BTC-USD", "kraken", "coinbase", "20001.00", "20300.00",
+         "149.49", "40.00"],
+        ["2023-03-11T04:00:03Z", "BTC-USDT", "binance", "coinbase", "20050.00", "20200.00",
+         "74.81", "25.00"],
+    ]
+
+
+def test_opportunities_empty_database(invoke: Invoke) -> None:
+    result = invoke("opportunities", "list", "--format", "csv")
+    assert result.exit_code == 0, _explain(result)
+    assert result.stdout.splitlines() == [CSV_HEADER]
+    result = invoke("opportunities", "list", "--format", "json")
+    assert result.exit_code == 0 and result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--since", "yesterday"],
+        ["--until", "2023-13-01"],
+        ["--format", "xml"],
+        ["--min-net-bps", "ten"],
+    ],
+)
+def test_opportunities_bad_option_is_a_usage_error(invoke: Invoke, args: list[str]) -> None:
+    result = invoke("opportunities", "list", *args)
+    assert result.exit_code == 2, _explain(result)
+    assert "Traceback" not in result.output
+
+
+# --- replay ----------------------------------------------------------------------------------
+
+CSV_GOOD = [
+    "kraken,BTC-USD,2023-03-11T04:00:00Z,20000,20001",
+    "coinbase,BTC-USD,2023-03-11T04:00:02Z,20010,20011",
+]
+CSV_BAD = "kraken,BTC-USD,2023-03-11T04:00:01Z,abc,20001"
+
+
+@pytest.fixture
+def bad_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "ticks.csv"
+    path.write_text("\n".join(["exchange,symbol,ts,bid,ask", CSV_GOOD[0], CSV_BAD,
+                               CSV_GOOD[1]]) + "\n")
+    return path
+
+
+def test_replay_csv_bad_row_exits_1_naming_the_line(invoke: Invoke, bad_csv: Path) -> None:
+    result = invoke("replay", "csv", str(bad_csv))
+    assert result.exit_code == 1, _explain(result)
+    err = flat(result.stderr)
+    assert "1 invalid row(s)" in err
+    assert "line 3: bid 'abc' is not a number" in err
+    assert "nothing was published" in err
+    assert "Traceback" not in result.output
+
+
+def test_replay_csv_with_deadletter_publishes_the_rest(invoke: Invoke, bad_csv: Path) -> None:
+    result = invoke("replay", "csv", str(bad_csv), "--deadletter")
+    assert result.exit_code == 0, _explain(result)
+    out = flat(result.stdout)
+    assert "published 2 quotes and 1 dead letters" in out
+    assert f"{quotes_topic('coinbase')}: 1" in out
+    assert f"{quotes_topic('kraken')}: 1" in out
+
+
+def test_replay_csv_missing_file_exits_1(invoke: Invoke, tmp_path: Path) -> None:
+    result = invoke("replay", "csv", str(tmp_path / "nope.csv"))
+    assert result.exit_code == 1, _explain(result)
+    assert "not found" in flat(result.stderr)
+
+
+def test_replay_iaqf_reports_the_published_count(invoke: Invoke, env: Settings) -> None:
+    start, end = "2023-03-11T04:00", "2023-03-11T04:05"
+    quotes = load_iaqf_quotes(env.data_dir, parse_time(start), parse_time(end))
+    assert len(quotes) > 0
+    result = invoke("replay", "iaqf", "--from", start, "--to", end)
+    assert result.exit_code == 0, _explain(result)
+    out = flat(result.stdout)
+    assert f"published {len(quotes)} quotes and 0 dead letters" in out
+    for exchange, n in quotes.groupby("exchange").size().items():
+        assert f"{quotes_topic(str(exchange))}: {n}" in out
+    first = datetime.fromtimestamp(quotes["exchange_ts"].min() / 1000, UTC)
+    last = datetime.fromtimestamp(quotes["exchange_ts"].max() / 1000, UTC)
+    assert f"event time {first.isoformat()} .. {last.isoformat()}" in out
+
+
+@pytest.mark.parametrize("speed", ["fast", "0", "-2", "nan", "inf", ""])
+@pytest.mark.parametrize("command", ["iaqf", "csv"])
+def test_replay_bad_speed_is_a_usage_error(
+    invoke: Invoke, bad_csv: Path, command: str, speed: str
+) -> None:
+    target = ["--from", "2023-03-11T04:00", "--to", "2023-03-11T04:01"]
+    args = target if command == "iaqf" else [str(bad_csv), "--deadletter"]
+    result = invoke("replay", command, *args, "--speed", speed)
+    assert result.exit_code == 2, _explain(result)
+    assert "invalid speed" in flat(result.stderr)
+    assert "published" not in result.output
+
+
+def test_replay_iaqf_bad_time_is_a_usage_error(invoke: Invoke) -> None:
+    result = invoke("replay", "iaqf", "--from", "11/03/2023")
+    assert result.exit_code == 2, _explain(result)
+    assert "invalid time '11/03/2023'" in flat(result.stderr)
+
+
+# --- known bugs ------------------------------------------------------------------------------
+
+
+def test_error_text_with_brackets_is_printed_verbatim(invoke: Invoke, tmp_path: Path) -> None:
+    path = tmp_path / "ticks.csv"
+    path.write_text("exchange,symbol,ts,bid,ask\nkraken,BTC-USD,2023-03-11T04:00:00Z,[/b],1\n")
+    result = invoke("replay", "csv", str(path))
+    assert result.exit_code == 1, _explain(result)
+    assert "line 2: bid '[/b]' is not a number" in flat(result.stderr)  # MarkupError today
+
+
+def test_invalid_configuration_is_printed_verbatim(invoke: Invoke) -> None:
+    result = invoke("status", ARB_WINDOW_SECONDS="0.7")
+    assert result.exit_code == 2, _explain(result)
+    assert "[type=value_error" in result.stderr  # swallowed as an unknown style tag today
