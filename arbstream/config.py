@@ -131,8 +131,16 @@ class Settings(BaseSettings):
         env_settings: PydanticBaseSettingsSource,
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+    ) -> tuple[Any, ...]:
+        def dotenv_arb_only() -> dict[str, Any]:
+            # A .env is often shared with docker compose: ignore its variables without the
+            # ARB_ prefix, but still reject unknown ARB_ names (typos).
+            from dotenv import dotenv_values
+
+            foreign = {k.lower() for k in dotenv_values(".env") if not k.upper().startswith("ARB_")}
+            return {k: v for k, v in dotenv_settings().items() if k not in foreign}
+
+        sources: list[Any] = [init_settings, env_settings, dotenv_arb_only]
         path = os.environ.get("ARB_CONFIG_FILE")
         if path:
             file = Path(path)

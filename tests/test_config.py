@@ -185,6 +185,11 @@ def test_dotenv_unknown_key_rejected(isolated: Path) -> None:
         Settings()
 
 
+def test_dotenv_variables_without_prefix_are_ignored(isolated: Path) -> None:
+    (isolated / ".env").write_text("COMPOSE_PROJECT_NAME=arb\nARB_MIN_NET=0.001\n")
+    assert Settings().min_net == 0.001
+
+
 # --- config file -------------------------------------------------------------------------
 TOML = """\
 exchanges = ["coinbase", "kraken", "okx"]
