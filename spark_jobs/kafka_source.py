@@ -181,11 +181,13 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
     def _end_offsets(self, positions: Offsets) -> Offsets:
         """High-water mark of every partition in ``positions``.
 
-        ``fetch`` mode assigns each partition at its last known position and reads the
-        high-water mark that the broker returns with the first fetch response (a message or an
-        end-of-partition event), so at most one fetch per partition is downloaded here.
+        ``fetch`` mode assigns each partition at its beginning and reads the high-water mark
+        that the broker returns with the first fetch response (a message or an end-of-partition
+        event), so at most one fetch (64 KiB) per partition is downloaded here. Starting from
+        the beginning, not the checkpointed position, guarantees that response even when the
+        position is past the end (topic recreated), so data loss is detected at once.
         """
-        from confluent_kafka import KafkaError, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
         client = self._client()
         tps = [
@@ -199,7 +201,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
                 (tp.topic, tp.partition, client.get_watermark_offsets(tp, timeout=15)[1])
                 for tp in tps
             )
-        client.assign(tps)
+        client.assign([TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in tps])
         pending = {(tp.topic, tp.partition) for tp in tps}
         deadline = time.monotonic() + 15
         try:
@@ -311,6 +313,9 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
                 "group.id": f"arbstream-reader-{uuid.uuid4()}",
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
+                # Records deleted below ``start``: continue from the earliest one (and report
+                # the gap), never jump to the end.
+                "auto.offset.reset": "earliest",
             }
         )
         try:
@@ -385,7 +390,7 @@ def _rate_limit(start: Offsets, end: Offsets, max_rows: int) -> Offsets:
 
 
 class KafkaWriter(DataSourceWriter):
-    """Produces each row's ``value`` to its ``topic`` with ``key``; idempotent producer."""
+    """Produces each row's ``value`` to its ``topic`` with ``key`` (optional column)."""
 
     def __init__(self, options: dict[str, str]) -> None:
         self.conf = client_config(options)
@@ -410,7 +415,8 @@ class KafkaWriter(DataSourceWriter):
 
         count = 0
         for row in iterator:
-            key, value = row["key"], row["value"]
+            fields = row.asDict()
+            key, value = fields.get("key"), fields["value"]
             while True:
                 try:
                     producer.produce(
