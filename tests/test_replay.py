@@ -13,7 +13,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from arbstream.config import Settings
-from arbstream.schemas import DeadLetter, Quote, parse_quote
+from arbstream.schemas import DeadLetter, Heartbeat, Quote, parse_quote
 from arbstream.topics import DEADLETTER, ensure_topics, quotes_topic
 from producers.replay import (
     ReplayInputError,
@@ -320,6 +320,20 @@ def read_new(settings: Settings, before: dict[str, dict[int, int]]) -> dict[str,
 QUOTE_TOPICS = [quotes_topic(e) for e in ("binance", "coinbase", "kraken")]
 
 
+def without_heartbeat(
+    settings: Settings, records: list[Message], exchange: str, last_ts: int
+) -> list[Message]:
+    """The quote records, after checking the replay's closing heartbeat for ``exchange``:
+    exactly one, at the last quote + watermark + max quote age + W."""
+    beats = [m for m in records if json.loads(m.value())["type"] == "heartbeat"]
+    assert len(beats) == 1
+    beat = Heartbeat.model_validate_json(beats[0].value())
+    flush = settings.watermark_seconds + settings.max_quote_age_seconds + settings.window_seconds
+    assert beat.exchange == exchange
+    assert beat.exchange_ts == last_ts + int(flush * 1000)
+    return [m for m in records if m is not beats[0]]
+
+
 def test_replay_iaqf_window_to_kafka(settings: Settings) -> None:
     expected = load_iaqf_quotes(settings.data_dir, START, END)
     before = snapshot(settings, QUOTE_TOPICS)
@@ -334,7 +348,7 @@ def test_replay_iaqf_window_to_kafka(settings: Settings) -> None:
     for exchange in ("binance", "coinbase", "kraken"):
         topic = quotes_topic(exchange)
         rows = expected[expected.exchange == exchange]
-        records = got[topic]
+        records = without_heartbeat(settings, got[topic], exchange, report.last_event_ts)
         assert report.published[topic] == len(rows) == len(records)
         by_partition: dict[int, list[Quote]] = defaultdict(list)
         for msg in records:
@@ -386,8 +400,9 @@ def test_replay_csv_deadletter(settings: Settings, tmp_path: Path) -> None:
     assert letter.raw == "coinbase,BTC-USD,2023-03-11T04:00:01Z,20005,20004,1,1"
     assert letter.reason.startswith("ticks.csv line 3: ")
     assert "crossed quote" in letter.reason
-    [cb] = got[quotes_topic("coinbase")]
-    [kr] = got[quotes_topic("kraken")]
+    last = report.last_event_ts
+    [cb] = without_heartbeat(settings, got[quotes_topic("coinbase")], "coinbase", last)
+    [kr] = without_heartbeat(settings, got[quotes_topic("kraken")], "kraken", last)
     assert cb.key() == b"BTC-USD"
     assert parse_quote(cb.value()) == Quote(
         exchange="coinbase", symbol="BTC-USD", exchange_ts=ms(START), received_ts=ms(START),
@@ -417,6 +432,7 @@ def test_publish_paced_and_unconfigured_exchange(settings: Settings) -> None:
     assert report.published == {quotes_topic("gemini"): 3}
     assert 0.2 <= report.elapsed_s < 2.0
     [records] = read_new(settings, before).values()
+    records = without_heartbeat(settings, records, "gemini", report.last_event_ts)
     assert [parse_quote(m.value()) for m in records] == quotes
 
     narrow = settings.model_copy(update={"exchanges": ["coinbase"]})
