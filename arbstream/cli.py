@@ -283,25 +283,22 @@ def _demo_summary(
 ) -> None:
     from datetime import timedelta
 
-    from spark_jobs.sinks.mongo import OPPORTUNITIES, find_opportunities
+    from spark_jobs.sinks.mongo import OPPORTUNITIES, summary
 
+    # Windows of the last quotes end up to max_quote_age after `end`.
     until = end + timedelta(seconds=settings.max_quote_age_seconds + 1) if end else None
-    rows = find_opportunities(settings, since=start, until=until)
-    counts: dict[tuple[str, str, str], list[float]] = {}
-    for r in rows:
-        counts.setdefault((r["symbol"], r["buy_exchange"], r["sell_exchange"]), []).append(
-            r["net_bps"]
-        )
-    table = Table("symbol", "buy on", "sell on", "opportunities", "max net bps",
+    result = summary(settings, top_n=10, since=start, until=until)
+    table = Table("symbol", "buy on", "sell on", "opportunities", "max net bps", "avg net bps",
                   title="Opportunities per symbol and pair")
-    for (sym, buy, sell), nets in sorted(counts.items()):
-        table.add_row(sym, buy, sell, str(len(nets)), f"{max(nets):.2f}")
+    for p in result["pairs"]:
+        table.add_row(p["symbol"], p["buy_exchange"], p["sell_exchange"], str(p["count"]),
+                      f"{p['max_net_bps']:.2f}", f"{p['avg_net_bps']:.2f}")
     console.print(table)
     console.print("Top 10 by net bps")
-    print_opportunities(sorted(rows, key=lambda r: -r["net_bps"])[:10], Format.table)
+    print_opportunities(result["top"], Format.table)
     console.print(
         f"quotes replayed: {quotes}   Kafka records consumed (quotes + heartbeats): {consumed}"
-        f"   opportunities: {len(rows)}   wall time: {wall:.1f} s\n"
+        f"   opportunities: {result['total']}   wall time: {wall:.1f} s\n"
         f"MongoDB: {settings.mongo_db}.{OPPORTUNITIES}   "
         f"InfluxDB ({settings.influx_url}, db {settings.influx_db}): measurements quote, spread\n"
         "More: arbstream opportunities list --min-net-bps 10"

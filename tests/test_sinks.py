@@ -229,6 +229,12 @@ def test_summary_counts_pairs_and_top(msettings: Settings) -> None:
     ]
     assert [d["net_bps"] for d in result["top"]] == [50.0, 20.0]
 
+    # [since, until) on window_end: only T0 + 1 s and T0 + 2 s remain
+    window = mongo.summary(msettings, top_n=5, since=T0 + s, until=T0 + 3 * s)
+    assert window["total"] == 2
+    assert [(p["count"], p["max_net_bps"]) for p in window["pairs"]] == [(2, 15.0)]
+    assert [d["net_bps"] for d in window["top"]] == [15.0, 10.0]
+
 
 # --- InfluxDB line protocol ----------------------------------------------------------------
 

@@ -188,6 +188,27 @@ def _public(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _filter(
+    symbol: str | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    min_net_bps: float | None = None,
+) -> dict[str, Any]:
+    query: dict[str, Any] = {}
+    if symbol is not None:
+        query["symbol"] = symbol
+    window: dict[str, Any] = {}
+    if since is not None:
+        window["$gte"] = to_utc(since)
+    if until is not None:
+        window["$lt"] = to_utc(until)
+    if window:
+        query["window_end"] = window
+    if min_net_bps is not None:
+        query["net_bps"] = {"$gte": min_net_bps}
+    return query
+
+
 def find_opportunities(
     settings: Settings,
     symbol: str | None = None,
@@ -211,18 +232,7 @@ def find_opportunities(
         ``net_bps`` descending, with ``_id`` renamed to ``opportunity_id`` and datetimes
         aware UTC.
     """
-    query: dict[str, Any] = {}
-    if symbol is not None:
-        query["symbol"] = symbol
-    window: dict[str, Any] = {}
-    if since is not None:
-        window["$gte"] = to_utc(since)
-    if until is not None:
-        window["$lt"] = to_utc(until)
-    if window:
-        query["window_end"] = window
-    if min_net_bps is not None:
-        query["net_bps"] = {"$gte": min_net_bps}
+    query = _filter(symbol, since, until, min_net_bps)
     order = DESCENDING if newest_first else ASCENDING
     with connect(settings) as client:
         cursor = _collection(client, settings).find(query)
@@ -232,8 +242,13 @@ def find_opportunities(
         return [_public(doc) for doc in cursor]
 
 
-def summary(settings: Settings, top_n: int = 10) -> dict[str, Any]:
-    """Small overview of stored opportunities, for the demo summary.
+def summary(
+    settings: Settings,
+    top_n: int = 10,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """Small overview of stored opportunities with ``window_end`` in ``[since, until)``.
 
     Returns:
         ``{"total": int, "pairs": [...], "top": [...]}`` where ``pairs`` holds one dict per
@@ -241,7 +256,9 @@ def summary(settings: Settings, top_n: int = 10) -> dict[str, Any]:
         ``avg_net_bps``, most frequent first; ``top`` holds the ``top_n`` documents with the
         highest ``net_bps`` (shaped as in :func:`find_opportunities`).
     """
+    query = _filter(since=since, until=until)
     pipeline: list[dict[str, Any]] = [
+        {"$match": query},
         {
             "$group": {
                 "_id": {
@@ -259,6 +276,6 @@ def summary(settings: Settings, top_n: int = 10) -> dict[str, Any]:
     with connect(settings) as client:
         coll = _collection(client, settings)
         pairs = [{**g.pop("_id"), **g} for g in coll.aggregate(pipeline)]
-        top = coll.find().sort([("net_bps", DESCENDING), ("window_end", ASCENDING)])
+        top = coll.find(query).sort([("net_bps", DESCENDING), ("window_end", ASCENDING)])
         top_docs = [_public(doc) for doc in top.limit(top_n)] if top_n > 0 else []
     return {"total": sum(p["count"] for p in pairs), "pairs": pairs, "top": top_docs}
