@@ -111,6 +111,32 @@ class Trade(_Event):
         return self
 
 
+class Book(_Event):
+    """Snapshot of the top ``depth`` levels of one order book, best level first.
+
+    ``bids`` descend and ``asks`` ascend by price; each level is ``[price, size]``.
+    ``dedupe_key`` is ``exchange:symbol:b:<sequence or exchange_ts>``.
+    """
+
+    type: Literal["book"] = "book"
+    depth: int = Field(gt=0)
+    bids: list[tuple[float, float]]
+    asks: list[tuple[float, float]]
+    sequence: int | None = None
+    dedupe_key: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> Book:
+        if len(self.bids) > self.depth or len(self.asks) > self.depth:
+            raise ValueError(f"more than depth={self.depth} levels")
+        if self.bids and self.asks and self.bids[0][0] > self.asks[0][0]:
+            raise ValueError(f"crossed book: bid {self.bids[0][0]} > ask {self.asks[0][0]}")
+        if not self.dedupe_key:
+            key = f"{self.exchange}:{self.symbol}:b:{self.sequence or self.exchange_ts}"
+            object.__setattr__(self, "dedupe_key", key)
+        return self
+
+
 class Heartbeat(BaseModel):
     """Event-time progress of one exchange feed, with no market data.
 

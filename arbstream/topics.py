@@ -1,7 +1,8 @@
 """Kafka topic names and their creation with explicit partition counts.
 
-Market data is per exchange: ``md.<exchange>.quotes`` and ``md.<exchange>.trades``. The Spark
-job publishes ``arb.opportunities``; anything that fails validation goes to ``md.deadletter``.
+Market data is per exchange: ``md.<exchange>.quotes``, ``md.<exchange>.trades`` and
+``md.<exchange>.book`` (top-N snapshots). The Spark job publishes ``arb.opportunities``;
+anything that fails validation goes to ``md.deadletter``; producers report on ``md.health``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from arbstream.config import Settings
 log = logging.getLogger(__name__)
 
 DEADLETTER = "md.deadletter"
+HEALTH = "md.health"
 OPPORTUNITIES = "arb.opportunities"
 #: Regex matching every per-exchange quote topic (for ``subscribePattern``).
 QUOTES_PATTERN = r"md\.[a-z0-9_]+\.quotes"
@@ -29,14 +31,20 @@ def trades_topic(exchange: str) -> str:
     return f"md.{exchange}.trades"
 
 
+def book_topic(exchange: str) -> str:
+    return f"md.{exchange}.book"
+
+
 def topic_layout(settings: Settings) -> dict[str, int]:
     """Every topic arbstream needs, mapped to its partition count."""
     layout: dict[str, int] = {}
     for exchange in settings.exchanges:
         layout[quotes_topic(exchange)] = settings.kafka_partitions
         layout[trades_topic(exchange)] = settings.kafka_partitions
+        layout[book_topic(exchange)] = settings.kafka_partitions
     layout[OPPORTUNITIES] = settings.kafka_partitions
     layout[DEADLETTER] = 1
+    layout[HEALTH] = 1
     return layout
 
 
