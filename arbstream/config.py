@@ -49,6 +49,33 @@ class Settings(BaseSettings):
         default_factory=dict, description="Taker-fee overrides, fractions, merged over the table"
     )
 
+    # --- live producers -----------------------------------------------------------------
+    feeds: dict[str, list[str]] = Field(
+        default_factory=lambda: {
+            "coinbase": ["BTC-USD", "ETH-USD"],
+            "binance": ["BTC-USDT", "ETH-USDT"],
+            "bitstamp": ["BTC-USD", "ETH-USD"],
+            "kraken": ["BTC-USD", "ETH-USD"],
+            "bitfinex": ["BTC-USD", "ETH-USD"],
+            "gemini": ["BTC-USD", "ETH-USD"],
+        },
+        description="Exchange id -> canonical symbols streamed by `arbstream produce --all`",
+    )
+    feed_channels: list[Literal["bbo", "trades", "book"]] = Field(
+        default_factory=lambda: ["bbo", "trades"], description="Channels each feed streams"
+    )
+    book_depth: int = Field(10, ge=1, le=1000, description="Levels per md.<exchange>.book record")
+    feed_stale_seconds: float = Field(30.0, gt=0, description="Watchdog: reconnect after silence")
+    producer_queue_size: int = Field(10_000, ge=1, description="Bounded in-memory queue")
+    health_interval_seconds: float = Field(5.0, gt=0, description="md.health period")
+    feed_ws_urls: dict[str, str] = Field(
+        default_factory=dict, description="Exchange id -> websocket URL override"
+    )
+    feed_rest_urls: dict[str, str] = Field(
+        default_factory=dict, description="Exchange id -> REST base URL override"
+    )
+    feed_ca_file: Path | None = Field(None, description="Extra CA bundle for overridden URLs")
+
     # --- Kafka ---------------------------------------------------------------------------
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_partitions: int = Field(3, ge=1, description="Partitions of each md.* topic")
@@ -110,6 +137,16 @@ class Settings(BaseSettings):
         missing = [e for e in self.exchanges if e not in self.taker_fees]
         if missing:
             raise ValueError(f"no taker fee for exchanges {missing}; add them to ARB_FEES")
+        unrouted = [e for e in self.feeds if e not in self.exchanges]
+        if unrouted and "feeds" not in self.model_fields_set:  # defaults follow ARB_EXCHANGES
+            self.feeds = {e: s for e, s in self.feeds.items() if e in self.exchanges}
+        elif unrouted:
+            raise ValueError(f"feeds for exchanges {unrouted} not in ARB_EXCHANGES (no topics)")
+        from arbstream.schemas import SYMBOL_RE
+
+        bad_symbols = [s for syms in self.feeds.values() for s in syms if not SYMBOL_RE.match(s)]
+        if bad_symbols:
+            raise ValueError(f"feed symbols must be canonical BASE-QUOTE, got {bad_symbols}")
         bad_fee = {e: f for e, f in self.taker_fees.items() if not 0 <= f < 0.1}
         if bad_fee:
             raise ValueError(f"fees are fractions in [0, 0.1), got {bad_fee}")

@@ -1,0 +1,164 @@
+"""Live websocket producers: cryptofeed feeds → normalized records → Kafka.
+
+``arbstream produce`` runs :func:`produce`: one cryptofeed feed per exchange (adapters in
+:mod:`producers.exchanges`), each connection under arbstream's reconnect/watchdog/dead-letter
+policy (:mod:`producers.resilience`), all records through one :class:`~producers.publisher.
+Publisher`. SIGTERM or SIGINT stops the feeds, then everything queued is flushed to Kafka.
+
+``arbstream record`` runs :func:`record`: the same feeds with cryptofeed's raw-data recorder
+(``AsyncFileCallback``), which writes frames in the line format of
+``shared/data/exchange-ws-captures`` (and the REST metadata responses), for replay sets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import ssl
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from arbstream.config import Settings
+from arbstream.topics import ensure_topics
+from producers.exchanges import make_feed
+from producers.publisher import ExchangeStats, Publisher
+from producers.resilience import FeedHooks, start_resilient
+
+log = logging.getLogger(__name__)
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if settings.feed_ca_file is None:
+        return None
+    return ssl.create_default_context(cafile=str(settings.feed_ca_file))
+
+
+def _hooks(publisher: Publisher, exchange: str) -> FeedHooks:
+    def reconnect() -> None:
+        publisher.reconnected(exchange)
+        publisher.reset_sequences(exchange)  # sequences restart or jump on a new connection
+
+    return FeedHooks(
+        frame=lambda: publisher.frame_received(exchange),
+        reconnect=reconnect,
+        bad_frame=lambda raw, reason: publisher.deadletter(exchange, raw, reason),
+    )
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+def _build_feeds(settings: Settings, feeds: Mapping[str, list[str]], on_event: Any) -> dict:
+    unknown = sorted(set(feeds) - set(settings.exchanges))
+    if unknown:
+        raise ValueError(f"exchanges {unknown} are not in ARB_EXCHANGES, so they have no topics")
+    ctx = _ssl_context(settings)
+    return {
+        exchange: make_feed(
+            exchange, symbols, set(settings.feed_channels), on_event,
+            book_depth=settings.book_depth,
+            ws_url=settings.feed_ws_urls.get(exchange),
+            rest_url=settings.feed_rest_urls.get(exchange),
+            ssl_context=ctx,
+            timeout=settings.feed_stale_seconds,
+        )
+        for exchange, symbols in feeds.items()
+    }
+
+
+async def produce(
+    settings: Settings,
+    feeds: Mapping[str, list[str]],
+    stop: asyncio.Event | None = None,
+    handle_signals: bool = True,
+) -> dict[str, ExchangeStats]:
+    """Stream ``feeds`` (exchange id → canonical symbols) into Kafka until ``stop`` is set.
+
+    Returns the final per-exchange counters.
+
+    Raises:
+        ValueError: an exchange is unknown to cryptofeed or not in ``ARB_EXCHANGES``.
+        RuntimeError: Kafka is unreachable at start-up (topics cannot be created), or records
+            were still undelivered 30 s after stopping.
+    """
+    stop = stop or asyncio.Event()
+    ensure_topics(settings)
+    publisher = Publisher(settings, settings.producer_queue_size,
+                          settings.health_interval_seconds)
+    built = await asyncio.to_thread(_build_feeds, settings, feeds, publisher.submit)
+    loop = asyncio.get_running_loop()
+    for exchange, feed in built.items():
+        start_resilient(feed, loop, _hooks(publisher, exchange), settings.feed_stale_seconds)
+        log.info("%s: streaming %s %s", exchange, ", ".join(feeds[exchange]),
+                 "+".join(settings.feed_channels))
+    if handle_signals:
+        _stop_on_signals(stop)
+    runner = asyncio.create_task(publisher.run())
+    try:
+        await stop.wait()
+    finally:
+        for feed in built.values():
+            feed.stop()
+        for feed in built.values():
+            with contextlib.suppress(Exception):
+                await feed.shutdown()
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        undelivered = await publisher.close()
+    if undelivered:
+        raise RuntimeError(f"{undelivered} records still undelivered after 30 s of flushing")
+    return dict(publisher.stats)
+
+
+async def record(
+    settings: Settings,
+    exchange: str,
+    symbols: list[str],
+    out: Path,
+    seconds: float | None = None,
+    stop: asyncio.Event | None = None,
+) -> Path:
+    """Record raw frames of one exchange to ``out`` until ``stop``, a signal or ``seconds``.
+
+    Files are named like the shared captures (``NAME.ws.<n>.0`` for websocket connections,
+    ``NAME.0`` for the configuration and REST metadata); returns ``out``.
+    """
+    from cryptofeed.connection import Connection
+    from cryptofeed.raw_data_collection import AsyncFileCallback
+
+    out.mkdir(parents=True, exist_ok=True)
+    recorder = AsyncFileCallback(str(out))
+    Connection.raw_data_callback = recorder  # cryptofeed's hook: every frame, both ways
+
+    async def ignore(_event: Any) -> None:
+        return None
+
+    stop = stop or asyncio.Event()
+    try:
+        feed = (await asyncio.to_thread(
+            _build_feeds, settings.model_copy(update={"exchanges": [exchange]}),
+            {exchange: symbols}, ignore,
+        ))[exchange]
+        recorder.write_header(feed.id, json.dumps(feed._feed_config))
+        hooks = FeedHooks(frame=lambda: None, reconnect=lambda: None,
+                          bad_frame=lambda raw, reason: ignore(None))
+        start_resilient(feed, asyncio.get_running_loop(), hooks, settings.feed_stale_seconds)
+        _stop_on_signals(stop)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=seconds)
+        feed.stop()
+        with contextlib.suppress(Exception):
+            await feed.shutdown()
+    finally:
+        recorder.stop()
+        Connection.raw_data_callback = None
+    return out
