@@ -173,6 +173,65 @@ def stream() -> None:
     main()
 
 
+def _feeds_arg(settings: Settings, exchange: str | None, symbols: str | None,
+               all_: bool) -> dict[str, list[str]]:
+    if all_ == bool(exchange):
+        raise typer.BadParameter("give either --all or --exchange (with --symbols)")
+    if all_:
+        return dict(settings.feeds)
+    assert exchange is not None
+    chosen = [s.strip() for s in symbols.split(",")] if symbols else settings.feeds.get(exchange)
+    if not chosen:
+        raise typer.BadParameter(f"no --symbols given and ARB_FEEDS has none for {exchange}")
+    return {exchange: chosen}
+
+
+@app.command()
+def produce(
+    exchange: Annotated[str | None, typer.Option(help="exchange id, e.g. binance")] = None,
+    symbols: Annotated[str | None, typer.Option(help="BTC-USDT,ETH-USDT")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="every feed in ARB_FEEDS")] = False,
+) -> None:
+    """Stream live websocket market data into the per-exchange topics until SIGTERM."""
+    import asyncio
+    import logging
+
+    from producers.live import produce as run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = _settings()
+    feeds = _feeds_arg(settings, exchange, symbols, all_)
+    try:
+        stats = asyncio.run(run(settings, feeds))
+    except (ValueError, RuntimeError) as exc:
+        raise _fail(exc) from None
+    for name, s in stats.items():
+        console.print(f"{name}: {s.frames} frames, {s.records} records, "
+                      f"{s.reconnects} reconnects, {s.duplicates_dropped} duplicates dropped, "
+                      f"{s.gaps} gaps, {s.deadletters} dead letters")
+
+
+@app.command()
+def record(
+    exchange: Annotated[str, typer.Option(help="exchange id")],
+    symbols: Annotated[str, typer.Option(help="comma-separated BASE-QUOTE")],
+    out: Annotated[Path, typer.Option(help="directory for the capture files")],
+    seconds: Annotated[float | None, typer.Option(help="stop after this long")] = None,
+) -> None:
+    """Capture raw websocket frames in the shared capture line format, for replay sets."""
+    import asyncio
+
+    from producers.live import record as run
+
+    settings = _settings()
+    try:
+        path = asyncio.run(run(settings, exchange, [s.strip() for s in symbols.split(",")],
+                               out, seconds))
+    except (ValueError, RuntimeError) as exc:
+        raise _fail(exc) from None
+    console.print(f"recorded to {path}")
+
+
 class Format(StrEnum):
     table = "table"
     csv = "csv"
