@@ -75,6 +75,9 @@ class Settings(BaseSettings):
         default_factory=dict, description="Exchange id -> REST base URL override"
     )
     feed_ca_file: Path | None = Field(None, description="Extra CA bundle for overridden URLs")
+    feed_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Exchange id -> extra cryptofeed feed keyword options"
+    )
 
     # --- Kafka ---------------------------------------------------------------------------
     kafka_bootstrap: str = "127.0.0.1:9092"

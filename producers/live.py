@@ -69,6 +69,7 @@ def _build_feeds(settings: Settings, feeds: Mapping[str, list[str]], on_event: A
             rest_url=settings.feed_rest_urls.get(exchange),
             ssl_context=ctx,
             timeout=settings.feed_stale_seconds,
+            feed_options=settings.feed_options.get(exchange),
         )
         for exchange, symbols in feeds.items()
     }

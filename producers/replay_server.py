@@ -63,8 +63,8 @@ Per-exchange rules (``exchange`` id → protocol)
   ``"key"`` for candles; ``S`` with or without the ``t`` prefix) is answered with the captured
   ``subscribed`` ack for ``(C, S)``, whose ``chanId`` is the one the captured data frames
   ``[chanId, ...]`` carry, so they line up. Unknown ``(C, S)`` get an ``error`` event (code
-  10300). With flag 65536 the frames end with the capture's connection-wide sequence number;
-  a subset subscription therefore shows gaps (cryptofeed only logs them).
+  10300). With flag 65536 (SEQ_ALL) the frames are renumbered 1, 2, 3, ... per connection, as
+  Bitfinex numbers what it sends on that connection.
 * ``gemini`` (v2 market data): ``{"type":"subscribe","subscriptions":[{"name":"l2",
   "symbols":[...]}]}``; no ack (Gemini sends none). ``l2_updates``/``trade`` belong to
   ``("l2", SYMBOL)``, ``candles_<i>_updates`` to ``("candles_<i>", SYMBOL)``; ``heartbeat`` is
@@ -209,6 +209,7 @@ class _ConnState:
     raw: bool = False  # Binance /ws: send the envelope's data only
     last_sub: float = 0.0
     subscribed_once: bool = False
+    sequence: int | None = None  # Bitfinex SEQ_ALL: last number sent on this connection
 
 
 def _dumps(obj: Any) -> str:
@@ -548,6 +549,8 @@ class _Bitfinex(_Protocol):
         event = msg.get("event")
         if event == "conf":
             flags = msg.get("flags")
+            if isinstance(flags, int) and flags & 65536:
+                state.sequence = 0
             reply = self.conf.get(flags) or _dumps(
                 {"event": "conf", "status": "OK", "flags": flags}
             )
@@ -575,6 +578,17 @@ class _Bitfinex(_Protocol):
         err = {"event": "error", "msg": "symbol: invalid", "code": 10300, "channel": channel}
         err["symbol"] = key
         return [_dumps(err)], True
+
+    def render(self, frame: _Frame, state: _ConnState) -> str | bytes:
+        """With SEQ_ALL, number the frames this connection gets 1, 2, 3, ... as Bitfinex does
+        (the capture's numbers span channels a subset subscription does not receive)."""
+        if state.sequence is None or not isinstance(frame.payload, str):
+            return frame.payload
+        head, comma, tail = frame.payload.rstrip().rpartition(",")
+        if not comma or not tail.endswith("]") or not tail[:-1].strip().isdigit():
+            return frame.payload
+        state.sequence += 1  # rewrite only the number, so the rest stays byte-exact
+        return f"{head},{state.sequence}]"
 
 
 class _Gemini(_Protocol):
