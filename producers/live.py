@@ -80,10 +80,11 @@ async def produce(
     feeds: Mapping[str, list[str]],
     stop: asyncio.Event | None = None,
     handle_signals: bool = True,
+    publisher: Publisher | None = None,
 ) -> dict[str, ExchangeStats]:
     """Stream ``feeds`` (exchange id → canonical symbols) into Kafka until ``stop`` is set.
 
-    Returns the final per-exchange counters.
+    Returns the final per-exchange counters. Pass ``publisher`` to watch them while running.
 
     Raises:
         ValueError: an exchange is unknown to cryptofeed or not in ``ARB_EXCHANGES``.
@@ -92,8 +93,8 @@ async def produce(
     """
     stop = stop or asyncio.Event()
     ensure_topics(settings)
-    publisher = Publisher(settings, settings.producer_queue_size,
-                          settings.health_interval_seconds)
+    publisher = publisher or Publisher(settings, settings.producer_queue_size,
+                                       settings.health_interval_seconds)
     built = await asyncio.to_thread(_build_feeds, settings, feeds, publisher.submit)
     loop = asyncio.get_running_loop()
     for exchange, feed in built.items():
