@@ -143,7 +143,8 @@ def test_topics_lists_every_topic_with_partitions(invoke: Invoke, env: Settings)
         listed[m[1]] = int(m[2])
     expected = {quotes_topic(e): 2 for e in env.exchanges}
     expected |= {f"md.{e}.trades": 2 for e in env.exchanges}
-    expected |= {OPPORTUNITIES: 2, DEADLETTER: 1}
+    expected |= {f"md.{e}.book": 2 for e in env.exchanges}
+    expected |= {OPPORTUNITIES: 2, DEADLETTER: 1, "md.health": 1}
     assert listed == expected == topic_layout(env)
     # the broker agrees
     meta = AdminClient(env.kafka_client_config()).list_topics(timeout=10).topics
