@@ -78,9 +78,12 @@ class ResilientConnectionHandler(ConnectionHandler):
                     await self.authenticate(connection)
                     await self.subscribe(connection)
                     self.backoff.reset()
-                    if self.timeout != -1:
-                        asyncio.get_running_loop().create_task(self._watcher())
-                    await self._handler(connection, self.handler)
+                    watcher = asyncio.create_task(self._watcher()) if self.timeout != -1 else None
+                    try:
+                        await self._handler(connection, self.handler)
+                    finally:
+                        if watcher is not None:
+                            watcher.cancel()
                     if not self.running:
                         return
                     reason = "connection closed"

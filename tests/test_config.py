@@ -427,3 +427,37 @@ def test_env_example_documents_syntax() -> None:
     assert """ARB_EXCHANGES='["coinbase","kraken"]'""" in text
     assert """ARB_FEES='{"binance":0.00075}'""" in text
     assert "ARB_CONFIG_FILE" in text and "YAML" in text and "TOML" in text
+
+
+# --- live feeds ------------------------------------------------------------------------------
+def test_default_feeds_follow_the_configured_exchanges(isolated: Path) -> None:
+    conf = Settings(exchanges=["coinbase", "kraken"])
+    assert set(conf.feeds) == {"coinbase", "kraken"}
+    assert conf.feed_channels == ["bbo", "trades"] and conf.book_depth == 10
+
+
+def test_explicit_feed_for_an_unrouted_exchange_is_rejected(isolated: Path) -> None:
+    with pytest.raises(ValidationError, match=r"feeds for exchanges \['okx'\] not in ARB_EXCH"):
+        Settings(feeds={"okx": ["BTC-USDT"]})
+    conf = Settings(exchanges=["okx", "binance"], fees={"okx": 0.001},
+                    feeds={"okx": ["BTC-USDT"]})
+    assert conf.feeds == {"okx": ["BTC-USDT"]}
+
+
+def test_feed_symbols_must_be_canonical(isolated: Path) -> None:
+    with pytest.raises(ValidationError, match="canonical BASE-QUOTE"):
+        Settings(feeds={"kraken": ["XBT/USD"]})
+
+
+def test_feed_settings_from_the_environment(isolated: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ARB_FEEDS", '{"binance": ["BTC-USDT", "ETH-USDT"]}')
+    monkeypatch.setenv("ARB_FEED_CHANNELS", '["bbo", "book"]')
+    monkeypatch.setenv("ARB_FEED_OPTIONS", '{"bitstamp": {"snapshot_delay": 1}}')
+    conf = Settings()
+    assert conf.feeds == {"binance": ["BTC-USDT", "ETH-USDT"]}
+    assert conf.feed_channels == ["bbo", "book"]
+    assert conf.feed_options == {"bitstamp": {"snapshot_delay": 1}}
+    monkeypatch.setenv("ARB_FEED_CHANNELS", '["quotes"]')
+    with pytest.raises(ValidationError, match="feed_channels"):
+        Settings()

@@ -222,3 +222,19 @@ def test_record_writes_the_capture_format(settings: Settings, captures: Path,
     meta = (tmp_path / "BITFINEX.0").read_text()  # REST metadata and the feed configuration
     assert "/v2/conf/pub:list:pair:exchange -> " in meta
     assert "\nconfiguration: " in meta
+
+
+def test_staleness_watchdog_reconnects_a_silent_feed(settings: Settings, captures: Path) -> None:
+    """After the capture is exhausted the server stays connected but silent: with a 1 s
+    staleness bound the producer must reconnect (and re-sent records must not duplicate)."""
+    ensure_topics(settings)
+    topic = quotes_topic("binance")
+    before = end_offsets(settings.kafka_client_config(), [topic])
+    want_quotes, _ = expected(captures, "binance")
+    quiet = settings.model_copy(update={"feed_stale_seconds": 1.0})
+    with ReplayServer("binance", data_dir=captures.parent) as srv:
+        stats = run_live(quiet, srv, "binance", FEEDS["binance"][1], extra_wait=4.0)
+        assert srv.stats.connections >= 2
+    assert stats["binance"].reconnects >= 1
+    got = [quote_key(r) for r in read(settings, topic, before.get(topic, {}))]
+    assert per_symbol(got) == per_symbol(want_quotes)
