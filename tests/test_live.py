@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -236,5 +240,37 @@ def test_staleness_watchdog_reconnects_a_silent_feed(settings: Settings, capture
         stats = run_live(quiet, srv, "binance", FEEDS["binance"][1], extra_wait=4.0)
         assert srv.stats.connections >= 2
     assert stats["binance"].reconnects >= 1
+    got = [quote_key(r) for r in read(settings, topic, before.get(topic, {}))]
+    assert per_symbol(got) == per_symbol(want_quotes)
+
+
+def test_sigterm_flushes_before_exit(settings: Settings, captures: Path, tmp_path: Path) -> None:
+    """`arbstream produce` as a real process: SIGTERM stops it cleanly, every record flushed."""
+    ensure_topics(settings)
+    topic = quotes_topic("binance")
+    before = end_offsets(settings.kafka_client_config(), [topic])
+    want_quotes, _ = expected(captures, "binance")
+    with ReplayServer("binance", data_dir=captures.parent) as srv:
+        env = {
+            **os.environ, "ARB_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "ARB_STATE_DIR": str(tmp_path), "ARB_KAFKA_PARTITIONS": "2",
+            "ARB_FEED_WS_URLS": json.dumps({"binance": srv.ws_url}),
+            "ARB_FEED_REST_URLS": json.dumps({"binance": srv.http_url}),
+            "ARB_FEED_CA_FILE": str(srv.ca_file),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "arbstream.cli", "produce", "--exchange", "binance",
+             "--symbols", ",".join(FEEDS["binance"][1])],
+            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        try:
+            assert srv.wait_drained(60), srv.stats
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "binance: " in out and " records" in out
     got = [quote_key(r) for r in read(settings, topic, before.get(topic, {}))]
     assert per_symbol(got) == per_symbol(want_quotes)
