@@ -42,6 +42,8 @@ from cryptofeed.symbols import Symbol
 from cryptofeed.types import OrderBook, Ticker, Trade
 from yapic import json
 
+from producers.l2 import apply_level
+
 LOG = logging.getLogger("feedhandler")
 
 #: cryptofeed feed id of :class:`CoinbaseExchange` (``Symbols`` cache key, ``Ticker.exchange``).
@@ -172,16 +174,7 @@ class CoinbaseExchange(Feed):
             return
         delta: dict[str, list] = {BID: [], ASK: []}
         for side_name, price, size in msg["changes"]:
-            side = BID if side_name == "buy" else ASK
-            price = Decimal(price)
-            size = Decimal(size)
-            if size == 0:
-                if price in book.book[side]:
-                    del book.book[side][price]
-                    delta[side].append((price, size))
-            else:
-                book.book[side][price] = size
-                delta[side].append((price, size))
+            apply_level(book, BID if side_name == "buy" else ASK, price, size, delta)
         await self.book_callback(
             L2_BOOK, book, timestamp, timestamp=parse_time(msg.get("time")), raw=msg, delta=delta
         )

@@ -65,6 +65,7 @@ from yapic import json
 from arbstream.schemas import SYMBOL_RE, Book, Quote, Trade
 from producers.coinbase_exchange import COINBASE_EXCHANGE, CoinbaseExchange
 from producers.events import Channel, FeedEvent
+from producers.l2 import apply_level
 
 __all__ = [
     "CHANNELS",
@@ -241,15 +242,7 @@ class ArbBitstamp(Bitstamp):
         delta: dict[str, list] = {"bid": [], "ask": []}
         for side in ("bid", "ask"):
             for price, size in data[side + "s"]:
-                price = Decimal(price)
-                size = Decimal(size)
-                if size == 0:
-                    if price in book.book[side]:
-                        del book.book[side][price]
-                        delta[side].append((price, size))
-                else:
-                    book.book[side][price] = size
-                    delta[side].append((price, size))
+                apply_level(book, side, price, size, delta)
         await self.book_callback(
             L2_BOOK, book, timestamp, timestamp=self.timestamp_normalize(micro), delta=delta,
             raw=msg,

@@ -21,6 +21,36 @@ REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("ARB_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
 
 
+def consume(settings: Settings, topic: str, start: dict[str, int] | None = None,
+            timeout: float = 30.0) -> list:
+    """Every record of ``topic`` from ``start`` (``{"partition": offset}``, missing = 0) to the
+    end of each partition, read with ``poll()`` up to the end-of-partition events."""
+    import time
+    import uuid
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    start = start or {}
+    consumer = Consumer({**settings.kafka_client_config(), "group.id": f"test-{uuid.uuid4()}",
+                         "enable.partition.eof": True, "enable.auto.commit": False})
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, start.get(str(p), 0)) for p in parts])
+        out, eof, deadline = [], set(), time.monotonic() + timeout
+        while len(eof) < len(parts) and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            if msg.error():
+                eof.add(msg.partition())
+            else:
+                out.append(msg)
+        assert len(eof) == len(parts), f"timed out reading {topic}"
+        return out
+    finally:
+        consumer.close()
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (and, for InfluxDB, whose port + 2 is free too)."""
     while True:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
+from conftest import consume
 from reference import reference_opportunities, reference_spreads
 
 from arbstream.config import Settings
@@ -50,24 +51,6 @@ def _run(spark, settings: Settings, checkpoint: Path, before_replay=None) -> Non
     finally:
         for q in queries:
             q.stop()
-
-
-def _consume_from(settings: Settings, topic: str, start: dict[str, int]) -> list:
-    consumer = Consumer({**settings.kafka_client_config(), "group.id": f"e2e-{time.time()}",
-                         "enable.partition.eof": True, "enable.auto.commit": False})
-    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, start.get(str(p), 0)) for p in parts])
-    out, eof, deadline = [], set(), time.monotonic() + 30
-    while len(eof) < len(parts) and time.monotonic() < deadline:
-        msg = consumer.poll(0.5)
-        if msg is None:
-            continue
-        if msg.error():
-            eof.add(msg.partition())
-            continue
-        out.append(msg)
-    consumer.close()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -152,13 +135,13 @@ def test_malformed_record_dead_lettered_and_opportunities_published(
 ) -> None:
     conf = e2e_settings
     letters = [json.loads(m.value()) for m in
-               _consume_from(conf, DEADLETTER, first_run["before"].get(DEADLETTER, {}))]
+               consume(conf, DEADLETTER, first_run["before"].get(DEADLETTER, {}))]
     mine = [d for d in letters if d["raw"] == MALFORMED.decode()]
     assert len(mine) == 1
     assert mine[0]["reason"] == "malformed JSON"
     assert mine[0]["stage"] == "stream"
     assert mine[0]["source_topic"] == quotes_topic("kraken")
-    published = _consume_from(conf, OPPORTUNITIES, first_run["before"].get(OPPORTUNITIES, {}))
+    published = consume(conf, OPPORTUNITIES, first_run["before"].get(OPPORTUNITIES, {}))
     ids = {m.key().decode() for m in published}
     assert ids == set(_stored(conf)["opportunity_id"])
     assert all(json.loads(m.value())["opportunity_id"] == m.key().decode() for m in published)

