@@ -32,7 +32,10 @@ def env_of(service: dict[str, Any]) -> dict[str, str]:
 
 def test_services(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"kafka", "influxdb", "mongodb", "grafana", "stream", "replay"}
+    assert set(services) == {"kafka", "influxdb", "mongodb", "grafana", "stream", "producers",
+                             "replay"}
+    assert services["producers"]["command"] == ["arbstream", "produce", "--all"]
+    assert services["producers"]["restart"] == "unless-stopped"
     assert services["kafka"]["image"] == "apache/kafka:3.8.0"
     assert services["influxdb"]["image"] == "influxdb:1.8"
     assert services["mongodb"]["image"] == "mongo:7"
