@@ -328,9 +328,10 @@ def demo(
             q.stop()
     except (stack.StackError, RuntimeError, ValueError, TimeoutError) as exc:
         raise _fail(exc) from None
+    quote_topics = set(arbitrage.query_topics(settings)["ingest"])
     consumed = sum(
         off - initial["ingest"].get(t, {}).get(p, 0)
-        for t, parts in targets.items() for p, off in parts.items()
+        for t, parts in targets.items() if t in quote_topics for p, off in parts.items()
     )
     _demo_summary(settings, _time(start), _time(end), report.quotes, consumed,
                   time.monotonic() - t0)

@@ -32,6 +32,17 @@ QUOTE_DDL = (
 )
 
 
+#: Spark DDL of a producer ``health`` record on ``md.health`` (see producers/publisher.py):
+#: per-exchange counters since the producer started, rates over the last interval.
+HEALTH_DDL = (
+    "schema_version INT, type STRING, exchange STRING, ts BIGINT, messages_per_s DOUBLE, "
+    "last_message_age_s DOUBLE, queue_depth BIGINT, frames BIGINT, records BIGINT, "
+    "reconnects BIGINT, duplicates_dropped BIGINT, gaps BIGINT, missing BIGINT, "
+    "deadletters BIGINT, delivery_failures BIGINT"
+)
+HEALTH_FIELDS = [c.split()[0] for c in HEALTH_DDL.split(", ")]
+
+
 def now_ms() -> int:
     """Current wall-clock time, UTC, integer milliseconds since the epoch."""
     return time.time_ns() // 1_000_000

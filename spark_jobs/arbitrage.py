@@ -1,12 +1,13 @@
 """The arbitrage streaming job: per-exchange quote topics in, spreads and opportunities out.
 
-Two streaming queries share one source definition:
+Three streaming queries share one source definition:
 
 * ``ingest``: parse and validate every record; invalid ones go to ``md.deadletter`` with their
   reason and raw payload, valid quotes to InfluxDB measurement ``quote``.
 * ``spreads``: valid quotes → watermark → dedupe → snapshots → pairs → spreads; every pair to
   InfluxDB measurement ``spread``, opportunities (net > min_net) upserted into MongoDB
   ``opportunities`` and produced to ``arb.opportunities``.
+* ``health``: the producers' ``md.health`` records to InfluxDB measurement ``health``.
 
 Sinks are written from ``foreachBatch`` and are idempotent (deterministic ids, InfluxDB
 series+timestamp overwrite), so a micro-batch replayed after a failure does not duplicate.
@@ -27,13 +28,12 @@ from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
 
 from arbstream.config import Settings, get_settings
-from arbstream.topics import DEADLETTER, OPPORTUNITIES, quotes_topic
+from arbstream.topics import DEADLETTER, HEALTH, OPPORTUNITIES, quotes_topic
 from spark_jobs import transforms as T
 from spark_jobs.kafka_source import FORMAT, end_offsets
 from spark_jobs.sinks import influx, mongo
 
 log = logging.getLogger(__name__)
-QUERIES = ("ingest", "spreads")
 
 
 def _source_format(settings: Settings) -> str:
@@ -58,12 +58,18 @@ def kafka_options(settings: Settings) -> dict[str, str]:
     return {f"kafka.{k}": str(v) for k, v in conf.items()}
 
 
-def read_quote_records(spark: SparkSession, settings: Settings) -> DataFrame:
-    """Streaming DataFrame of raw Kafka records from every configured exchange's quote topic."""
+def query_topics(settings: Settings) -> dict[str, list[str]]:
+    """The topics each streaming query reads."""
+    quotes = [quotes_topic(e) for e in settings.exchanges]
+    return {"ingest": quotes, "spreads": quotes, "health": [HEALTH]}
+
+
+def read_records(spark: SparkSession, settings: Settings, topics: list[str]) -> DataFrame:
+    """Streaming DataFrame of raw Kafka records from ``topics``."""
     reader = (
         spark.readStream.format(_source_format(settings))
         .options(**kafka_options(settings))
-        .option("subscribe", ",".join(quotes_topic(e) for e in settings.exchanges))
+        .option("subscribe", ",".join(topics))
         .option("startingOffsets", settings.starting_offsets)
         .option("failOnDataLoss", str(settings.fail_on_data_loss).lower())
     )
@@ -117,6 +123,24 @@ def ingest_batch(settings: Settings) -> Callable[[DataFrame, int], None]:
     return run
 
 
+def health_batch(settings: Settings) -> Callable[[DataFrame, int], None]:
+    """foreachBatch body of the ``health`` query: producer health to InfluxDB ``health``."""
+
+    def run(batch: DataFrame, batch_id: int) -> None:
+        batch.persist()
+        try:
+            bad = T.dead_letters(batch)
+            if not bad.isEmpty():
+                write_kafka(bad, DEADLETTER, settings)
+            batch.where(F.col("error").isNull()).foreachPartition(
+                lambda rows: influx.write_health(settings, (r.asDict() for r in rows))
+            )
+        finally:
+            batch.unpersist()
+
+    return run
+
+
 def spreads_batch(settings: Settings) -> Callable[[DataFrame, int], None]:
     """foreachBatch body of the ``spreads`` query: InfluxDB, MongoDB and Kafka sinks."""
 
@@ -153,34 +177,31 @@ def prepare_sinks(settings: Settings) -> None:
 def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = None) -> list[
     StreamingQuery
 ]:
-    """Start the ``ingest`` and ``spreads`` queries; checkpoints under ``checkpoint``."""
+    """Start the ``ingest``, ``spreads`` and ``health`` queries; checkpoints under
+    ``checkpoint`` (default ``ARB_STATE_DIR/checkpoints``)."""
     root = checkpoint or settings.checkpoint_dir
     prepare_sinks(settings)
-    parsed = T.parse_quotes(read_quote_records(spark, settings), settings.taker_fees)
-    spread_rows = T.spread_stream(
-        read_quote_records(spark, settings),
-        settings.taker_fees,
-        settings.watermark_seconds,
-        settings.window_seconds,
-        settings.max_quote_age_seconds,
-    )
+    topics = query_topics(settings)
+    bodies = {
+        "ingest": (T.parse_quotes(read_records(spark, settings, topics["ingest"]),
+                                  settings.taker_fees), ingest_batch(settings)),
+        "spreads": (T.spread_stream(
+            read_records(spark, settings, topics["spreads"]), settings.taker_fees,
+            settings.watermark_seconds, settings.window_seconds, settings.max_quote_age_seconds,
+        ), spreads_batch(settings)),
+        "health": (T.parse_health(read_records(spark, settings, topics["health"])),
+                   health_batch(settings)),
+    }
     trigger = {"processingTime": f"{int(settings.trigger_seconds * 1000)} milliseconds"}
-    ingest = (
-        parsed.writeStream.queryName("ingest")
-        .foreachBatch(ingest_batch(settings))
-        .option("checkpointLocation", str(root / "ingest"))
-        .trigger(**trigger)
-        .start()
-    )
-    spreads = (
-        spread_rows.writeStream.queryName("spreads")
+    return [
+        df.writeStream.queryName(name)
         .outputMode("append")
-        .foreachBatch(spreads_batch(settings))
-        .option("checkpointLocation", str(root / "spreads"))
+        .foreachBatch(body)
+        .option("checkpointLocation", str(root / name))
         .trigger(**trigger)
         .start()
-    )
-    return [ingest, spreads]
+        for name, (df, body) in bodies.items()
+    ]
 
 
 def processed_offsets(query: StreamingQuery) -> dict[str, dict[str, int]]:
@@ -199,15 +220,16 @@ def processed_offsets(query: StreamingQuery) -> dict[str, dict[str, int]]:
 def wait_drained(
     queries: list[StreamingQuery], settings: Settings, timeout: float = 1800.0
 ) -> dict[str, Any]:
-    """Block until every query has processed all records now in the quote topics and is idle.
+    """Block until every query has processed all records now in its topics and is idle.
 
-    Returns the topic end offsets that were reached.
+    Returns the end offsets that were reached, per topic.
 
     Raises:
         TimeoutError: not drained within ``timeout`` seconds.
         pyspark.errors.StreamingQueryException: a query failed.
     """
-    topics = [quotes_topic(e) for e in settings.exchanges]
+    per_query = query_topics(settings)
+    topics = sorted({t for q in queries for t in per_query[q.name]})
     targets = end_offsets(settings.kafka_client_config(), topics)
     deadline = time.monotonic() + timeout
     idle_rounds = 0
@@ -218,8 +240,8 @@ def wait_drained(
         caught_up = all(
             processed_offsets(q).get(t, {}).get(p, -1) >= off
             for q in queries
-            for t, parts in targets.items()
-            for p, off in parts.items()
+            for t in per_query[q.name]
+            for p, off in targets.get(t, {}).items()
         )
         idle = all(
             not q.status["isDataAvailable"] and not q.status["isTriggerActive"] for q in queries

@@ -26,7 +26,14 @@ from collections.abc import Mapping
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from arbstream.schemas import EXCHANGE_RE, QUOTE_DDL, SCHEMA_VERSION, SYMBOL_RE
+from arbstream.schemas import (
+    EXCHANGE_RE,
+    HEALTH_DDL,
+    HEALTH_FIELDS,
+    QUOTE_DDL,
+    SCHEMA_VERSION,
+    SYMBOL_RE,
+)
 
 BPS = 10_000.0
 QUOTE_COLUMNS = [
@@ -54,6 +61,34 @@ def _fee_map(fees: Mapping[str, float]) -> Column:
     return F.create_map(*pairs)
 
 
+def _payload(raw: DataFrame, ddl: str) -> DataFrame:
+    """Kafka records → ``topic, partition, offset``, ``raw`` (UTF-8 text or base64),
+    ``raw_encoding``, ``_utf8``, ``_json_ok`` and ``q``, the value parsed with ``ddl``."""
+    text = F.col("value").cast("string")
+    utf8 = F.is_valid_utf8(text)
+    return raw.select(
+        utf8.alias("_utf8"),
+        "topic", "partition", "offset",
+        F.when(utf8, text).otherwise(F.base64(F.col("value"))).alias("raw"),
+        F.when(utf8, F.lit("utf-8")).otherwise(F.lit("base64")).alias("raw_encoding"),
+        F.when(utf8, F.try_parse_json(text)).isNotNull().alias("_json_ok"),
+        F.from_json(text, ddl).alias("q"),
+    )
+
+
+def _payload_checks() -> list[tuple[Column, Column]]:
+    return [
+        (F.col("raw").isNull(), F.lit("empty payload")),
+        (~F.col("_utf8"), F.lit("payload is not UTF-8")),
+        (~F.col("_json_ok"), F.lit("malformed JSON")),
+        (
+            F.col("q.schema_version").isNull() | (F.col("q.schema_version") != SCHEMA_VERSION),
+            F.concat(F.lit("unsupported schema_version "),
+                     F.coalesce(F.col("q.schema_version").cast("string"), F.lit("null"))),
+        ),
+    ]
+
+
 def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
     """Parse Kafka records into quotes and say why each invalid one is invalid.
 
@@ -63,16 +98,9 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
     ``raw_encoding``, ``topic``, ``partition``, ``offset`` and ``error``: null for a valid quote,
     else the first failed check as a sentence. Nothing is dropped here.
     """
-    text = F.col("value").cast("string")
-    utf8 = F.is_valid_utf8(text)
-    parsed = raw.select(
-        utf8.alias("_utf8"),
-        "topic", "partition", "offset",
-        F.when(utf8, text).otherwise(F.base64(F.col("value"))).alias("raw"),
-        F.when(utf8, F.lit("utf-8")).otherwise(F.lit("base64")).alias("raw_encoding"),
-        F.when(utf8, F.try_parse_json(text)).isNotNull().alias("_json_ok"),
-        F.from_json(text, QUOTE_DDL).alias("q"),
-    ).select("*", *[F.col(f"q.{c}").alias(c) for c in QUOTE_COLUMNS + ["schema_version", "type"]])
+    parsed = _payload(raw, QUOTE_DDL).select(
+        "*", *[F.col(f"q.{c}").alias(c) for c in QUOTE_COLUMNS + ["schema_version", "type"]]
+    )
     topic_exchange = F.regexp_extract("topic", r"^md\.([^.]+)\.quotes$", 1)
     fee = _fee_map(fees)[F.col("exchange")]
 
@@ -88,14 +116,7 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
         )
 
     checks: list[tuple[Column, Column]] = [
-        (F.col("raw").isNull(), F.lit("empty payload")),
-        (~F.col("_utf8"), F.lit("payload is not UTF-8")),
-        (~F.col("_json_ok"), F.lit("malformed JSON")),
-        (
-            F.col("schema_version").isNull() | (F.col("schema_version") != SCHEMA_VERSION),
-            F.concat(F.lit("unsupported schema_version "),
-                     F.coalesce(F.col("schema_version").cast("string"), F.lit("null"))),
-        ),
+        *_payload_checks(),
         (
             ~F.coalesce(F.col("type"), F.lit("")).isin("quote", "heartbeat"),
             F.lit("type must be 'quote' or 'heartbeat'"),
@@ -137,6 +158,30 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
         F.timestamp_millis("exchange_ts").alias("ts"),
         "raw", "raw_encoding", "topic", "partition", "offset",
         error.alias("error"),
+    )
+
+
+def parse_health(raw: DataFrame) -> DataFrame:
+    """Parse producers' ``md.health`` records (:data:`arbstream.schemas.HEALTH_DDL`).
+
+    Output: the health fields, ``time`` (timestamp of ``ts``), and the dead-letter columns of
+    :func:`parse_quotes` (``raw, raw_encoding, topic, partition, offset, error``).
+    """
+    parsed = _payload(raw, HEALTH_DDL)
+    checks = [
+        *_payload_checks(),
+        (F.coalesce(F.col("q.type"), F.lit("")) != "health", F.lit("type must be 'health'")),
+        (
+            ~F.coalesce(F.col("q.exchange").rlike(EXCHANGE_JAVA_RE), F.lit(False)),
+            F.lit("exchange missing or not a lower-case id"),
+        ),
+        (F.coalesce(F.col("q.ts"), F.lit(0)) <= 0, F.lit("ts missing or not positive")),
+    ]
+    error = F.coalesce(*[F.when(cond, msg) for cond, msg in checks])
+    return parsed.select(
+        *[F.col(f"q.{c}").alias(c) for c in HEALTH_FIELDS],
+        F.timestamp_millis(F.col("q.ts")).alias("time"),
+        "raw", "raw_encoding", "topic", "partition", "offset", error.alias("error"),
     )
 
 

@@ -21,7 +21,7 @@ from conftest import consume
 from reference import reference_opportunities, reference_spreads
 
 from arbstream.config import Settings
-from arbstream.topics import DEADLETTER, OPPORTUNITIES, ensure_topics, quotes_topic
+from arbstream.topics import DEADLETTER, HEALTH, OPPORTUNITIES, ensure_topics, quotes_topic
 from producers.replay import load_iaqf_quotes, replay_iaqf
 from spark_jobs import arbitrage
 from spark_jobs.kafka_source import end_offsets
@@ -33,6 +33,12 @@ pytestmark = pytest.mark.e2e
 START = datetime(2023, 3, 11, 4, tzinfo=UTC)
 END = datetime(2023, 3, 11, 8, tzinfo=UTC)
 MALFORMED = b'{"schema_version": 1, "type": "quote", "exchange": "kraken", "bid": '
+HEALTH_RECORD = {
+    "schema_version": 1, "type": "health", "exchange": "kraken", "ts": 1_678_507_200_000,
+    "messages_per_s": 12.5, "last_message_age_s": 0.25, "queue_depth": 3, "frames": 1000,
+    "records": 990, "reconnects": 1, "duplicates_dropped": 7, "gaps": 0, "missing": 0,
+    "deadletters": 2, "delivery_failures": 0,
+}
 
 
 def _run(spark, settings: Settings, checkpoint: Path, before_replay=None) -> None:
@@ -78,12 +84,14 @@ def expected(e2e_settings: Settings) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def first_run(spark, e2e_settings: Settings, tmp_path_factory) -> dict:
     conf = e2e_settings
-    topics = [DEADLETTER, OPPORTUNITIES]
+    topics = [DEADLETTER, OPPORTUNITIES, HEALTH]
     before = end_offsets(conf.kafka_client_config(), topics)
 
     def send_malformed() -> None:
         producer = Producer(conf.kafka_client_config())
         producer.produce(quotes_topic("kraken"), key=b"BTC-USD", value=MALFORMED)
+        producer.produce(HEALTH, key=b"kraken", value=json.dumps(HEALTH_RECORD).encode())
+        producer.produce(HEALTH, key=b"kraken", value=b'{"type": "health"}')
         assert producer.flush(10) == 0
 
     _run(spark, conf, tmp_path_factory.mktemp("ckpt1"), send_malformed)
@@ -145,6 +153,18 @@ def test_malformed_record_dead_lettered_and_opportunities_published(
     ids = {m.key().decode() for m in published}
     assert ids == set(_stored(conf)["opportunity_id"])
     assert all(json.loads(m.value())["opportunity_id"] == m.key().decode() for m in published)
+
+
+def test_producer_health_reaches_influx(first_run, e2e_settings) -> None:
+    rows = influx.query(e2e_settings, "SELECT * FROM health WHERE exchange = 'kraken'")
+    [row] = [r for r in rows if r["time"] == HEALTH_RECORD["ts"]]
+    for name, value in HEALTH_RECORD.items():
+        if name not in ("schema_version", "type", "exchange", "ts"):
+            assert row[name] == value, name
+    letters = [json.loads(m.value()) for m in
+               consume(e2e_settings, DEADLETTER, first_run["before"].get(DEADLETTER, {}))]
+    assert any(d["source_topic"] == HEALTH and d["reason"] == "unsupported schema_version null"
+               for d in letters)
 
 
 def test_rerun_adds_no_duplicates(first_run, spark, e2e_settings, tmp_path_factory) -> None:

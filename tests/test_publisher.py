@@ -163,3 +163,12 @@ def test_quote_model_rejects_nan(bad: str) -> None:
     with pytest.raises(ValueError):
         Quote(exchange="kraken", symbol="BTC-USD", bid=float(bad), ask=1.0,
               exchange_ts=T0, received_ts=T0)
+
+
+def test_health_records_match_the_stream_schema(settings: Settings) -> None:
+    from arbstream.schemas import HEALTH_FIELDS
+
+    pub = Publisher(settings)
+    pub.frame_received("kraken")
+    [record] = pub.health()
+    assert set(record) == set(HEALTH_FIELDS)

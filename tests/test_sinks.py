@@ -364,3 +364,15 @@ def test_unreachable_server_is_retried_then_raised(settings: Settings) -> None:
     with pytest.raises(influx.InfluxUnavailableError, match="after 3 attempts.*cannot reach"):
         writer.write_lines(["quote,exchange=kraken bid=1 1"])
     assert time.monotonic() - started >= 0.05 + 0.1  # backed off twice
+
+
+def test_health_point_line_protocol() -> None:
+    row = {"schema_version": 1, "type": "health", "exchange": "kraken", "ts": 1_700_000_000_123,
+           "messages_per_s": 12.5, "last_message_age_s": None, "queue_depth": 3, "frames": 10,
+           "records": 9, "reconnects": 1, "duplicates_dropped": 0, "gaps": 0, "missing": 0,
+           "deadletters": 1, "delivery_failures": 0}
+    line = influx.health_point(row).to_line_protocol()
+    assert line.startswith("health,exchange=kraken ")
+    assert line.endswith(" 1700000000123")
+    assert "messages_per_s=12.5" in line and "frames=10," in line  # float 10.0 prints as 10
+    assert "last_message_age_s" not in line  # null fields are left out

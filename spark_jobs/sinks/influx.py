@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 from influxdb_client import Point, WritePrecision
 
 from arbstream.config import Settings
+from arbstream.schemas import HEALTH_FIELDS
 
 BATCH_LINES = 5000
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -125,6 +126,21 @@ def spread_point(row: Mapping[str, Any]) -> Point:
         .field("sell_bid", _float(row["sell_bid"]))
         .time(to_epoch_ms(row["window_end"]), WritePrecision.MS)
     )
+
+
+def health_point(row: Mapping[str, Any]) -> Point:
+    """The ``health`` point of one producer health row: tag ``exchange``, every numeric
+    counter and rate of :data:`arbstream.schemas.HEALTH_FIELDS` that is not null as a float
+    field, time = ``ts`` (UTC ms).
+
+    Raises:
+        KeyError: ``exchange`` or ``ts`` is missing.
+    """
+    point = Point("health").tag("exchange", row["exchange"])
+    for name in HEALTH_FIELDS:
+        if name not in ("schema_version", "type", "exchange", "ts") and row.get(name) is not None:
+            point.field(name, float(row[name]))
+    return point.time(to_epoch_ms(row["ts"]), WritePrecision.MS)
 
 
 def quote_line(row: Mapping[str, Any]) -> str:
@@ -345,6 +361,12 @@ def write_quotes(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:
     """
     with InfluxWriter(settings) as writer:
         return writer.write_lines(quote_line(row) for row in rows)
+
+
+def write_health(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Write producer health rows (see :func:`health_point`) as ``health`` points."""
+    with InfluxWriter(settings) as writer:
+        return writer.write_lines(health_point(row).to_line_protocol() for row in rows)
 
 
 def write_spreads(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:
