@@ -360,7 +360,8 @@ def _demo_summary(
         f"quotes replayed: {quotes}   Kafka records consumed (quotes + heartbeats): {consumed}"
         f"   opportunities: {result['total']}   wall time: {wall:.1f} s\n"
         f"MongoDB: {settings.mongo_db}.{OPPORTUNITIES}   "
-        f"InfluxDB ({settings.influx_url}, db {settings.influx_db}): measurements quote, spread\n"
+        f"InfluxDB ({settings.influx_url}, db {settings.influx_db}): "
+        "measurements quote, spread, health\n"
         "More: arbstream opportunities list --min-net-bps 10"
     )
 
