@@ -105,8 +105,13 @@ def _to_json_records(df: DataFrame, key: str) -> DataFrame:
     )
 
 
-def ingest_batch(settings: Settings) -> Callable[[DataFrame, int], None]:
-    """foreachBatch body of the ``ingest`` query: dead letters to Kafka, quotes to InfluxDB."""
+def validated_batch(
+    settings: Settings,
+    valid: Callable[[DataFrame], DataFrame],
+    write: Callable[[Settings, Any], int],
+) -> Callable[[DataFrame, int], None]:
+    """foreachBatch body of a query over parsed records (``error`` column): invalid ones to
+    ``md.deadletter``, the rows ``valid`` selects through ``write`` (an InfluxDB writer)."""
 
     def run(batch: DataFrame, batch_id: int) -> None:
         batch.persist()
@@ -114,26 +119,8 @@ def ingest_batch(settings: Settings) -> Callable[[DataFrame, int], None]:
             bad = T.dead_letters(batch)
             if not bad.isEmpty():
                 write_kafka(bad, DEADLETTER, settings)
-            T.valid_quotes(batch).foreachPartition(
-                lambda rows: influx.write_quotes(settings, (r.asDict() for r in rows))
-            )
-        finally:
-            batch.unpersist()
-
-    return run
-
-
-def health_batch(settings: Settings) -> Callable[[DataFrame, int], None]:
-    """foreachBatch body of the ``health`` query: producer health to InfluxDB ``health``."""
-
-    def run(batch: DataFrame, batch_id: int) -> None:
-        batch.persist()
-        try:
-            bad = T.dead_letters(batch)
-            if not bad.isEmpty():
-                write_kafka(bad, DEADLETTER, settings)
-            batch.where(F.col("error").isNull()).foreachPartition(
-                lambda rows: influx.write_health(settings, (r.asDict() for r in rows))
+            valid(batch).foreachPartition(
+                lambda rows: write(settings, (r.asDict() for r in rows))
             )
         finally:
             batch.unpersist()
@@ -184,13 +171,15 @@ def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = Non
     topics = query_topics(settings)
     bodies = {
         "ingest": (T.parse_quotes(read_records(spark, settings, topics["ingest"]),
-                                  settings.taker_fees), ingest_batch(settings)),
+                                  settings.taker_fees),
+                   validated_batch(settings, T.valid_quotes, influx.write_quotes)),
         "spreads": (T.spread_stream(
             read_records(spark, settings, topics["spreads"]), settings.taker_fees,
             settings.watermark_seconds, settings.window_seconds, settings.max_quote_age_seconds,
         ), spreads_batch(settings)),
         "health": (T.parse_health(read_records(spark, settings, topics["health"])),
-                   health_batch(settings)),
+                   validated_batch(settings, lambda b: b.where(F.col("error").isNull()),
+                                   influx.write_health)),
     }
     trigger = {"processingTime": f"{int(settings.trigger_seconds * 1000)} milliseconds"}
     return [
