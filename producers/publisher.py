@@ -103,6 +103,7 @@ class Publisher:
         self.stats: dict[str, ExchangeStats] = defaultdict(ExchangeStats)
         self._last_seq: dict[tuple[str, str, str], int] = {}
         self._broker_down_since: float | None = None
+        self._callbacks: dict[str | None, Any] = {}
         self._producer = Producer(
             {
                 **settings.kafka_client_config(),
@@ -176,6 +177,11 @@ class Publisher:
             log.error("Kafka error: %s", err.str())
 
     def _delivered(self, exchange: str | None):  # noqa: ANN202 - librdkafka callback
+        """The delivery callback for ``exchange``'s records, made once per exchange (this is on
+        the per-record path)."""
+        if exchange in self._callbacks:
+            return self._callbacks[exchange]
+
         def callback(err: KafkaError | None, _msg: Any) -> None:
             if err is not None:
                 if exchange:
@@ -186,6 +192,7 @@ class Publisher:
                          time.monotonic() - self._broker_down_since)
                 self._broker_down_since = None
 
+        self._callbacks[exchange] = callback
         return callback
 
     async def run(self) -> None:
