@@ -113,6 +113,35 @@ class Settings(BaseSettings):
     window_seconds: float = Field(1.0, gt=0, description="Snapshot window W")
     max_quote_age_seconds: float = Field(5.0, gt=0, description="Quote staleness bound")
     min_net: float = Field(0.0, description="Opportunity threshold on net spread, fraction")
+    slippage_bps: float = Field(1.0, ge=0, description="Haircut on net for slippage, bps")
+    latency_haircut_bps: float = Field(
+        1.0, ge=0, description="Haircut on net for prices moving during execution, bps"
+    )
+    notional_usd: float = Field(
+        10_000.0, gt=0, description="Notional to fill for VWAP and when sizes are unknown, USD"
+    )
+    usd_quotes: list[str] = Field(
+        default_factory=lambda: ["USD", "USDT", "USDC"],
+        description="Quote currencies treated as USD-like for cross-quote spreads",
+    )
+    episode_gap_seconds: float = Field(
+        10.0, gt=0, description="An episode closes after this long without an opportunity"
+    )
+    stats_horizon_seconds: float = Field(
+        300.0, gt=0, description="Rolling horizon of spread and volatility statistics"
+    )
+    anomaly_sigma: float = Field(3.0, gt=0, description="Anomaly threshold, standard deviations")
+
+    # --- storage -------------------------------------------------------------------------
+    influx_raw_retention: str = Field(
+        "30d", pattern=r"^(INF|\d+[hdw])$", description="InfluxDB retention of raw quotes/trades"
+    )
+    influx_features_retention: str = Field(
+        "180d", pattern=r"^(INF|\d+[hdw])$", description="InfluxDB retention of features"
+    )
+    mongo_ttl_days: float = Field(
+        30.0, gt=0, description="TTL of high-volume MongoDB collections (opportunities, features)"
+    )
 
     @field_validator("exchanges")
     @classmethod
