@@ -242,83 +242,252 @@ def snapshots(quotes: DataFrame, window_seconds: float, max_quote_age_seconds: f
     """Each exchange's latest quote per symbol and window: the snapshot of the module docstring.
 
     Input: :func:`dedupe` output. Output: one row per (symbol, exchange, window) with the
-    ``window`` struct (``start`` = ``end`` − max_quote_age, ``end``), ``bid``, ``ask`` and
-    ``quote_ts`` (the chosen quote's exchange time). "Latest" orders by ``ts``, then
-    ``received_ts``, then ``dedupe_key`` so ties resolve the same way every time.
+    ``window`` struct (``start`` = ``end`` − max_quote_age, ``end``), the latest quote's
+    ``bid, ask, bid_size, ask_size`` and ``quote_ts`` (its exchange time), ``messages`` (quotes
+    of the exchange and symbol in the window) and ``latency_ms`` (their mean ``received_ts −
+    exchange_ts``, ms). "Latest" orders by ``ts``, then ``received_ts``, then ``dedupe_key``
+    so ties resolve the same way every time.
     """
     window = F.window(
         "event_time",
         _ms(max_quote_age_seconds),
         _ms(window_seconds),
     )
-    latest = F.max(F.struct("ts", "received_ts", "dedupe_key", "bid", "ask"))
+    latest = F.max(
+        F.struct("ts", "received_ts", "dedupe_key", "bid", "ask", "bid_size", "ask_size")
+    )
     return (
         quotes.groupBy("symbol", "exchange", window.alias("window"))
-        .agg(latest.alias("q"))
+        .agg(
+            latest.alias("q"),
+            F.count(F.lit(1)).alias("messages"),
+            F.avg(F.col("received_ts") - F.col("exchange_ts")).alias("latency_ms"),
+        )
         .select(
             "symbol", "exchange", "window",
             F.col("q.bid").alias("bid"),
             F.col("q.ask").alias("ask"),
+            F.col("q.bid_size").alias("bid_size"),
+            F.col("q.ask_size").alias("ask_size"),
             F.col("q.ts").alias("quote_ts"),
+            "messages", "latency_ms",
         )
     )
 
 
-def pairs(snapshot: DataFrame, window_seconds: float) -> DataFrame:
-    """Every ordered pair of distinct exchanges in each (symbol, window) snapshot.
+def slots(snapshot: DataFrame, window_seconds: float) -> DataFrame:
+    """Gather every snapshot of one window, all symbols together: ``slot`` (the window of
+    width W ending at the snapshot's ``window.end``) and ``qs``, an array of snapshot structs
+    with ``base`` and ``quote`` split from the symbol.
 
-    Output: ``symbol, window_start, window_end, buy_exchange, buy_ask, buy_ts, sell_exchange,
-    sell_bid, sell_ts``. Snapshots with one exchange yield nothing.
+    All symbols share a slot so that cross-quote pairs can use that window's stablecoin rates.
     """
     # Re-window on the first window's time so that the watermark can close this aggregation.
     regroup = F.window(F.window_time("window"), _ms(window_seconds))
-    grouped = snapshot.groupBy("symbol", regroup.alias("slot")).agg(
-        F.collect_list(F.struct("exchange", "bid", "ask", "quote_ts", "window")).alias("qs")
-    )
-    combos = F.filter(
-        F.flatten(
-            F.transform("qs", lambda a: F.transform("qs", lambda b: F.struct(
-                a.alias("buy"), b.alias("sell")
-            )))
-        ),
-        lambda p: p["buy"]["exchange"] != p["sell"]["exchange"],
-    )
-    return grouped.select("symbol", F.explode(combos).alias("p")).select(
-        "symbol",
-        F.col("p.buy.window.start").alias("window_start"),
-        F.col("p.buy.window.end").alias("window_end"),
-        F.col("p.buy.exchange").alias("buy_exchange"),
-        F.col("p.buy.ask").alias("buy_ask"),
-        F.col("p.buy.quote_ts").alias("buy_ts"),
-        F.col("p.sell.exchange").alias("sell_exchange"),
-        F.col("p.sell.bid").alias("sell_bid"),
-        F.col("p.sell.quote_ts").alias("sell_ts"),
+    parts = F.split("symbol", "-")
+    return snapshot.groupBy(regroup.alias("slot")).agg(
+        F.collect_list(F.struct(
+            "symbol", parts[0].alias("base"), parts[1].alias("quote"), "exchange", "bid", "ask",
+            "bid_size", "ask_size", "quote_ts", "messages", "latency_ms", "window",
+        )).alias("qs")
     )
 
 
-def spreads(pair_rows: DataFrame, fees: Mapping[str, float]) -> DataFrame:
-    """Add fees, gross and net spreads (fractions and bps) and a deterministic id.
+#: Columns of :func:`track_rows`: ``kind`` is ``"pair"`` (an ordered pair of legs, buy on
+#: ``buy_exchange`` at its ask, sell on ``sell_exchange`` at its bid) or ``"exchange"`` (one
+#: exchange's snapshot of one symbol, the input of the per-exchange features).
+TRACK_FIELDS: dict[str, str] = {
+    "kind": "string", "symbol": "string", "sell_symbol": "string", "cross_quote": "boolean",
+    "window_start": "timestamp", "window_end": "timestamp",
+    "buy_exchange": "string", "buy_ask": "double", "buy_ask_size": "double",
+    "buy_ts": "timestamp", "sell_exchange": "string", "sell_bid": "double",
+    "sell_bid_size": "double", "sell_ts": "timestamp",
+    "conversion_symbol": "string", "conversion_exchange": "string",
+    "conversion_rate": "double", "conversion_fee": "double",
+    "profit_currency": "string", "usd_rate": "double",
+    "exchange": "string", "bid": "double", "ask": "double", "bid_size": "double",
+    "ask_size": "double", "quote_ts": "timestamp", "messages": "bigint", "latency_ms": "double",
+}
+PAIR_COLUMNS = [
+    "symbol", "sell_symbol", "cross_quote", "window_start", "window_end",
+    "buy_exchange", "buy_ask", "buy_ask_size", "buy_ts",
+    "sell_exchange", "sell_bid", "sell_bid_size", "sell_ts",
+    "conversion_symbol", "conversion_exchange", "conversion_rate", "conversion_fee",
+    "profit_currency", "usd_rate",
+]
+EXCHANGE_COLUMNS = [
+    "symbol", "exchange", "window_start", "window_end", "bid", "ask", "bid_size", "ask_size",
+    "quote_ts", "messages", "latency_ms", "usd_rate",
+]
 
-    ``opportunity_id`` is ``symbol|window_end ISO-8601 UTC ms|buy_exchange|sell_exchange``;
-    it is the MongoDB ``_id`` and the Kafka key, so replays overwrite instead of duplicating.
+
+def _track_struct(**cols: Column) -> Column:
+    return F.struct(*[
+        cols[name].cast(dtype).alias(name) if name in cols
+        else F.lit(None).cast(dtype).alias(name)
+        for name, dtype in TRACK_FIELDS.items()
+    ])
+
+
+def track_rows(
+    slot_rows: DataFrame, fees: Mapping[str, float], usd_quotes: list[str]
+) -> DataFrame:
+    """Explode :func:`slots` into pair rows and exchange rows (:data:`TRACK_FIELDS`).
+
+    Pairs, for legs ``a`` (buy at ``a.ask``) and ``b`` (sell at ``b.bid``) of one window:
+
+    * same quote: ``a.symbol == b.symbol`` on different exchanges;
+    * cross quote (``cross_quote`` true): same base, different USD-like quote currencies
+      (``usd_quotes``, e.g. BTC-USDC bought, BTC-USD sold), any exchanges, the same one
+      included (triangular). The sale's proceeds (``b.quote``) are converted back into the
+      purchase's currency (``a.quote``) at the best rate quoted in the same window, after its
+      taker fee: on a market ``<a.quote>-<b.quote>`` by buying at its ask
+      (``conversion_rate = 1 / ask``), or on ``<b.quote>-<a.quote>`` by selling at its bid
+      (``conversion_rate = bid``). ``conversion_rate`` is units of ``a.quote`` per unit of
+      ``b.quote``. Without a conversion market in the window there is no cross-quote pair.
+
+    ``usd_rate`` is USD per unit of ``profit_currency`` (the buy leg's quote currency): 1 for
+    USD, else the mean mid of that currency's ``<C>-USD`` markets in the window (null if
+    none). Snapshots of one exchange, or of different bases, make no pair.
     """
     fee = _fee_map(fees)
-    gross = F.col("sell_bid") / F.col("buy_ask") - F.lit(1.0)
-    net = F.col("gross") - F.col("buy_fee") - F.col("sell_fee")
+    usd = F.array(*[F.lit(q) for q in usd_quotes])
+    rates = F.filter(
+        "qs", lambda x: F.array_contains(usd, x["base"]) & F.array_contains(usd, x["quote"])
+    )
+
+    def conversion(into: Column, source: Column) -> Column:
+        """Best way to turn one unit of ``source`` into ``into``: struct(eff, rate, symbol,
+        exchange, fee), compared on ``eff = rate * (1 - fee)``; null if impossible."""
+        def option(r: Column) -> Column:
+            f = fee[r["exchange"]]
+            buy_into = (r["base"] == into) & (r["quote"] == source)
+            sell_source = (r["base"] == source) & (r["quote"] == into)
+            rate = F.when(buy_into, F.lit(1.0) / r["ask"]).when(sell_source, r["bid"])
+            return F.when(rate.isNotNull() & f.isNotNull(), F.struct(
+                (rate * (F.lit(1.0) - f)).alias("eff"), rate.alias("rate"),
+                r["symbol"].alias("symbol"), r["exchange"].alias("exchange"), f.alias("fee"),
+            ))
+        return F.array_max(F.filter(F.transform(rates, option), lambda o: o.isNotNull()))
+
+    def usd_rate(currency: Column) -> Column:
+        mids = F.transform(
+            F.filter(rates, lambda r: (r["base"] == currency) & (r["quote"] == F.lit("USD"))),
+            lambda r: (r["bid"] + r["ask"]) / F.lit(2.0),
+        )
+        mean = F.aggregate(mids, F.lit(0.0), lambda acc, m: acc + m) / F.size(mids)
+        return F.when(currency == F.lit("USD"), F.lit(1.0)).when(F.size(mids) > 0, mean)
+
+    def pair(a: Column, b: Column) -> Column:
+        cross = (
+            (a["base"] == b["base"]) & (a["quote"] != b["quote"])
+            & ~F.array_contains(usd, a["base"])
+            & F.array_contains(usd, a["quote"]) & F.array_contains(usd, b["quote"])
+        )
+        same = (a["symbol"] == b["symbol"]) & (a["exchange"] != b["exchange"])
+        conv = F.when(cross, conversion(a["quote"], b["quote"]))
+        keep = same | (cross & conv.isNotNull())
+        return F.when(keep, _track_struct(
+            kind=F.lit("pair"), symbol=a["symbol"], sell_symbol=b["symbol"],
+            cross_quote=cross, window_start=a["window"]["start"], window_end=a["window"]["end"],
+            buy_exchange=a["exchange"], buy_ask=a["ask"], buy_ask_size=a["ask_size"],
+            buy_ts=a["quote_ts"], sell_exchange=b["exchange"], sell_bid=b["bid"],
+            sell_bid_size=b["bid_size"], sell_ts=b["quote_ts"],
+            conversion_symbol=conv["symbol"], conversion_exchange=conv["exchange"],
+            conversion_rate=conv["rate"], conversion_fee=conv["fee"],
+            profit_currency=a["quote"], usd_rate=usd_rate(a["quote"]),
+        ))
+
+    pair_structs = F.filter(
+        F.flatten(F.transform("qs", lambda a: F.transform("qs", lambda b: pair(a, b)))),
+        lambda p: p.isNotNull(),
+    )
+    exchange_structs = F.transform("qs", lambda a: _track_struct(
+        kind=F.lit("exchange"), symbol=a["symbol"], window_start=a["window"]["start"],
+        window_end=a["window"]["end"], exchange=a["exchange"], bid=a["bid"], ask=a["ask"],
+        bid_size=a["bid_size"], ask_size=a["ask_size"], quote_ts=a["quote_ts"],
+        messages=a["messages"], latency_ms=a["latency_ms"], usd_rate=usd_rate(a["quote"]),
+    ))
+    return slot_rows.select(
+        F.explode(F.concat(pair_structs, exchange_structs)).alias("r")
+    ).select("r.*")
+
+
+def pairs(
+    snapshot: DataFrame,
+    window_seconds: float,
+    fees: Mapping[str, float],
+    usd_quotes: list[str] = ("USD", "USDT", "USDC"),  # type: ignore[assignment]
+) -> DataFrame:
+    """The pair rows of :func:`track_rows` (:data:`PAIR_COLUMNS`) of a snapshot DataFrame."""
+    rows = track_rows(slots(snapshot, window_seconds), fees, list(usd_quotes))
+    return rows.where(F.col("kind") == "pair").select(*PAIR_COLUMNS)
+
+
+def spreads(
+    rows: DataFrame,
+    fees: Mapping[str, float],
+    haircut: float = 0.0,
+    notional_usd: float = 10_000.0,
+) -> DataFrame:
+    """Add fees, gross and net spreads (fractions and bps), size, profit and a deterministic id.
+
+    Input: pair rows (:data:`PAIR_COLUMNS`); other rows of :func:`track_rows` pass through
+    with these columns null. Added columns:
+
+    * ``buy_fee, sell_fee``: taker fees, fractions (:mod:`arbstream.fees`); ``haircut``:
+      slippage plus latency haircut, fraction (``ARB_SLIPPAGE_BPS + ARB_LATENCY_HAIRCUT_BPS``
+      / 10 000).
+    * ``gross = sell_bid / buy_ask - 1`` (same quote) or ``sell_bid * conversion_rate /
+      buy_ask - 1`` (cross quote); ``net = gross - buy_fee - sell_fee - conversion_fee -
+      haircut`` (no conversion fee for same-quote pairs); ``gross_bps, net_bps`` = × 10 000.
+    * ``size_base`` (base units) and ``size_source``: ``"top_of_book"`` = min(buy_ask_size,
+      sell_bid_size) when both legs publish sizes, else ``"notional"`` = ``notional_usd`` worth
+      at the buy ask (IAQF bars carry no sizes). :mod:`spark_jobs.tracker` replaces it with
+      the depth-aware size when books are streamed.
+    * ``expected_profit = net * size_base * buy_ask`` in ``profit_currency`` (the buy leg's
+      quote currency) and ``expected_profit_usd`` (× ``usd_rate``, null when unknown).
+    * ``opportunity_id``: ``symbol|window_end ISO-8601 UTC ms|buy_exchange|sell_exchange``,
+      with ``symbol/sell_symbol`` in first place for cross-quote pairs. It is the MongoDB
+      ``_id`` and the Kafka key, so replays overwrite instead of duplicating.
+    """
+    fee = _fee_map(fees)
+    conv = F.col("conversion_rate")
+    gross = F.when(conv.isNull(), F.col("sell_bid") / F.col("buy_ask")).otherwise(
+        F.col("sell_bid") * conv / F.col("buy_ask")
+    ) - F.lit(1.0)
+    net = (
+        F.col("gross") - F.col("buy_fee") - F.col("sell_fee")
+        - F.coalesce(F.col("conversion_fee"), F.lit(0.0)) - F.col("haircut")
+    )
+    sized = F.col("buy_ask_size").isNotNull() & F.col("sell_bid_size").isNotNull()
+    usd_per_quote = F.col("usd_rate")
+    notional_size = F.lit(notional_usd) / F.coalesce(usd_per_quote, F.lit(1.0)) / F.col("buy_ask")
+    pair_key = F.when(
+        F.col("cross_quote"), F.concat_ws("/", "symbol", "sell_symbol")
+    ).otherwise(F.col("symbol"))
     return (
-        pair_rows.withColumn("buy_fee", fee[F.col("buy_exchange")])
+        rows.withColumn("buy_fee", fee[F.col("buy_exchange")])
         .withColumn("sell_fee", fee[F.col("sell_exchange")])
+        .withColumn("haircut", F.when(F.col("buy_exchange").isNotNull(), F.lit(haircut)))
         .withColumn("gross", gross)
         .withColumn("net", net)
         .withColumn("gross_bps", F.col("gross") * BPS)
         .withColumn("net_bps", F.col("net") * BPS)
+        .withColumn("size_base", F.when(
+            sized, F.least("buy_ask_size", "sell_bid_size")
+        ).otherwise(notional_size))
+        .withColumn("size_source", F.when(F.col("buy_exchange").isNull(), F.lit(None))
+                    .when(sized, F.lit("top_of_book")).otherwise(F.lit("notional")))
+        .withColumn("expected_profit", F.col("net") * F.col("size_base") * F.col("buy_ask"))
+        .withColumn("expected_profit_usd", F.col("expected_profit") * usd_per_quote)
         .withColumn(
             "opportunity_id",
-            F.concat_ws(
-                "|", "symbol",
+            F.when(F.col("buy_exchange").isNotNull(), F.concat_ws(
+                "|", pair_key,
                 F.date_format("window_end", "yyyy-MM-dd'T'HH:mm:ss.SSS'Z'"),
                 "buy_exchange", "sell_exchange",
-            ),
+            )),
         )
     )
 
@@ -334,9 +503,14 @@ def spread_stream(
     watermark_seconds: float,
     window_seconds: float,
     max_quote_age_seconds: float,
+    usd_quotes: list[str] = ("USD", "USDT", "USDC"),  # type: ignore[assignment]
+    haircut: float = 0.0,
+    notional_usd: float = 10_000.0,
 ) -> DataFrame:
-    """The whole chain from Kafka records to spread rows (all pairs, not only opportunities)."""
+    """The whole chain from Kafka records to :func:`track_rows` with :func:`spreads` columns:
+    every pair (not only opportunities) and every exchange snapshot of every window."""
     events = dedupe(valid_events(parse_quotes(raw, fees)), watermark_seconds)
     quotes = events.where(F.col("type") == "quote")
     snap = snapshots(quotes, window_seconds, max_quote_age_seconds)
-    return spreads(pairs(snap, window_seconds), fees)
+    rows = track_rows(slots(snap, window_seconds), fees, list(usd_quotes))
+    return spreads(rows, fees, haircut, notional_usd)

@@ -9,9 +9,19 @@ Semantics (the same as the module docstring of :mod:`spark_jobs.transforms`):
   a quote at exactly ``e`` is in, one at exactly ``e - age`` is out. "Latest" is the maximum
   of ``(exchange_ts, received_ts, dedupe_key)``.
 * For every ordered pair of distinct exchanges in a snapshot (buy on A at A's ask, sell on B at
-  B's bid): ``gross = B.bid / A.ask - 1``, ``net = gross - fee_A - fee_B``,
+  B's bid): ``gross = B.bid / A.ask - 1``, ``net = gross - fee_A - fee_B - 0 - haircut``,
   ``gross_bps = gross * 10000`` and ``net_bps = net * 10000``, in exactly that float64
   operation order, so values are bit-identical to Spark's doubles.
+* Cross-quote pairs: A and B quote the same base in different USD-like currencies (any two
+  exchanges, also the same one). B's proceeds are converted into A's quote currency at the
+  best rate of the window's stablecoin markets: ``1 / ask`` of ``<A.quote>-<B.quote>`` or
+  ``bid`` of ``<B.quote>-<A.quote>``, best by ``rate * (1 - fee)`` (ties: rate, symbol,
+  exchange). ``gross = B.bid * rate / A.ask - 1``, ``net = gross - fee_A - fee_B - fee_conv -
+  haircut``. The id's first part is ``A.symbol/B.symbol``.
+* ``usd_rate``: 1 for USD, else the mean mid of the window's ``<quote>-USD`` markets;
+  ``size_base = notional_usd / usd_rate / buy_ask`` (no sizes in these inputs),
+  ``expected_profit = net * size_base * buy_ask``, ``expected_profit_usd = expected_profit *
+  usd_rate``.
 * ``window_start = window_end - age``; ``opportunity_id`` is
   ``SYMBOL|YYYY-MM-DDTHH:MM:SS.mmmZ|buy|sell`` of ``window_end`` (UTC).
 * An opportunity is a pair with ``net > min_net`` (strictly).
@@ -31,10 +41,13 @@ import pandas as pd
 
 BPS = 10_000.0
 OUTPUT_COLUMNS = [
-    "opportunity_id", "symbol", "window_start", "window_end", "buy_exchange", "sell_exchange",
-    "buy_ask", "sell_bid", "buy_ts", "sell_ts", "buy_fee", "sell_fee", "gross", "net",
-    "gross_bps", "net_bps",
+    "opportunity_id", "symbol", "sell_symbol", "cross_quote", "window_start", "window_end",
+    "buy_exchange", "sell_exchange", "buy_ask", "sell_bid", "buy_ts", "sell_ts", "buy_fee",
+    "sell_fee", "conversion_symbol", "conversion_exchange", "conversion_rate", "conversion_fee",
+    "haircut", "gross", "net", "gross_bps", "net_bps", "usd_rate", "size_base",
+    "expected_profit", "expected_profit_usd",
 ]
+USD_QUOTES = ("USD", "USDT", "USDC")
 _QUOTE_INPUT = ["exchange", "symbol", "exchange_ts", "bid", "ask", "received_ts", "dedupe_key"]
 
 
@@ -69,13 +82,46 @@ def _snapshots(quotes: pd.DataFrame, w: int, age: int) -> pd.DataFrame:
     return exploded.drop_duplicates(["symbol", "window_end_ms", "exchange"], keep="last")
 
 
+def _conversions(snap: pd.DataFrame, fee_of: Mapping[str, float]) -> pd.DataFrame:
+    """Per window: every way to turn one unit of ``source`` into ``into`` via a stablecoin
+    market, best first per (window, into, source)."""
+    rates = snap[snap["base"].isin(USD_QUOTES) & snap["quote"].isin(USD_QUOTES)]
+    fee = rates["exchange"].map(fee_of).to_numpy(dtype=np.float64)
+    buy = pd.DataFrame({  # buy <base> with <quote> at the ask
+        "window_end_ms": rates["window_end_ms"], "into": rates["base"], "source": rates["quote"],
+        "rate": 1.0 / rates["ask"].to_numpy(dtype=np.float64), "fee": fee,
+        "conversion_symbol": rates["symbol"], "conversion_exchange": rates["exchange"]})
+    sell = pd.DataFrame({  # sell <base> for <quote> at the bid
+        "window_end_ms": rates["window_end_ms"], "into": rates["quote"], "source": rates["base"],
+        "rate": rates["bid"].to_numpy(dtype=np.float64), "fee": fee,
+        "conversion_symbol": rates["symbol"], "conversion_exchange": rates["exchange"]})
+    conv = pd.concat([buy, sell], ignore_index=True)
+    conv["eff"] = conv["rate"].to_numpy() * (1.0 - conv["fee"].to_numpy())
+    conv = conv.sort_values(["window_end_ms", "into", "source", "eff", "rate",
+                             "conversion_symbol", "conversion_exchange"], kind="stable")
+    return conv.drop_duplicates(["window_end_ms", "into", "source"], keep="last")
+
+
+def _usd_rates(snap: pd.DataFrame) -> pd.DataFrame:
+    """Per window and currency: USD per unit (mean mid of its ``<C>-USD`` markets)."""
+    usd = snap[(snap["quote"] == "USD") & snap["base"].isin(USD_QUOTES)].copy()
+    usd["mid"] = (usd["bid"] + usd["ask"]) / 2.0
+    usd = usd.sort_values(["window_end_ms", "base", "mid"], kind="stable")
+    total = usd.groupby(["window_end_ms", "base"], sort=False)["mid"].agg(
+        lambda m: float(np.add.accumulate(np.concatenate([[0.0], m.to_numpy()]))[-1]) / len(m)
+    )
+    return total.rename("usd_rate").reset_index().rename(columns={"base": "currency"})
+
+
 def reference_spreads(
     quotes: pd.DataFrame,
     fees: Mapping[str, float],
     window_s: float = 1.0,
     max_quote_age_s: float = 5.0,
+    haircut: float = 0.0,
+    notional_usd: float = 10_000.0,
 ) -> pd.DataFrame:
-    """Every (symbol, window, ordered exchange pair) spread row; see the module docstring.
+    """Every (window, ordered pair of legs) spread row; see the module docstring.
 
     Args:
         quotes: columns ``exchange, symbol, exchange_ts`` (int UTC ms), ``bid, ask,
@@ -83,6 +129,8 @@ def reference_spreads(
         fees: taker fee per exchange, fractions.
         window_s: the window width W, seconds.
         max_quote_age_s: the staleness bound, seconds (a multiple of W).
+        haircut: slippage + latency haircut, fraction.
+        notional_usd: the assumed size, USD (these quotes carry no sizes).
 
     Returns:
         Columns :data:`OUTPUT_COLUMNS` sorted by ``opportunity_id``; timestamps tz-aware UTC.
@@ -91,27 +139,54 @@ def reference_spreads(
     age = round(max_quote_age_s * 1000)
     snap = _snapshots(quotes[_QUOTE_INPUT], w, age)[
         ["symbol", "window_end_ms", "exchange", "bid", "ask", "exchange_ts"]
-    ]
-    buy = snap.rename(columns={"exchange": "buy_exchange", "ask": "buy_ask",
-                               "exchange_ts": "buy_ts_ms"}).drop(columns="bid")
-    sell = snap.rename(columns={"exchange": "sell_exchange", "bid": "sell_bid",
-                                "exchange_ts": "sell_ts_ms"}).drop(columns="ask")
-    p = buy.merge(sell, on=["symbol", "window_end_ms"], how="inner")
-    p = p[p["buy_exchange"] != p["sell_exchange"]].reset_index(drop=True)
-
+    ].reset_index(drop=True)
+    parts = snap["symbol"].str.split("-", n=1, expand=True)
+    snap["base"], snap["quote"] = parts[0], parts[1]
     fee_of = {str(k): float(v) for k, v in fees.items()}
+
+    buy = snap.rename(columns={"exchange": "buy_exchange", "ask": "buy_ask", "quote": "bq",
+                               "exchange_ts": "buy_ts_ms"}).drop(columns="bid")
+    sell = snap.rename(columns={"exchange": "sell_exchange", "bid": "sell_bid", "quote": "sq",
+                                "exchange_ts": "sell_ts_ms", "symbol": "sell_symbol"}
+                       ).drop(columns="ask")
+    p = buy.merge(sell, on=["base", "window_end_ms"], how="inner")
+    same = (p["symbol"] == p["sell_symbol"]) & (p["buy_exchange"] != p["sell_exchange"])
+    cross = (
+        (p["bq"] != p["sq"]) & ~p["base"].isin(USD_QUOTES)
+        & p["bq"].isin(USD_QUOTES) & p["sq"].isin(USD_QUOTES)
+    )
+    p = p[same | cross].reset_index(drop=True)
+    p["cross_quote"] = (p["symbol"] != p["sell_symbol"]).to_numpy()
+    conv = _conversions(snap, fee_of).rename(columns={"into": "bq", "source": "sq"})
+    p = p.merge(conv[["window_end_ms", "bq", "sq", "rate", "fee", "conversion_symbol",
+                      "conversion_exchange"]], on=["window_end_ms", "bq", "sq"], how="left")
+    p.loc[~p["cross_quote"], ["rate", "fee", "conversion_symbol", "conversion_exchange"]] = None
+    p = p[~p["cross_quote"] | p["rate"].notna()].reset_index(drop=True)
+    p = p.merge(_usd_rates(snap).rename(columns={"currency": "bq"}), on=["window_end_ms", "bq"],
+                how="left")
+    p.loc[p["bq"] == "USD", "usd_rate"] = 1.0
+
     buy_fee = p["buy_exchange"].map(fee_of).to_numpy(dtype=np.float64)
     sell_fee = p["sell_exchange"].map(fee_of).to_numpy(dtype=np.float64)
     buy_ask = p["buy_ask"].to_numpy(dtype=np.float64)
     sell_bid = p["sell_bid"].to_numpy(dtype=np.float64)
-    gross = sell_bid / buy_ask - 1.0
-    net = gross - buy_fee - sell_fee
+    rate = p["rate"].to_numpy(dtype=np.float64)
+    cross_q = p["cross_quote"].to_numpy(dtype=bool)
+    gross = np.where(cross_q, sell_bid * rate / buy_ask, sell_bid / buy_ask) - 1.0
+    conv_fee = p["fee"].to_numpy(dtype=np.float64)
+    net = gross - buy_fee - sell_fee - np.where(cross_q, conv_fee, 0.0) - haircut
+    usd_rate = p["usd_rate"].to_numpy(dtype=np.float64)
+    size = notional_usd / np.where(np.isnan(usd_rate), 1.0, usd_rate) / buy_ask
+    profit = net * size * buy_ask
     end_ms = p["window_end_ms"].astype(np.int64)
+    key = np.where(cross_q, p["symbol"] + "/" + p["sell_symbol"], p["symbol"])
 
     out = pd.DataFrame({
-        "opportunity_id": p["symbol"] + "|" + _iso_ms(end_ms) + "|" + p["buy_exchange"] + "|"
+        "opportunity_id": key + "|" + _iso_ms(end_ms) + "|" + p["buy_exchange"] + "|"
         + p["sell_exchange"],
         "symbol": p["symbol"],
+        "sell_symbol": p["sell_symbol"],
+        "cross_quote": cross_q,
         "window_start": _utc(end_ms - age),
         "window_end": _utc(end_ms),
         "buy_exchange": p["buy_exchange"],
@@ -122,10 +197,19 @@ def reference_spreads(
         "sell_ts": _utc(p["sell_ts_ms"]),
         "buy_fee": buy_fee,
         "sell_fee": sell_fee,
+        "conversion_symbol": p["conversion_symbol"].where(cross_q, None),
+        "conversion_exchange": p["conversion_exchange"].where(cross_q, None),
+        "conversion_rate": np.where(cross_q, rate, np.nan),
+        "conversion_fee": np.where(cross_q, conv_fee, np.nan),
+        "haircut": np.full(len(p), haircut),
         "gross": gross,
         "net": net,
         "gross_bps": gross * BPS,
         "net_bps": net * BPS,
+        "usd_rate": usd_rate,
+        "size_base": size,
+        "expected_profit": profit,
+        "expected_profit_usd": profit * usd_rate,
     })
     return out.sort_values("opportunity_id", kind="stable").reset_index(drop=True)[OUTPUT_COLUMNS]
 
@@ -136,7 +220,9 @@ def reference_opportunities(
     window_s: float = 1.0,
     max_quote_age_s: float = 5.0,
     min_net: float = 0.0,
+    haircut: float = 0.0,
+    notional_usd: float = 10_000.0,
 ) -> pd.DataFrame:
     """The rows of :func:`reference_spreads` with ``net > min_net`` (strictly)."""
-    rows = reference_spreads(quotes, fees, window_s, max_quote_age_s)
+    rows = reference_spreads(quotes, fees, window_s, max_quote_age_s, haircut, notional_usd)
     return rows[rows["net"] > min_net].reset_index(drop=True)

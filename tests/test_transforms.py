@@ -168,7 +168,7 @@ def scenario(spark: SparkSession) -> dict[str, Any]:
     parsed = parse_quotes(raw, FEES)
     deduped = dedupe(valid_quotes(parsed), WATERMARK)
     snap = snapshots(deduped, W, AGE)
-    spread_rows = spreads(pairs(snap, W), FEES)
+    spread_rows = spreads(pairs(snap, W, FEES), FEES)
     return {
         "dedupe": collect(deduped),
         "snap": collect(flat_snapshots(snap)),
@@ -176,7 +176,8 @@ def scenario(spark: SparkSession) -> dict[str, Any]:
         "spreads": collect(spread_rows),
         "spread_columns": spread_rows.columns,
         "opps": collect(opportunities(spread_rows, 0.0)),
-        "stream": collect(spread_stream(raw, FEES, WATERMARK, W, AGE)),
+        "stream": collect(spread_stream(raw, FEES, WATERMARK, W, AGE)
+                          .where(F.col("kind") == "pair").select(*spread_rows.columns)),
     }
 
 
@@ -186,8 +187,11 @@ def test_fee_table_matches_literals() -> None:
 
 
 def test_output_columns(scenario: dict[str, Any]) -> None:
-    assert scenario["snap_columns"] == ["symbol", "exchange", "window", "bid", "ask", "quote_ts"]
-    assert set(scenario["spread_columns"]) == set(OUTPUT_COLUMNS)
+    assert scenario["snap_columns"] == [
+        "symbol", "exchange", "window", "bid", "ask", "bid_size", "ask_size", "quote_ts",
+        "messages", "latency_ms",
+    ]
+    assert set(OUTPUT_COLUMNS) <= set(scenario["spread_columns"])
 
 
 def test_spread_stream_equals_the_explicit_chain(scenario: dict[str, Any]) -> None:
@@ -382,6 +386,11 @@ def test_spreads_bps_and_id(spark: SparkSession) -> None:
         "symbol string, window_start timestamp, window_end timestamp, buy_exchange string, "
         "buy_ask double, buy_ts timestamp, sell_exchange string, sell_bid double, "
         "sell_ts timestamp",
+    ).select(
+        "*", F.col("symbol").alias("sell_symbol"), F.lit(False).alias("cross_quote"),
+        *[F.lit(None).cast("double").alias(c) for c in (
+            "conversion_rate", "conversion_fee", "buy_ask_size", "sell_bid_size")],
+        F.lit(1.0).alias("usd_rate"),
     )
     rows = {r["buy_exchange"]: r for r in collect(spreads(pair_rows, FEES))}
     a = rows["kraken"]
@@ -519,21 +528,27 @@ def test_nan_infinity_and_trailing_newline_rejected(validation: dict[str, Any]) 
 # --- exact comparison with the pandas reference -----------------------------------------------
 
 
+def _none_for_nan(row: tuple) -> tuple:
+    return tuple(None if isinstance(v, float) and v != v else v for v in row)
+
+
 def spark_vs_reference(
-    spark: SparkSession, quotes: list[Quote], order: list[int], fees: dict[str, float]
+    spark: SparkSession, quotes: list[Quote], order: list[int], fees: dict[str, float],
+    haircut: float = 0.0,
 ) -> tuple[list[tuple], list[tuple], int]:
     """(Spark rows, reference rows, opportunities count) with timestamps as UTC µs."""
     raw = raw_frame(spark, [quotes[i] for i in order])
-    stream = spread_stream(raw, fees, WATERMARK, W, AGE)
+    stream = spread_stream(raw, fees, WATERMARK, W, AGE, haircut=haircut).where(
+        F.col("kind") == "pair")
     ts_cols = ["window_start", "window_end", "buy_ts", "sell_ts"]
     sel = [F.unix_micros(c).alias(c) if c in ts_cols else F.col(c) for c in OUTPUT_COLUMNS]
-    got = sorted(tuple(r) for r in stream.select(*sel).collect())
+    got = sorted(_none_for_nan(tuple(r)) for r in stream.select(*sel).collect())
     frame = pd.DataFrame([q.model_dump() for q in (quotes[i] for i in order)])
-    ref = reference_spreads(frame, fees, W, AGE)
+    ref = reference_spreads(frame, fees, W, AGE, haircut)
     for c in ts_cols:
         ref[c] = (ref[c] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(microseconds=1)
-    want = sorted(tuple(r) for r in ref[OUTPUT_COLUMNS].itertuples(index=False))
-    ref_opps = reference_opportunities(frame, fees, W, AGE, min_net=0.0)
+    want = sorted(_none_for_nan(tuple(r)) for r in ref[OUTPUT_COLUMNS].itertuples(index=False))
+    ref_opps = reference_opportunities(frame, fees, W, AGE, min_net=0.0, haircut=haircut)
     n_opps = opportunities(stream, 0.0).count()
     assert n_opps == len(ref_opps)
     return got, want, n_opps
@@ -542,7 +557,8 @@ def spark_vs_reference(
 def test_random_quotes_match_reference(spark: SparkSession) -> None:
     rng = np.random.default_rng(20230311)
     base = 1_678_500_000_000  # 2023-03-11T02:00:00Z
-    exchanges, symbols = ["coinbase", "kraken", "binance"], ["BTC-USD", "ETH-USD"]
+    exchanges = ["coinbase", "kraken", "binance"]
+    symbols = ["BTC-USD", "ETH-USD", "BTC-USDT", "USDT-USD"]
     n = 300
     ts = base + rng.integers(0, 30_000, n)
     ts[:60] = base + rng.integers(0, 30, 60) * 1000  # on window ends
@@ -550,8 +566,11 @@ def test_random_quotes_match_reference(spark: SparkSession) -> None:
     ts[100:160] = base + rng.integers(0, 120, 60) * 250  # coarse grid: exchange_ts ties
     quotes = []
     for i in range(n):
-        ex, sym = exchanges[rng.integers(3)], symbols[rng.integers(2)]
-        mid = (100.0 if sym == "BTC-USD" else 7.0) * float(np.exp(rng.normal(0, 0.004)))
+        ex, sym = exchanges[rng.integers(3)], symbols[rng.integers(4)]
+        if sym == "USDT-USD" and ex == "binance":  # two USDT-USD venues: an exact mean
+            ex = "kraken"
+        level = {"BTC-USD": 100.0, "ETH-USD": 7.0, "BTC-USDT": 100.3, "USDT-USD": 0.998}[sym]
+        mid = level * float(np.exp(rng.normal(0, 0.004)))
         half = mid * float(rng.uniform(0, 0.001)) if i % 7 else 0.0  # some bid == ask
         bid, ask = mid - half, mid + half
         if i % 3 == 0:
@@ -561,8 +580,9 @@ def test_random_quotes_match_reference(spark: SparkSession) -> None:
     dups = rng.choice(n, 40, replace=False)
     order = [*range(n), *dups.tolist()]  # 40 re-deliveries of identical records
     order = rng.permutation(order).tolist()
-    got, want, n_opps = spark_vs_reference(spark, quotes, order, FEES)
+    got, want, n_opps = spark_vs_reference(spark, quotes, order, FEES, haircut=2e-4)
     assert len(want) > 300 and n_opps > 0
+    assert any(r[OUTPUT_COLUMNS.index("cross_quote")] for r in want)
     assert got == want
 
 
@@ -576,6 +596,7 @@ def test_real_iaqf_slice_matches_reference(spark: SparkSession, data_dir: Path) 
         for r in bars.itertuples(index=False)
     ]
     fees = dict(DEFAULT_TAKER_FEES)
-    got, want, _ = spark_vs_reference(spark, quotes, list(range(len(quotes))), fees)
+    got, want, _ = spark_vs_reference(spark, quotes, list(range(len(quotes))), fees, 2e-4)
     assert len(want) > 1000
+    assert sum(r[OUTPUT_COLUMNS.index("cross_quote")] for r in want) > 1000
     assert got == want
