@@ -23,7 +23,7 @@ from arbstream.config import Settings, get_settings
 
 app = typer.Typer(help="Real-time cross-exchange crypto arbitrage.", no_args_is_help=True)
 replay_app = typer.Typer(help="Publish recorded market data to the quote topics.")
-opps_app = typer.Typer(help="Query detected opportunities (MongoDB).")
+opps_app = typer.Typer(help="Query detected opportunities and episodes (MongoDB).")
 app.add_typer(replay_app, name="replay")
 app.add_typer(opps_app, name="opportunities")
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -35,6 +35,25 @@ COLUMNS = [
     "window_end", "symbol", "buy_exchange", "sell_exchange", "buy_ask", "sell_bid",
     "gross_bps", "net_bps",
 ]
+EPISODE_COLUMNS = [
+    "episode_id", "symbol", "sell_symbol", "cross_quote", "buy_exchange", "sell_exchange",
+    "start", "end", "duration_s", "windows", "peak_net_bps", "mean_net_bps", "size_base",
+    "size_source", "expected_profit", "profit_currency", "expected_profit_usd", "status",
+]
+EPISODE_TABLE = [
+    "symbol", "buy → sell", "start (UTC)", "duration (s)", "windows", "peak bps", "mean bps",
+    "size", "profit USD", "status",
+]
+#: The demo replays 1-minute bars (quotes 60 s apart): an episode must survive the gap to the
+#: next bar, and rolling statistics need an hour of bars.
+DEMO_OVERRIDES: dict[str, Any] = {
+    "episode_gap_seconds": 120.0,
+    "stats_horizon_seconds": 3600.0,
+    # The replayed 2023 quotes are far older than any finite retention from now: InfluxDB
+    # would drop them on write.
+    "influx_raw_retention": "INF",
+    "influx_features_retention": "INF",
+}
 
 
 def _settings() -> Settings:
@@ -264,21 +283,112 @@ def print_opportunities(rows: list[dict[str, Any]], fmt: Format) -> None:
         console.print(table)
 
 
+def _num(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _pair_symbol(row: dict[str, Any]) -> str:
+    """``BTC-USD``, or ``BTC-USDC/BTC-USD`` (buy leg / sell leg) for a cross-quote pair."""
+    sell = row.get("sell_symbol") or row.get("symbol")
+    return str(row.get("symbol")) if sell == row.get("symbol") else f"{row['symbol']}/{sell}"
+
+
+def _size(value: Any) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
+def episode_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
+    """Episode documents as a rich table (columns :data:`EPISODE_TABLE`)."""
+    table = Table(*EPISODE_TABLE, title=title)
+    for row in rows:
+        start = row.get("start")
+        table.add_row(
+            _pair_symbol(row),
+            f"{row.get('buy_exchange')} → {row.get('sell_exchange')}",
+            start.strftime("%Y-%m-%d %H:%M:%S") if isinstance(start, datetime) else "-",
+            _num(row.get("duration_s"), 0),
+            str(row.get("windows", "-")),
+            _num(row.get("peak_net_bps")),
+            _num(row.get("mean_net_bps")),
+            _size(row.get("size_base")),
+            _num(row.get("expected_profit_usd")),
+            str(row.get("status", "-")),
+        )
+    return table
+
+
+def print_episodes(rows: list[dict[str, Any]], fmt: Format) -> None:
+    """Print episode documents as a table, CSV (:data:`EPISODE_COLUMNS`) or JSON lines."""
+    if fmt is Format.json:
+        for row in rows:
+            sys.stdout.write(json.dumps(row, default=_cell) + "\n")
+    elif fmt is Format.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(EPISODE_COLUMNS)
+        for row in rows:
+            writer.writerow([
+                _cell(v) if isinstance(v := row.get(c), datetime) else v
+                for c in EPISODE_COLUMNS
+            ])
+    else:
+        console.print(episode_table(rows))
+
+
+class Status(StrEnum):
+    open = "open"
+    closed = "closed"
+
+
+class EpisodeSort(StrEnum):
+    peak_net_bps = "peak_net_bps"
+    duration_s = "duration_s"
+    expected_profit_usd = "expected_profit_usd"
+    start = "start"
+
+
 @opps_app.command("list")
 def opportunities_list(
-    symbol: Annotated[str | None, typer.Option(help="canonical BASE-QUOTE")] = None,
-    since: Annotated[str | None, typer.Option(help="window_end >= since (ISO-8601)")] = None,
-    until: Annotated[str | None, typer.Option(help="window_end < until (ISO-8601)")] = None,
-    min_net_bps: Annotated[float | None, typer.Option(help="net spread floor, bps")] = None,
+    symbol: Annotated[str | None, typer.Option(
+        help="canonical BASE-QUOTE (with --episodes: of the buy leg)")] = None,
+    since: Annotated[str | None, typer.Option(
+        help="window_end (episodes: start) >= since, ISO-8601")] = None,
+    until: Annotated[str | None, typer.Option(
+        help="window_end (episodes: start) < until, ISO-8601")] = None,
+    min_net_bps: Annotated[float | None, typer.Option(
+        help="net spread floor, bps (episodes: on the peak)")] = None,
     limit: Annotated[int | None, typer.Option(min=0, help="at most this many rows")] = 100,
     fmt: Annotated[Format, typer.Option("--format")] = Format.table,
+    episodes: Annotated[bool, typer.Option(
+        "--episodes", help="list episodes (runs of consecutive opportunities) instead")] = False,
+    status: Annotated[Status | None, typer.Option(help="episodes: open or closed")] = None,
+    cross_quote: Annotated[bool | None, typer.Option(
+        "--cross-quote/--same-quote",
+        help="episodes: only cross-quote (e.g. BTC-USDC/BTC-USD) or same-quote pairs")] = None,
+    sort: Annotated[EpisodeSort, typer.Option(
+        help="episodes: largest first, or earliest start first")] = EpisodeSort.peak_net_bps,
 ) -> None:
-    """List opportunities ordered by window_end, then net bps."""
+    """List opportunities ordered by window_end, then net bps; or, with --episodes, episodes
+    ordered by --sort."""
     from pymongo.errors import PyMongoError
 
-    from spark_jobs.sinks.mongo import find_opportunities
+    from spark_jobs.sinks.mongo import find_episodes, find_opportunities
 
+    if not episodes:
+        given = [name for name, value in (("--status", status), ("--cross-quote", cross_quote))
+                 if value is not None]
+        if sort is not EpisodeSort.peak_net_bps:
+            given.append("--sort")
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)} need(s) --episodes")
     try:
+        if episodes:
+            found = find_episodes(
+                _settings(), symbol=symbol, since=_time(since), until=_time(until),
+                status=status.value if status else None, cross_quote=cross_quote,
+                sort=sort.value, limit=limit, min_peak_bps=min_net_bps,
+            )
+            print_episodes(found, fmt)
+            return
         rows = find_opportunities(
             _settings(), symbol=symbol, since=_time(since), until=_time(until),
             min_net_bps=min_net_bps, limit=limit,
@@ -288,12 +398,25 @@ def opportunities_list(
     print_opportunities(rows, fmt)
 
 
-@app.command()
+DEMO_HELP = (
+    "Everything on the real data: up, topics, stream, replay the USDC depeg, summary "
+    "(opportunities, episodes, cross-quote pairs and the lowest USDC-USD mid).\n\n"
+    "The IAQF data are 1-minute bars (quotes 60 s apart), so the demo's stream runs with "
+    "episode_gap_seconds=120 (an episode survives the gap to the next bar) and "
+    "stats_horizon_seconds=3600 (rolling statistics over an hour of bars), whatever "
+    "ARB_EPISODE_GAP_SECONDS and ARB_STATS_HORIZON_SECONDS say.\n\n"
+    "It also sets the InfluxDB retention of raw quotes/trades and of features to INF: 2023 "
+    "points are older than any finite retention and InfluxDB would drop them. The policies of "
+    "ARB_INFLUX_DB stay INF until the next `arbstream stream` applies the configured ones."
+)
+
+
+@app.command(help=DEMO_HELP)
 def demo(
     start: Annotated[str, typer.Option("--from")] = DEMO_FROM,
     end: Annotated[str, typer.Option("--to")] = DEMO_TO,
 ) -> None:
-    """Everything on the real data: up, topics, stream, replay the USDC depeg, summary."""
+    """Run the demo; see :data:`DEMO_HELP` and :data:`DEMO_OVERRIDES`."""
     from arbstream.topics import ensure_topics
     from producers.replay import replay_iaqf
     from spark_jobs import arbitrage
@@ -303,7 +426,7 @@ def demo(
     base = _settings()
     # A fresh checkpoint reading from the topics' current end: the demo processes exactly what
     # it replays, and the idempotent sinks make a re-run overwrite instead of duplicate.
-    settings = base.model_copy(update={"starting_offsets": "latest"})
+    settings = base.model_copy(update={"starting_offsets": "latest", **DEMO_OVERRIDES})
     checkpoint = settings.checkpoint_dir / "demo"
     shutil.rmtree(checkpoint, ignore_errors=True)
     try:
@@ -333,17 +456,39 @@ def demo(
         off - initial["ingest"].get(t, {}).get(p, 0)
         for t, parts in targets.items() if t in quote_topics for p, off in parts.items()
     )
-    _demo_summary(settings, _time(start), _time(end), report.quotes, consumed,
-                  time.monotonic() - t0)
+    from pymongo.errors import PyMongoError
+
+    from spark_jobs.sinks.influx import InfluxError
+
+    try:
+        _demo_summary(settings, _time(start), _time(end), report.quotes, consumed,
+                      time.monotonic() - t0)
+    except (PyMongoError, InfluxError) as exc:
+        raise _fail(exc) from None
 
 
 def _demo_summary(
     settings: Settings, start: datetime | None, end: datetime | None, quotes: int,
     consumed: int, wall: float,
 ) -> None:
+    """Print what the demo found: opportunities per pair, the top opportunities and episodes,
+    and the USDC depeg / cross-quote section, for ``[start, end + max quote age]``.
+
+    Raises:
+        pymongo.errors.PyMongoError, spark_jobs.sinks.influx.InfluxError: store errors.
+    """
     from datetime import timedelta
 
-    from spark_jobs.sinks.mongo import OPPORTUNITIES, summary
+    from spark_jobs.sinks import influx
+    from spark_jobs.sinks.mongo import (
+        EPISODES,
+        FEATURES,
+        OPPORTUNITIES,
+        THRESHOLDS,
+        count_cross_quote,
+        find_episodes,
+        summary,
+    )
 
     # Windows of the last quotes end up to max_quote_age after `end`.
     until = end + timedelta(seconds=settings.max_quote_age_seconds + 1) if end else None
@@ -351,18 +496,42 @@ def _demo_summary(
     table = Table("symbol", "buy on", "sell on", "opportunities", "max net bps", "avg net bps",
                   title="Opportunities per symbol and pair")
     for p in result["pairs"]:
-        table.add_row(p["symbol"], p["buy_exchange"], p["sell_exchange"], str(p["count"]),
+        table.add_row(_pair_symbol(p), p["buy_exchange"], p["sell_exchange"], str(p["count"]),
                       f"{p['max_net_bps']:.2f}", f"{p['avg_net_bps']:.2f}")
     console.print(table)
     console.print("Top 10 by net bps")
     print_opportunities(result["top"], Format.table)
+    console.print(episode_table(
+        find_episodes(settings, since=start, until=until, sort="peak_net_bps", limit=10),
+        title="Top 10 episodes by peak net bps",
+    ))
+
+    cross = count_cross_quote(settings, since=start, until=until)
+    console.print(
+        f"\nUSDC depeg / cross-quote: {cross['opportunities']} cross-quote opportunities, "
+        f"{cross['episodes']} cross-quote episodes"
+    )
+    best = find_episodes(settings, since=start, until=until, cross_quote=True,
+                         sort="peak_net_bps", limit=5)
+    if best:
+        console.print(episode_table(best, title="Best cross-quote episodes"))
+    low = influx.min_mid(settings, "USDC-USD", since=start, until=until)
+    if low is None:
+        console.print("minimum USDC-USD mid: no USDC-USD quotes in InfluxDB")
+    else:
+        console.print(
+            f"minimum USDC-USD mid: {low['mid']:.4f} on {low['exchange']} at "
+            f"{_cell(low['time'])}"
+        )
     console.print(
         f"quotes replayed: {quotes}   Kafka records consumed (quotes + heartbeats): {consumed}"
         f"   opportunities: {result['total']}   wall time: {wall:.1f} s\n"
-        f"MongoDB: {settings.mongo_db}.{OPPORTUNITIES}   "
-        f"InfluxDB ({settings.influx_url}, db {settings.influx_db}): "
-        "measurements quote, spread, health\n"
-        "More: arbstream opportunities list --min-net-bps 10"
+        f"MongoDB: {settings.mongo_db}.{{{OPPORTUNITIES}, {EPISODES}, {FEATURES}, "
+        f"{THRESHOLDS}}}   InfluxDB ({settings.influx_url}, db {settings.influx_db}): "
+        f"{influx.ref('quote')}, {influx.ref('trade')}, spread, episode, spread_percentiles, "
+        f"{influx.ref('features')}, health\n"
+        "More: arbstream opportunities list --min-net-bps 10   "
+        "arbstream opportunities list --episodes --cross-quote"
     )
 
 

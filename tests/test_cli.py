@@ -26,7 +26,8 @@ from arbstream.cli import app
 from arbstream.config import Settings, get_settings
 from arbstream.topics import DEADLETTER, OPPORTUNITIES, quotes_topic, topic_layout
 from producers.replay import load_iaqf_quotes, parse_time
-from spark_jobs.sinks.mongo import upsert_opportunities
+from spark_jobs.sinks import influx
+from spark_jobs.sinks.mongo import upsert_episodes, upsert_opportunities
 
 T0 = datetime(2023, 3, 11, 4, 0, 1, tzinfo=UTC)
 SEC = timedelta(seconds=1)
@@ -330,6 +331,191 @@ def test_opportunities_bad_option_is_a_usage_error(invoke: Invoke, args: list[st
     result = invoke("opportunities", "list", *args)
     assert result.exit_code == 2, _explain(result)
     assert "Traceback" not in result.output
+
+
+# --- episodes --------------------------------------------------------------------------------
+
+EPISODE_CSV_HEADER = (
+    "episode_id,symbol,sell_symbol,cross_quote,buy_exchange,sell_exchange,start,end,"
+    "duration_s,windows,peak_net_bps,mean_net_bps,size_base,size_source,expected_profit,"
+    "profit_currency,expected_profit_usd,status"
+)
+
+
+def _episode(
+    eid: str, symbol: str, sell_symbol: str, buy: str, sell: str, start: datetime,
+    duration_s: float, windows: int, peak: float, mean: float, profit_usd: float | None,
+    event: str = "closed",
+) -> dict[str, Any]:
+    return {
+        "episode_id": eid, "event": event, "status": "closed" if event == "closed" else "open",
+        "symbol": symbol, "sell_symbol": sell_symbol, "cross_quote": symbol != sell_symbol,
+        "buy_exchange": buy, "sell_exchange": sell, "start": start,
+        "end": start + duration_s * SEC, "duration_s": duration_s, "windows": windows,
+        "peak_net_bps": peak, "mean_net_bps": mean, "size_base": 0.5,
+        "size_source": "notional", "expected_profit": profit_usd,
+        "profit_currency": symbol.split("-")[1], "expected_profit_usd": profit_usd,
+    }
+
+
+#: Seeded episode events, by a short name (the episode id).
+EPISODES = {
+    "p": _episode("p", "BTC-USD", "BTC-USD", "kraken", "coinbase", T0, 120.0, 3, 18.5, 10.25,
+                  25.5),
+    "q": _episode("q", "BTC-USDC", "BTC-USD", "coinbase", "kraken", T0 + 60 * SEC, 600.0, 11,
+                  95.0, 60.0, 450.75),
+    "r": _episode("r", "USDC-USD", "USDC-USD", "kraken", "coinbase", T0 + 120 * SEC, 60.0, 2,
+                  7.0, 7.0, None, event="opened"),
+    "s": _episode("s", "ETH-USDT", "ETH-USD", "binance", "coinbase", T0 + 180 * SEC, 240.0, 5,
+                  40.0, 22.5, 120.0),
+}
+
+
+@pytest.fixture
+def seeded_episodes(env: Settings) -> Settings:
+    assert upsert_episodes(env, EPISODES.values()) == len(EPISODES)
+    return env
+
+
+def _episode_csv_line(name: str) -> list[str]:
+    e = EPISODES[name]
+    values = {**e, "status": "closed" if e["event"] == "closed" else "open"}
+    return [
+        _iso(values[c]) if isinstance(values[c], datetime) else
+        "" if values[c] is None else str(values[c])
+        for c in EPISODE_CSV_HEADER.split(",")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        ([], "qspr"),  # peak net bps, largest first
+        (["--sort", "duration_s"], "qspr"),
+        (["--sort", "expected_profit_usd"], "qspr"),  # no profit last
+        (["--sort", "start"], "pqrs"),
+        (["--symbol", "BTC-USDC"], "q"),  # the buy leg's symbol
+        (["--since", _iso(T0 + 60 * SEC), "--until", _iso(T0 + 180 * SEC)], "qr"),  # on start
+        (["--status", "open"], "r"),
+        (["--status", "closed", "--sort", "start"], "pqs"),
+        (["--cross-quote"], "qs"),
+        (["--same-quote"], "pr"),
+        (["--min-net-bps", "18.5"], "qsp"),  # on the peak
+        (["--limit", "2"], "qs"),
+        (["--limit", "0", "--sort", "start"], "pqrs"),
+    ],
+)
+def test_episodes_csv(
+    invoke: Invoke, seeded_episodes: Settings, args: list[str], names: str
+) -> None:
+    result = invoke("opportunities", "list", "--episodes", "--format", "csv", *args)
+    assert result.exit_code == 0, _explain(result)
+    assert result.stdout.splitlines()[0] == EPISODE_CSV_HEADER
+    got = list(csv.reader(io.StringIO(result.stdout)))[1:]
+    assert got == [_episode_csv_line(n) for n in names]
+
+
+def test_episodes_json_lines(invoke: Invoke, seeded_episodes: Settings) -> None:
+    result = invoke("opportunities", "list", "--episodes", "--format", "json", "--cross-quote")
+    assert result.exit_code == 0, _explain(result)
+    docs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [d["episode_id"] for d in docs] == ["q", "s"]
+    for doc in docs:
+        row = EPISODES[doc["episode_id"]]
+        for key, value in row.items():
+            if key == "event":
+                assert key not in doc
+            elif isinstance(value, datetime):
+                assert parse_time(doc[key]) == value and doc[key].endswith("Z"), key
+            else:
+                assert doc[key] == value, key
+        assert parse_time(doc["first_seen_at"]) > T0
+
+
+def _table_rows(out: str) -> list[list[str]]:
+    return [
+        [c.strip() for c in re.split(r"[│|]", line) if c.strip()]
+        for line in out.splitlines() if "2023-03-11" in line
+    ]
+
+
+def test_episodes_table(invoke: Invoke, seeded_episodes: Settings) -> None:
+    result = invoke("opportunities", "list", "--episodes")
+    assert result.exit_code == 0, _explain(result)
+    out = flat(result.stdout)
+    for column in ["symbol", "buy → sell", "start (UTC)", "duration (s)", "windows",
+                   "peak bps", "mean bps", "size", "profit USD", "status"]:
+        assert column in out
+    assert "episode_id" not in out
+    assert _table_rows(result.stdout) == [
+        ["BTC-USDC/BTC-USD", "coinbase → kraken", "2023-03-11 04:01:01", "600", "11",
+         "95.00", "60.00", "0.5", "450.75", "closed"],
+        ["ETH-USDT/ETH-USD", "binance → coinbase", "2023-03-11 04:03:01", "240", "5",
+         "40.00", "22.50", "0.5", "120.00", "closed"],
+        ["BTC-USD", "kraken → coinbase", "2023-03-11 04:00:01", "120", "3", "18.50",
+         "10.25", "0.5", "25.50", "closed"],
+        ["USDC-USD", "kraken → coinbase", "2023-03-11 04:02:01", "60", "2", "7.00", "7.00",
+         "0.5", "-", "open"],
+    ]
+
+
+def test_episodes_empty_database(invoke: Invoke) -> None:
+    result = invoke("opportunities", "list", "--episodes", "--format", "csv")
+    assert result.exit_code == 0, _explain(result)
+    assert result.stdout.splitlines() == [EPISODE_CSV_HEADER]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--status", "closed"],  # episode options need --episodes
+        ["--cross-quote"],
+        ["--sort", "start"],
+        ["--episodes", "--status", "opened"],
+        ["--episodes", "--sort", "net_bps"],
+    ],
+)
+def test_episode_options_usage_errors(invoke: Invoke, args: list[str]) -> None:
+    result = invoke("opportunities", "list", *args)
+    assert result.exit_code == 2, _explain(result)
+    assert "Traceback" not in result.output
+
+
+def test_demo_summary_reports_episodes_and_the_depeg(
+    env: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from arbstream import cli
+
+    conf = env.model_copy(update={
+        "influx_db": "t_cli_demo_summary", **cli.DEMO_OVERRIDES,
+    })
+    influx.ensure_database(conf)
+    cross = {**ROWS["d"], "opportunity_id": "cross", "symbol": "BTC-USDC",
+             "sell_symbol": "BTC-USD", "cross_quote": True}
+    upsert_opportunities(conf, [*ROWS.values(), cross])
+    upsert_episodes(conf, EPISODES.values())
+    ts = int(T0.timestamp() * 1000)
+    influx.write_quotes(conf, [
+        {"exchange": "kraken", "symbol": "USDC-USD", "bid": 0.95, "ask": 0.96,
+         "exchange_ts": ts},
+        {"exchange": "coinbase", "symbol": "USDC-USD", "bid": 0.877, "ask": 0.879,
+         "exchange_ts": ts + 90_000},
+    ])
+    cli._demo_summary(conf, T0, T0 + timedelta(hours=1), 1234, 1300, 4.5)
+    out = capsys.readouterr().out
+    text = flat(out)
+    assert "Top 10 episodes by peak net bps" in text
+    assert "USDC depeg / cross-quote: 1 cross-quote opportunities, 2 cross-quote episodes" in text
+    assert "Best cross-quote episodes" in text
+    assert "minimum USDC-USD mid: 0.8780 on coinbase at 2023-03-11T04:01:31Z" in text
+    assert '"raw"."quote"' in text and '"features"."features"' in text
+    rows = _table_rows(out)
+    top = [r for r in rows if len(r) == 10]
+    assert [r[0] for r in top] == [  # top episodes, then the cross-quote ones
+        "BTC-USDC/BTC-USD", "ETH-USDT/ETH-USD", "BTC-USD", "USDC-USD",
+        "BTC-USDC/BTC-USD", "ETH-USDT/ETH-USD",
+    ]
+    assert "quotes replayed: 1234" in text
 
 
 # --- replay ----------------------------------------------------------------------------------

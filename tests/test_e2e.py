@@ -124,7 +124,7 @@ def test_influx_has_every_quote_and_spread(first_run, e2e_settings, expected) ->
     spreads = reference_spreads(
         expected, conf.taker_fees, conf.window_seconds, conf.max_quote_age_seconds
     )
-    q = influx.query(conf, 'SELECT count("bid") FROM "quote"')
+    q = influx.query(conf, 'SELECT count("bid") FROM "raw"."quote"')
     s = influx.query(conf, 'SELECT count("net_bps") FROM "spread"')
     assert q[0]["count"] == len(expected)
     assert s[0]["count"] == len(spreads)

@@ -35,8 +35,12 @@ def msettings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
 
 @pytest.fixture
 def isettings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
-    """Session settings with an InfluxDB database of this test's own, created."""
-    conf = settings.model_copy(update={"influx_db": _unique_name(request)})
+    """Session settings with an InfluxDB database of this test's own, created, whose ``raw``
+    and ``features`` policies keep 2023 points (INF: finite ones would drop them)."""
+    conf = settings.model_copy(update={
+        "influx_db": _unique_name(request), "influx_raw_retention": "INF",
+        "influx_features_retention": "INF",
+    })
     influx.ensure_database(conf)
     return conf
 
@@ -129,18 +133,28 @@ def test_unique_index_on_opportunity_key(msettings: Settings) -> None:
     mongo.upsert_opportunities(msettings, [opportunity()])
     client, coll = _coll(msettings)
     with client:
-        assert mongo.ensure_indexes(client[msettings.mongo_db]) == list(mongo.INDEXES)  # again
+        again = mongo.ensure_indexes(client[msettings.mongo_db],
+                                     ttl_seconds=mongo.ttl_seconds(msettings))
+        assert again[mongo.OPPORTUNITIES] == [*mongo.INDEXES[mongo.OPPORTUNITIES],
+                                              mongo.TTL_INDEX]
         info = coll.index_information()
-    uniq = info["uniq_symbol_window_pair"]
+    uniq = info["uniq_pair_window"]
     assert uniq.get("unique") is True
-    assert [k for k, _ in uniq["key"]] == ["symbol", "window_end", "buy_exchange", "sell_exchange"]
-    assert info["window_end_desc"]["key"] == [("window_end", -1)]
+    assert [k for k, _ in uniq["key"]] == [
+        "symbol", "sell_symbol", "window_end", "buy_exchange", "sell_exchange"
+    ]
+    assert info["window_end_net_bps"]["key"] == [("window_end", 1), ("net_bps", -1)]
     assert info["net_bps_desc"]["key"] == [("net_bps", -1)]
     assert [k for k, _ in info["symbol_window_end"]["key"]] == ["symbol", "window_end"]
 
     clash = {**opportunity(), "opportunity_id": "another id for the same opportunity"}
     with pytest.raises(BulkWriteError):
         mongo.upsert_opportunities(msettings, [clash])
+    # the same buy leg, window and exchanges but another sell symbol is another opportunity
+    usdc = {**opportunity(symbol="BTC-USDC"), "sell_symbol": "BTC-USD", "cross_quote": True}
+    usdt = {**usdc, "opportunity_id": usdc["opportunity_id"] + "|BTC-USDT",
+            "sell_symbol": "BTC-USDT"}
+    assert mongo.upsert_opportunities(msettings, [usdc, usdt]) == 2
 
 
 def test_find_opportunities_filters_and_order(msettings: Settings) -> None:
@@ -204,6 +218,7 @@ def test_summary_counts_pairs_and_top(msettings: Settings) -> None:
     assert result["pairs"] == [
         {
             "symbol": "BTC-USD",
+            "sell_symbol": "BTC-USD",
             "buy_exchange": "kraken",
             "sell_exchange": "coinbase",
             "count": 3,
@@ -212,6 +227,7 @@ def test_summary_counts_pairs_and_top(msettings: Settings) -> None:
         },
         {
             "symbol": "BTC-USD",
+            "sell_symbol": "BTC-USD",
             "buy_exchange": "binance",
             "sell_exchange": "coinbase",
             "count": 1,
@@ -220,6 +236,7 @@ def test_summary_counts_pairs_and_top(msettings: Settings) -> None:
         },
         {
             "symbol": "ETH-USD",
+            "sell_symbol": "ETH-USD",
             "buy_exchange": "kraken",
             "sell_exchange": "gemini",
             "count": 1,
@@ -266,8 +283,9 @@ def test_line_protocol_formatting() -> None:
     assert "ask_size=3," in line
 
     spread = opportunity(window_end=dt.datetime(2023, 3, 11, 4, 0, 5, 250000))  # naive = UTC
-    assert influx.spread_line(spread) == (
-        "spread,buy_exchange=kraken,sell_exchange=coinbase,symbol=BTC-USD "
+    assert influx.spread_line(spread) == (  # old minimal rows: same-quote, sell_symbol=symbol
+        "spread,buy_exchange=kraken,cross_quote=false,sell_exchange=coinbase,"
+        "sell_symbol=BTC-USD,symbol=BTC-USD "
         "buy_ask=20000,gross_bps=100,net_bps=12.5,sell_bid=20200 1678507205250"
     )
     aware = opportunity(window_end=T0.astimezone(dt.timezone(dt.timedelta(hours=-5))))
@@ -291,7 +309,8 @@ def test_write_and_query_quotes_and_spreads(isettings: Settings) -> None:
     assert influx.write_quotes(isettings, quotes) == 3
     assert influx.write_spreads(isettings, spreads) == 2
 
-    got = influx.query(isettings, "SELECT * FROM quote ORDER BY time")
+    assert influx.query(isettings, "SELECT * FROM quote") == []  # not in the default RP
+    got = influx.query(isettings, 'SELECT * FROM "raw"."quote" ORDER BY time')
     assert sorted(got, key=lambda r: (r["time"], r["exchange"])) == [
         {"time": T0_MS + 123, "exchange": "coinbase", "symbol": "BTC-USD", "bid": 20002,
          "ask": 20003.5, "bid_size": None, "ask_size": 1.5},
@@ -302,18 +321,18 @@ def test_write_and_query_quotes_and_spreads(isettings: Settings) -> None:
     ]  # fmt: skip
     got = influx.query(isettings, "SELECT * FROM spread ORDER BY time")
     assert got == [
-        {"time": T0_MS, "symbol": "BTC-USD", "buy_exchange": "kraken",
-         "sell_exchange": "coinbase", "gross_bps": 100, "net_bps": 12.5, "buy_ask": 20000,
-         "sell_bid": 20200},
-        {"time": T0_MS + 1000, "symbol": "ETH-USD", "buy_exchange": "binance",
-         "sell_exchange": "gemini", "gross_bps": 100, "net_bps": -3.25, "buy_ask": 20000,
-         "sell_bid": 20200},
+        {"time": T0_MS, "symbol": "BTC-USD", "sell_symbol": "BTC-USD", "cross_quote": "false",
+         "buy_exchange": "kraken", "sell_exchange": "coinbase", "gross_bps": 100,
+         "net_bps": 12.5, "buy_ask": 20000, "sell_bid": 20200},
+        {"time": T0_MS + 1000, "symbol": "ETH-USD", "sell_symbol": "ETH-USD",
+         "cross_quote": "false", "buy_exchange": "binance", "sell_exchange": "gemini",
+         "gross_bps": 100, "net_bps": -3.25, "buy_ask": 20000, "sell_bid": 20200},
     ]  # fmt: skip
-    fields = influx.query(isettings, "SHOW FIELD KEYS FROM quote")
+    fields = influx.query(isettings, 'SHOW FIELD KEYS FROM "raw"."quote"')
     assert {r["fieldKey"]: r["fieldType"] for r in fields} == dict.fromkeys(
         ["ask", "ask_size", "bid", "bid_size"], "float"
     )
-    grouped = influx.query(isettings, "SELECT count(bid) FROM quote GROUP BY exchange")
+    grouped = influx.query(isettings, 'SELECT count(bid) FROM "raw"."quote" GROUP BY exchange')
     assert {r["exchange"]: r["count"] for r in grouped} == {"coinbase": 1, "kraken": 2}
 
 
@@ -324,8 +343,8 @@ def test_rewrite_does_not_add_points(isettings: Settings) -> None:
         assert influx.write_quotes(isettings, quotes) == 50
         assert influx.write_spreads(isettings, spreads) == 20
     with influx.InfluxWriter(isettings, batch_lines=7) as writer:  # several batches
-        assert writer.write_lines(influx.quote_line(q) for q in quotes) == 50
-    assert influx.query(isettings, "SELECT count(bid) FROM quote")[0]["count"] == 50
+        assert writer.write_lines((influx.quote_line(q) for q in quotes), rp="raw") == 50
+    assert influx.query(isettings, 'SELECT count(bid) FROM "raw"."quote"')[0]["count"] == 50
     assert influx.query(isettings, "SELECT count(net_bps) FROM spread")[0]["count"] == 20
 
 
@@ -340,7 +359,7 @@ def test_bad_line_protocol_is_a_clear_error_not_retried(isettings: Settings) -> 
 
     assert influx.write_quotes(isettings, [quote()]) == 1  # bid is a float field now
     with pytest.raises(influx.InfluxError, match="field type conflict"):
-        writer.write_lines([f'quote,exchange=kraken bid="x" {T0_MS}'])
+        writer.write_lines([f'quote,exchange=kraken bid="x" {T0_MS}'], rp="raw")
     with pytest.raises(influx.InfluxError, match="error parsing query"):
         influx.query(isettings, "SELEC bid FROM quote")
 
@@ -376,3 +395,498 @@ def test_health_point_line_protocol() -> None:
     assert line.endswith(" 1700000000123")
     assert "messages_per_s=12.5" in line and "frames=10," in line  # float 10.0 prints as 10
     assert "last_message_age_s" not in line  # null fields are left out
+
+
+# --- new records: spreads, episodes, features, percentiles, trades -------------------------
+
+H = dt.timedelta(hours=1)
+S = dt.timedelta(seconds=1)
+
+
+def spread(**over: Any) -> dict[str, Any]:
+    """A full cross-quote spread row as the stream hands it over (buy BTC-USDC, sell BTC-USD)."""
+    row = {
+        **opportunity("BTC-USDC", T0, "coinbase", "kraken", 8.5),
+        "opportunity_id": "BTC-USDC/BTC-USD|2023-03-11T04:00:05.000Z|coinbase|kraken",
+        "sell_symbol": "BTC-USD", "cross_quote": True,
+        "conversion_symbol": "USDC-USD", "conversion_exchange": "kraken",
+        "conversion_rate": 0.9125, "conversion_fee": 0.0026, "haircut": 0.0002,
+        "size_base": 0.5, "size_source": "top_of_book", "buy_vwap": 20000.0,
+        "sell_vwap": 20200.0, "expected_profit": 8.5, "profit_currency": "USDC",
+        "expected_profit_usd": 7.75625, "episode_id": "ep-1", "spread_mean_bps": 2.5,
+        "spread_std_bps": 2.0, "spread_z": 3.0, "anomaly": True, "is_opportunity": True,
+        "extra_key": "ignored",
+    }
+    return {**row, **over}
+
+
+def episode_event(event: str = "closed", **over: Any) -> dict[str, Any]:
+    row = {
+        "episode_id": "BTC-USDC/BTC-USD|coinbase|kraken|2023-03-11T04:00:05.000Z",
+        "event": event, "status": "closed" if event == "closed" else "open",
+        "symbol": "BTC-USDC", "sell_symbol": "BTC-USD", "cross_quote": True,
+        "buy_exchange": "coinbase", "sell_exchange": "kraken",
+        "start": T0, "end": T0 + 180 * S, "duration_s": 180.0, "windows": 4,
+        "peak_net_bps": 42.5, "mean_net_bps": 20.25, "size_base": 0.5,
+        "size_source": "notional", "expected_profit": 85.0, "profit_currency": "USDC",
+        "expected_profit_usd": 77.5,
+    }
+    if event == "opened":
+        row.update(end=T0, duration_s=0.0, windows=1, peak_net_bps=10.0, mean_net_bps=10.0)
+    return {**row, **over}
+
+
+def feature(**over: Any) -> dict[str, Any]:
+    row = {
+        "feature_id": "USDC-USD|kraken|2023-03-11T04:00:05.000Z", "symbol": "USDC-USD",
+        "exchange": "kraken", "window_end": T0, "mid": 0.9125, "log_return": -0.0125,
+        "volatility": 0.004, "quote_spread_bps": 10.5, "imbalance": None, "latency_ms": 120.0,
+        "message_rate": 2.5, "volume": 1500.0, "volume_z": 4.25, "quote_age_s": 0.5,
+        "volume_spike": True,
+    }
+    return {**row, **over}
+
+
+def percentile(**over: Any) -> dict[str, Any]:
+    row = {
+        "threshold_id": "BTC-USD|BTC-USD|kraken|coinbase|2023-03-11T04:00:00.000Z",
+        "symbol": "BTC-USD", "sell_symbol": "BTC-USD", "cross_quote": False,
+        "buy_exchange": "kraken", "sell_exchange": "coinbase",
+        "hour_start": dt.datetime(2023, 3, 11, 4), "count": 3600, "mean_bps": -5.5,
+        "p50_bps": -4.0, "p75_bps": 1.5, "p95_bps": 9.25, "max_bps": 30.0,
+        "aggressive_bps": -4.0, "moderate_bps": 1.5, "conservative_bps": 9.25,
+    }
+    return {**row, **over}
+
+
+def trade(**over: Any) -> dict[str, Any]:
+    row = {"exchange": "kraken", "symbol": "BTC-USD", "price": 20000.5, "size": 0.125,
+           "side": "buy", "exchange_ts": T0_MS + 7, "trade_id": "t1"}
+    return {**row, **over}
+
+
+def _docs(conf: Settings, collection: str) -> dict[str, dict[str, Any]]:
+    with MongoClient(conf.mongo_uri.get_secret_value(), tz_aware=True, tzinfo=UTC) as client:
+        return {d["_id"]: d for d in client[conf.mongo_db][collection].find()}
+
+
+def _without_first_seen(docs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {k: {f: v for f, v in d.items() if f != "first_seen_at"} for k, d in docs.items()}
+
+
+def test_spread_point_with_every_optional_field() -> None:
+    assert influx.spread_line(spread()) == (
+        "spread,buy_exchange=coinbase,cross_quote=true,sell_exchange=kraken,"
+        "sell_symbol=BTC-USD,symbol=BTC-USDC "
+        "anomaly=true,buy_ask=20000,conversion_rate=0.9125,expected_profit_usd=7.75625,"
+        "gross_bps=100,net_bps=8.5,sell_bid=20200,size_base=0.5,spread_mean_bps=2.5,"
+        f"spread_std_bps=2,spread_z=3 {T0_MS}"
+    )
+    # None statistics (not enough history yet) are left out; anomaly=False is written
+    line = influx.spread_line(spread(spread_mean_bps=None, spread_std_bps=None, spread_z=None,
+                                     anomaly=False, size_base=None, expected_profit_usd=None,
+                                     conversion_rate=None, cross_quote=False))
+    assert line == (
+        "spread,buy_exchange=coinbase,cross_quote=false,sell_exchange=kraken,"
+        "sell_symbol=BTC-USD,symbol=BTC-USDC "
+        f"anomaly=false,buy_ask=20000,gross_bps=100,net_bps=8.5,sell_bid=20200 {T0_MS}"
+    )
+
+
+def test_write_spreads_round_trip(isettings: Settings) -> None:
+    rows = [spread(), spread(window_end=T0 + S, anomaly=False, spread_z=None)]
+    for _ in range(2):  # a replay rewrites the same points
+        assert influx.write_spreads(isettings, rows) == 2
+    got = influx.query(isettings, "SELECT * FROM spread ORDER BY time")
+    common = {"symbol": "BTC-USDC", "sell_symbol": "BTC-USD", "cross_quote": "true",
+              "buy_exchange": "coinbase", "sell_exchange": "kraken", "gross_bps": 100,
+              "net_bps": 8.5, "buy_ask": 20000, "sell_bid": 20200, "size_base": 0.5,
+              "expected_profit_usd": 7.75625, "conversion_rate": 0.9125,
+              "spread_mean_bps": 2.5, "spread_std_bps": 2}
+    assert got == [
+        {"time": T0_MS, **common, "spread_z": 3, "anomaly": True},
+        {"time": T0_MS + 1000, **common, "spread_z": None, "anomaly": False},
+    ]
+    kinds = influx.query(isettings, "SHOW FIELD KEYS FROM spread")
+    assert {r["fieldKey"]: r["fieldType"] for r in kinds}["anomaly"] == "boolean"
+
+
+def test_write_episodes_only_closed(isettings: Settings) -> None:
+    opened = episode_event("opened")
+    closed = episode_event("closed")
+    other = episode_event("closed", episode_id="e2", symbol="ETH-USD", sell_symbol="ETH-USD",
+                          cross_quote=False, start=T0 + H, expected_profit_usd=None)
+    for _ in range(2):
+        assert influx.write_episodes(isettings, [opened, closed, other]) == 2
+    got = influx.query(isettings, "SELECT * FROM episode ORDER BY time")
+    assert got == [
+        {"time": T0_MS, "symbol": "BTC-USDC", "sell_symbol": "BTC-USD", "cross_quote": "true",
+         "buy_exchange": "coinbase", "sell_exchange": "kraken", "duration_s": 180,
+         "windows": 4, "peak_net_bps": 42.5, "mean_net_bps": 20.25,
+         "expected_profit_usd": 77.5},
+        {"time": T0_MS + 3_600_000, "symbol": "ETH-USD", "sell_symbol": "ETH-USD",
+         "cross_quote": "false", "buy_exchange": "coinbase", "sell_exchange": "kraken",
+         "duration_s": 180, "windows": 4, "peak_net_bps": 42.5, "mean_net_bps": 20.25,
+         "expected_profit_usd": None},
+    ]  # fmt: skip
+    assert influx.write_episodes(isettings, [opened]) == 0
+
+
+def test_write_features_into_the_features_policy(isettings: Settings) -> None:
+    rows = [feature(), feature(window_end=T0 + S, volume_spike=False, mid=0.95, volume_z=None)]
+    for _ in range(2):
+        assert influx.write_features(isettings, rows) == 2
+    assert influx.query(isettings, "SELECT * FROM features") == []  # not the default RP
+    got = influx.query(isettings, 'SELECT * FROM "features"."features" ORDER BY time')
+    common = {"symbol": "USDC-USD", "exchange": "kraken", "log_return": -0.0125,
+              "volatility": 0.004, "quote_spread_bps": 10.5, "latency_ms": 120,
+              "message_rate": 2.5, "volume": 1500, "quote_age_s": 0.5}
+    assert got == [
+        {"time": T0_MS, **common, "mid": 0.9125, "volume_z": 4.25, "volume_spike": True},
+        {"time": T0_MS + 1000, **common, "mid": 0.95, "volume_z": None, "volume_spike": False},
+    ]
+    assert "imbalance" not in got[0]  # None in every row: never written
+    assert influx.ref("features") == '"features"."features"'
+
+
+def test_write_percentiles(isettings: Settings) -> None:
+    for _ in range(2):
+        assert influx.write_percentiles(isettings, [percentile()]) == 1
+    got = influx.query(isettings, "SELECT * FROM spread_percentiles")
+    assert got == [
+        {"time": T0_MS - 5000, "symbol": "BTC-USD", "sell_symbol": "BTC-USD",
+         "cross_quote": "false", "buy_exchange": "kraken", "sell_exchange": "coinbase",
+         "count": 3600, "mean_bps": -5.5, "p50_bps": -4, "p75_bps": 1.5, "p95_bps": 9.25,
+         "max_bps": 30, "aggressive_bps": -4, "moderate_bps": 1.5, "conservative_bps": 9.25},
+    ]  # fmt: skip
+    kinds = influx.query(isettings, "SHOW FIELD KEYS FROM spread_percentiles")
+    assert {r["fieldType"] for r in kinds} == {"float"}  # count too: no type conflicts
+
+
+def test_write_trades_into_the_raw_policy(isettings: Settings) -> None:
+    rows = [trade(), trade(side=None, price=20001, size=2, exchange_ts=T0_MS + 8)]
+    assert influx.trade_point(rows[0]).to_line_protocol() == (
+        f"trade,exchange=kraken,side=buy,symbol=BTC-USD price=20000.5,size=0.125 {T0_MS + 7}"
+    )
+    for _ in range(2):
+        assert influx.write_trades(isettings, rows) == 2
+    assert influx.query(isettings, "SELECT * FROM trade") == []
+    got = influx.query(isettings, 'SELECT * FROM "raw"."trade" ORDER BY time')
+    assert got == [
+        {"time": T0_MS + 7, "exchange": "kraken", "symbol": "BTC-USD", "side": "buy",
+         "price": 20000.5, "size": 0.125},
+        {"time": T0_MS + 8, "exchange": "kraken", "symbol": "BTC-USD", "side": None,
+         "price": 20001, "size": 2},
+    ]  # fmt: skip
+
+
+def test_ensure_database_creates_and_alters_retention_policies(
+    settings: Settings, request: pytest.FixtureRequest
+) -> None:
+    conf = settings.model_copy(update={"influx_db": _unique_name(request),
+                                       "influx_raw_retention": "2w"})
+    influx.ensure_database(conf)
+    influx.ensure_database(conf)  # idempotent
+
+    def policies() -> dict[str, tuple[str, bool]]:
+        rows = influx.query(conf, f'SHOW RETENTION POLICIES ON "{conf.influx_db}"')
+        return {r["name"]: (r["duration"], r["default"]) for r in rows}
+
+    assert policies() == {"autogen": ("0s", True), "raw": ("336h0m0s", False),
+                          "features": ("4320h0m0s", False)}
+    altered = conf.model_copy(update={"influx_raw_retention": "30d",
+                                      "influx_features_retention": "INF"})
+    influx.ensure_database(altered)
+    assert policies() == {"autogen": ("0s", True), "raw": ("720h0m0s", False),
+                          "features": ("0s", False)}
+
+
+def test_points_beyond_retention_are_dropped_not_raised(
+    settings: Settings, request: pytest.FixtureRequest
+) -> None:
+    conf = settings.model_copy(update={"influx_db": _unique_name(request)})  # raw: 30d
+    influx.ensure_database(conf)
+    now_ms = int(time.time() * 1000)
+    with influx.InfluxWriter(conf) as writer:
+        lines = [influx.quote_line(quote()), influx.quote_line(quote(exchange_ts=now_ms))]
+        assert writer.write_lines(lines, rp="raw") == 1  # the 2023 quote is too old
+        assert writer.dropped == 1
+    assert influx.write_quotes(conf, [quote()]) == 0
+    got = influx.query(conf, 'SELECT bid FROM "raw"."quote"')
+    assert [r["time"] for r in got] == [now_ms]
+    with pytest.raises(influx.InfluxError, match="retention policy not found.*ensure_database"):
+        influx.InfluxWriter(conf, retries=3, backoff=5.0).write_lines(
+            [influx.quote_line(quote())], rp="nope"
+        )
+
+
+def test_min_mid_across_exchanges(isettings: Settings) -> None:
+    rows = [
+        quote(symbol="USDC-USD", bid=0.90, ask=0.92, exchange_ts=T0_MS),
+        quote(symbol="USDC-USD", bid=0.87, ask=0.89, exchange_ts=T0_MS + 60_000),
+        quote(symbol="USDC-USD", exchange="coinbase", bid=0.88, ask=0.885,
+              exchange_ts=T0_MS + 120_000),
+        quote(symbol="BTC-USD", bid=0.1, ask=0.1, exchange_ts=T0_MS),
+    ]
+    influx.write_quotes(isettings, rows)
+    assert influx.min_mid(isettings, "USDC-USD") == {
+        "mid": pytest.approx(0.88), "exchange": "kraken", "time": T0 + 60 * S,
+    }
+    after = influx.min_mid(isettings, "USDC-USD", since=T0 + 61 * S)
+    assert after == {"mid": pytest.approx(0.8825), "exchange": "coinbase", "time": T0 + 120 * S}
+    before = influx.min_mid(isettings, "USDC-USD", until=T0 + 60 * S)  # until is exclusive
+    assert before == {"mid": pytest.approx(0.91), "exchange": "kraken", "time": T0}
+    assert influx.min_mid(isettings, "USDC-USD", since=T0 + H) is None
+    assert influx.min_mid(isettings, "ETH-USD") is None
+
+
+# --- MongoDB: episodes, features, thresholds, indexes --------------------------------------
+
+
+def test_upsert_episodes_open_then_close_is_replay_safe(msettings: Settings) -> None:
+    opened, closed = episode_event("opened"), episode_event("closed")
+    eid = opened["episode_id"]
+    assert mongo.upsert_episodes(msettings, [opened]) == 1
+    doc = _docs(msettings, mongo.EPISODES)[eid]
+    assert doc["status"] == "open" and doc["windows"] == 1 and doc["end"] == T0
+    assert "event" not in doc and "episode_id" not in doc
+    first_seen = doc["first_seen_at"]
+
+    assert mongo.upsert_episodes(msettings, [closed]) == 1
+    final = _docs(msettings, mongo.EPISODES)
+    assert final[eid] == {
+        "_id": eid, "status": "closed", "symbol": "BTC-USDC", "sell_symbol": "BTC-USD",
+        "cross_quote": True, "buy_exchange": "coinbase", "sell_exchange": "kraken",
+        "start": T0, "end": T0 + 180 * S, "duration_s": 180.0, "windows": 4,
+        "peak_net_bps": 42.5, "mean_net_bps": 20.25, "size_base": 0.5,
+        "size_source": "notional", "expected_profit": 85.0, "profit_currency": "USDC",
+        "expected_profit_usd": 77.5, "first_seen_at": first_seen,
+    }
+    # a replayed batch (opened after closed, in either order) regresses nothing
+    assert mongo.upsert_episodes(msettings, [opened]) == 1
+    assert mongo.upsert_episodes(msettings, [closed, opened]) == 2
+    assert _docs(msettings, mongo.EPISODES) == final
+
+
+def test_upsert_episodes_closed_first_then_opened(msettings: Settings) -> None:
+    closed = episode_event("closed", status="open")  # the event decides the status
+    assert mongo.upsert_episodes(msettings, iter([closed, episode_event("opened")])) == 2
+    [doc] = _docs(msettings, mongo.EPISODES).values()
+    assert doc["status"] == "closed" and doc["windows"] == 4 and doc["peak_net_bps"] == 42.5
+    assert isinstance(doc["first_seen_at"], dt.datetime)
+    assert mongo.upsert_episodes(msettings, []) == 0
+    with pytest.raises(ValueError, match="event must be 'opened' or 'closed'"):
+        mongo.upsert_episodes(msettings, [{**episode_event("closed"), "event": "extended"}])
+    with pytest.raises(ValueError, match="episode_id"):
+        mongo.upsert_episodes(msettings, [episode_event("closed", episode_id=None)])
+
+
+def _episodes() -> list[dict[str, Any]]:
+    def ep(eid: str, symbol: str, start_min: int, peak: float, duration: float,
+           profit: float | None, status: str = "closed", sell: str | None = None
+           ) -> dict[str, Any]:
+        sell = sell or symbol
+        return episode_event(
+            "closed" if status == "closed" else "opened", episode_id=eid, symbol=symbol,
+            sell_symbol=sell, cross_quote=sell != symbol, start=T0 + start_min * 60 * S,
+            peak_net_bps=peak, duration_s=duration, expected_profit_usd=profit,
+        )
+
+    return [
+        ep("a", "BTC-USD", 0, 10.0, 60.0, 5.0),
+        ep("b", "BTC-USDC", 1, 50.0, 30.0, 40.0, sell="BTC-USD"),
+        ep("c", "BTC-USD", 2, 30.0, 300.0, None),
+        ep("d", "ETH-USDC", 3, 20.0, 120.0, 90.0, status="open", sell="ETH-USD"),
+    ]
+
+
+def test_find_episodes_filters_and_sorts(msettings: Settings) -> None:
+    mongo.upsert_episodes(msettings, _episodes())
+
+    def ids(**kwargs: Any) -> str:
+        return "".join(d["episode_id"] for d in mongo.find_episodes(msettings, **kwargs))
+
+    assert ids() == "bcda"  # peak net bps, largest first
+    assert ids(sort="duration_s") == "cdab"
+    assert ids(sort="expected_profit_usd") == "dbac"  # no profit last
+    assert ids(sort="start") == "abcd"
+    assert ids(symbol="BTC-USD") == "ca"
+    assert ids(since=T0 + 60 * S, until=T0 + 180 * S) == "bc"  # [since, until) on start
+    assert ids(since=(T0 + 180 * S).replace(tzinfo=None)) == "d"  # naive means UTC
+    assert ids(status="open") == "d"
+    assert ids(status="closed", sort="start") == "abc"
+    assert ids(cross_quote=True) == "bd"
+    assert ids(cross_quote=False) == "ca"
+    assert ids(min_peak_bps=30.0) == "bc"
+    assert ids(limit=2) == "bc"
+    assert ids(limit=0) == "bcda"
+    doc = mongo.find_episodes(msettings, symbol="BTC-USDC")[0]
+    assert doc["episode_id"] == "b" and "_id" not in doc and doc["start"].tzinfo is not None
+    with pytest.raises(ValueError, match="sort must be one of"):
+        mongo.find_episodes(msettings, sort="net_bps")
+    with pytest.raises(ValueError, match="status must be"):
+        mongo.find_episodes(msettings, status="opened")
+
+
+def test_count_cross_quote(msettings: Settings) -> None:
+    mongo.upsert_episodes(msettings, _episodes())
+    mongo.upsert_opportunities(msettings, [spread(), spread(
+        opportunity_id="x", window_end=T0 + H, sell_symbol="BTC-USDT"), opportunity()])
+    assert mongo.count_cross_quote(msettings) == {"opportunities": 2, "episodes": 2}
+    assert mongo.count_cross_quote(msettings, since=T0 + 120 * S, until=T0 + H) == {
+        "opportunities": 0, "episodes": 1,
+    }
+
+
+def test_upsert_pair_features(msettings: Settings) -> None:
+    minimal = opportunity()  # an old-style row: no statistics, no sell symbol
+    assert mongo.upsert_pair_features(msettings, [spread(), minimal]) == 2
+    docs = _docs(msettings, mongo.FEATURES)
+    assert _without_first_seen(docs) == {
+        "pair|" + spread()["opportunity_id"]: {
+            "_id": "pair|" + spread()["opportunity_id"], "kind": "pair",
+            "symbol": "BTC-USDC", "sell_symbol": "BTC-USD", "cross_quote": True,
+            "buy_exchange": "coinbase", "sell_exchange": "kraken", "window_end": T0,
+            "net_bps": 8.5, "gross_bps": 100.0, "spread_mean_bps": 2.5, "spread_std_bps": 2.0,
+            "spread_z": 3.0, "anomaly": True,
+        },
+        "pair|" + minimal["opportunity_id"]: {
+            "_id": "pair|" + minimal["opportunity_id"], "kind": "pair", "symbol": "BTC-USD",
+            "sell_symbol": "BTC-USD", "cross_quote": False, "buy_exchange": "kraken",
+            "sell_exchange": "coinbase", "window_end": T0, "net_bps": 12.5,
+            "gross_bps": 100.0, "spread_mean_bps": None, "spread_std_bps": None,
+            "spread_z": None, "anomaly": None,
+        },
+    }
+    assert mongo.upsert_pair_features(msettings, [spread(), minimal]) == 2
+    assert _docs(msettings, mongo.FEATURES) == docs  # identical, first_seen_at included
+
+
+def test_upsert_features_and_thresholds(msettings: Settings) -> None:
+    rows = [feature(), feature(feature_id="USDC-USD|kraken|x", window_end=T0 + S, mid=None)]
+    assert mongo.upsert_features(msettings, rows) == 2
+    docs = _docs(msettings, mongo.FEATURES)
+    expected = {k: v for k, v in feature().items() if k != "feature_id"}
+    assert _without_first_seen(docs)["exchange|" + feature()["feature_id"]] == {
+        "_id": "exchange|" + feature()["feature_id"], "kind": "exchange", **expected,
+    }
+    assert docs["exchange|USDC-USD|kraken|x"]["mid"] is None
+    assert mongo.upsert_features(msettings, rows) == 2
+    assert _docs(msettings, mongo.FEATURES) == docs
+
+    assert mongo.upsert_thresholds(msettings, [percentile()]) == 1
+    thresholds = _docs(msettings, mongo.THRESHOLDS)
+    row = percentile()
+    assert _without_first_seen(thresholds) == {row["threshold_id"]: {
+        "_id": row["threshold_id"],
+        **{k: v for k, v in row.items() if k != "threshold_id"},
+        "hour_start": dt.datetime(2023, 3, 11, 4, tzinfo=UTC),
+    }}
+    assert mongo.upsert_thresholds(msettings, [percentile()]) == 1
+    assert _docs(msettings, mongo.THRESHOLDS) == thresholds
+    with pytest.raises(ValueError, match="feature_id"):
+        mongo.upsert_features(msettings, [feature(feature_id="")])
+    with pytest.raises(ValueError, match="threshold_id"):
+        mongo.upsert_thresholds(msettings, [percentile(threshold_id=None)])
+
+
+def test_indexes_on_every_collection_and_ttl(msettings: Settings) -> None:
+    conf = msettings.model_copy(update={"mongo_ttl_days": 7.5})
+    with MongoClient(conf.mongo_uri.get_secret_value()) as client:
+        db = client[conf.mongo_db]
+        # an index of the previous version is replaced by the one with sell_symbol
+        db[mongo.OPPORTUNITIES].create_index(
+            [("symbol", 1), ("window_end", 1), ("buy_exchange", 1), ("sell_exchange", 1)],
+            name="uniq_symbol_window_pair", unique=True,
+        )
+        db[mongo.OPPORTUNITIES].create_index([("window_end", -1)], name="window_end_desc")
+        names = mongo.ensure_indexes(db, ttl_seconds=mongo.ttl_seconds(conf))
+        assert names == {
+            c: [*specs, *([mongo.TTL_INDEX] if c in mongo.TTL_COLLECTIONS else [])]
+            for c, specs in mongo.INDEXES.items()
+        }
+        info = {c: db[c].index_information() for c in mongo.INDEXES}
+        assert not {"uniq_symbol_window_pair", "window_end_desc"} & set(info[mongo.OPPORTUNITIES])
+        for coll, specs in mongo.INDEXES.items():
+            for name, (keys, unique) in specs.items():
+                assert info[coll][name]["key"] == keys, (coll, name)
+                assert bool(info[coll][name].get("unique")) is unique
+        assert info[mongo.FEATURES]["symbol_exchange_window_end"]["key"] == [
+            ("symbol", 1), ("exchange", 1), ("window_end", 1)]
+        assert info[mongo.FEATURES]["kind_window_end"]["key"] == [("kind", 1), ("window_end", 1)]
+        assert info[mongo.THRESHOLDS]["pair_hour_start"]["key"] == [
+            ("symbol", 1), ("buy_exchange", 1), ("sell_exchange", 1), ("hour_start", 1)]
+        assert info[mongo.EPISODES]["symbol_start"]["key"] == [("symbol", 1), ("start", 1)]
+        # TTL on first_seen_at (wall clock) of the high-volume collections only
+        for coll in (mongo.OPPORTUNITIES, mongo.FEATURES):
+            ttl = info[coll][mongo.TTL_INDEX]
+            assert ttl["key"] == [("first_seen_at", 1)]
+            assert ttl["expireAfterSeconds"] == 648_000  # 7.5 days
+        for coll in (mongo.EPISODES, mongo.THRESHOLDS):
+            assert not any("expireAfterSeconds" in i for i in info[coll].values())
+        # a new TTL is applied in place; the default is Settings().mongo_ttl_days
+        mongo.ensure_indexes(db)
+        assert db[mongo.FEATURES].index_information()[mongo.TTL_INDEX][
+            "expireAfterSeconds"] == 30 * 86_400
+    # the writers create the indexes with the configured TTL
+    other = conf.model_copy(update={"mongo_db": conf.mongo_db + "_w", "mongo_ttl_days": 1})
+    with MongoClient(conf.mongo_uri.get_secret_value()) as client:
+        client.drop_database(other.mongo_db)
+        mongo.upsert_episodes(other, [episode_event()])
+        got = client[other.mongo_db][mongo.OPPORTUNITIES].index_information()
+        client.drop_database(other.mongo_db)
+    assert got[mongo.TTL_INDEX]["expireAfterSeconds"] == 86_400
+
+
+def _plan_stages(plan: dict[str, Any]) -> list[str]:
+    stages = [plan["stage"]]
+    for key in ("inputStage", "inputStages"):
+        child = plan.get(key)
+        for sub in child if isinstance(child, list) else [child] if child else []:
+            stages += _plan_stages(sub)
+    return stages
+
+
+def test_every_query_uses_an_index(msettings: Settings) -> None:
+    """explain() of each query the CLI and demo make: an IXSCAN, never a COLLSCAN."""
+    mongo.upsert_episodes(msettings, _episodes())
+    mongo.upsert_opportunities(msettings, [spread(), opportunity()])
+    mongo.upsert_features(msettings, [feature()])
+    mongo.upsert_thresholds(msettings, [percentile()])
+    since, until = T0, T0 + H
+    episode_queries = [
+        mongo._episode_filter(),
+        mongo._episode_filter(symbol="BTC-USD"),
+        mongo._episode_filter(since=since, until=until),
+        mongo._episode_filter(status="closed"),
+        mongo._episode_filter(cross_quote=True),
+        mongo._episode_filter(since=since, until=until, cross_quote=True),
+        mongo._episode_filter(min_peak_bps=10.0),
+    ]
+    with MongoClient(msettings.mongo_uri.get_secret_value()) as client:
+        db = client[msettings.mongo_db]
+        cursors = [
+            db[mongo.EPISODES].find(q).sort(keys)
+            for q in episode_queries for keys in mongo.EPISODE_SORTS.values()
+        ]
+        cursors += [
+            db[mongo.OPPORTUNITIES].find(mongo._filter(*args)).sort(
+                [("window_end", 1), ("net_bps", -1)])
+            for args in [(), ("BTC-USD",), (None, since, until), (None, None, None, 5.0)]
+        ]
+        cursors += [
+            db[mongo.OPPORTUNITIES].find(mongo._filter(since=since, until=until)).sort(
+                [("net_bps", -1), ("window_end", 1)]),
+            db[mongo.OPPORTUNITIES].find({"cross_quote": True,
+                                          **mongo._filter(since=since, until=until)}),
+            db[mongo.FEATURES].find({"symbol": "USDC-USD", "exchange": "kraken",
+                                     "window_end": {"$gte": since}}),
+            db[mongo.FEATURES].find({"kind": "pair", "window_end": {"$gte": since}}),
+            db[mongo.THRESHOLDS].find({"symbol": "BTC-USD", "buy_exchange": "kraken",
+                                       "sell_exchange": "coinbase"}).sort("hour_start", -1),
+        ]
+        for cursor in cursors:
+            plan = cursor.explain()["queryPlanner"]["winningPlan"]
+            stages = _plan_stages(plan)
+            assert "IXSCAN" in stages and "COLLSCAN" not in stages, (
+                plan.get("parsedQuery"), cursor.explain()["queryPlanner"], stages)

@@ -1,20 +1,49 @@
-"""InfluxDB sink: quotes and spreads as line protocol, millisecond precision.
+"""InfluxDB sink: quotes, trades, spreads, episodes, features and percentiles as line protocol,
+millisecond precision.
 
 Called on executors from ``foreachBatch`` through ``DataFrame.foreachPartition`` with rows
-converted to plain dicts (``row.asDict()``); nothing connects at import time.
+converted to plain dicts (``row.asDict()``); nothing connects at import time. Extra keys in a
+row are ignored; optional keys that are missing or ``None`` leave their field out.
 
-Measurements (numbers are always written as floats, so field types never conflict):
+Measurements (numbers are always written as floats, so field types never conflict; booleans
+as booleans; every time is UTC, ms):
 
-* ``quote``  tags ``exchange``, ``symbol``; fields ``bid``, ``ask`` and, when not ``None``,
-  ``bid_size``, ``ask_size``; time = ``exchange_ts`` (UTC ms).
-* ``spread`` tags ``symbol``, ``buy_exchange``, ``sell_exchange``; fields ``gross_bps``,
-  ``net_bps`` (basis points), ``buy_ask``, ``sell_bid`` (quote currency); time =
-  ``window_end`` (UTC ms).
+* ``quote`` (RP ``raw``) tags ``exchange``, ``symbol``; fields ``bid``, ``ask`` and, when not
+  ``None``, ``bid_size``, ``ask_size``; time = ``exchange_ts``.
+* ``trade`` (RP ``raw``) tags ``exchange``, ``symbol`` and ``side`` when given; fields
+  ``price`` (quote currency), ``size`` (base units); time = ``exchange_ts``.
+* ``spread`` (default RP) tags ``symbol`` (buy leg), ``sell_symbol``, ``buy_exchange``,
+  ``sell_exchange``, ``cross_quote`` (``"true"``/``"false"``); fields ``gross_bps``,
+  ``net_bps`` (basis points), ``buy_ask``, ``sell_bid`` (quote currency of each leg) and,
+  when not ``None``, ``spread_mean_bps``, ``spread_std_bps`` (bps), ``spread_z`` (standard
+  deviations), ``anomaly`` (bool), ``size_base`` (base units), ``expected_profit_usd`` (USD),
+  ``conversion_rate``; time = ``window_end``.
+* ``episode`` (default RP, closed episodes only) tags as ``spread``; fields ``duration_s``
+  (seconds), ``windows``, ``peak_net_bps``, ``mean_net_bps`` (bps) and
+  ``expected_profit_usd`` (USD) when not ``None``; time = ``start``.
+* ``spread_percentiles`` (default RP) tags as ``spread``; fields ``count``, ``mean_bps``,
+  ``p50_bps``, ``p75_bps``, ``p95_bps``, ``max_bps``, ``aggressive_bps``, ``moderate_bps``,
+  ``conservative_bps`` (bps); time = ``hour_start``.
+* ``features`` (RP ``features``) tags ``symbol``, ``exchange``; fields the non-``None`` of
+  :data:`FEATURE_FIELDS` and ``volume_spike`` (bool); time = ``window_end``.
+* ``health`` (default RP), see :func:`health_point`.
+
+Retention: in v1, :func:`ensure_database` keeps retention policies ``raw``
+(``settings.influx_raw_retention``) and ``features`` (``settings.influx_features_retention``)
+beside the default ``autogen`` (infinite); :data:`MEASUREMENT_RP` says which measurement lives
+where, and writes pass ``rp=`` on ``/write``. Read them qualified, e.g.
+``SELECT ... FROM "raw"."quote"`` (see :func:`ref`). InfluxDB drops points older than their
+policy's duration (relative to the wall clock): such a "points beyond retention policy" partial
+write is logged and counted in :attr:`InfluxWriter.dropped`, not raised, so replaying old data
+never stops the stream — use ``INF`` retentions to keep historical replays. In v2 retention
+is a property of the bucket: every measurement is written to the one bucket
+``settings.influx_db`` and ``rp`` is ignored (use separate buckets and DBRP mappings if raw data
+must expire sooner).
 
 Writes are idempotent: InfluxDB keeps one point per (measurement, tag set, timestamp) and a
 rewrite replaces its fields, so replaying a micro-batch does not add points. (Two different
-quotes of one exchange and symbol with the same ``exchange_ts`` millisecond collapse into the
-last one written.)
+quotes, or trades, of one exchange and symbol (and side) with the same ``exchange_ts``
+millisecond collapse into the last one written.)
 
 APIs: ``settings.influx_api == "v1"`` talks InfluxDB 1.x's ``/write`` and ``/query`` with the
 standard library (1.x has no ``/api/v2``); ``"v2"`` writes with ``influxdb_client``'s
@@ -27,6 +56,8 @@ import base64
 import contextlib
 import datetime as dt
 import json
+import logging
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -42,6 +73,23 @@ from arbstream.schemas import HEALTH_FIELDS
 BATCH_LINES = 5000
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+RP_RAW = "raw"
+RP_FEATURES = "features"
+#: Measurement -> its retention policy (v1). Measurements not listed use the default RP.
+MEASUREMENT_RP: dict[str, str] = {"quote": RP_RAW, "trade": RP_RAW, "features": RP_FEATURES}
+#: Optional float fields of ``features`` points.
+FEATURE_FIELDS = (
+    "mid", "log_return", "volatility", "quote_spread_bps", "imbalance", "latency_ms",
+    "message_rate", "volume", "volume_z", "quote_age_s",
+)
+#: Float fields of ``spread_percentiles`` points (bps, except ``count``).
+PERCENTILE_FIELDS = (
+    "count", "mean_bps", "p50_bps", "p75_bps", "p95_bps", "max_bps", "aggressive_bps",
+    "moderate_bps", "conservative_bps",
+)
+_BEYOND_RETENTION = re.compile(r"^partial write: points beyond retention policy dropped=(\d+)$")
 
 
 class InfluxError(RuntimeError):
@@ -108,36 +156,153 @@ def quote_point(row: Mapping[str, Any]) -> Point:
     return point
 
 
+def _bool_tag(value: Any) -> str:
+    return "true" if value else "false"
+
+
+def _optional_fields(point: Point, row: Mapping[str, Any], names: Iterable[str]) -> Point:
+    """Add each of ``names`` whose value is not ``None`` as a float field."""
+    for name in names:
+        if row.get(name) is not None:
+            point.field(name, float(row[name]))
+    return point
+
+
+def _pair_tags(point: Point, row: Mapping[str, Any]) -> Point:
+    """Tags of a pair: ``symbol`` (buy leg), ``sell_symbol`` (defaults to ``symbol``),
+    ``buy_exchange``, ``sell_exchange``, ``cross_quote`` (``"true"``/``"false"``, default
+    false). Raises KeyError when ``symbol`` or an exchange is missing."""
+    return (
+        point.tag("symbol", row["symbol"])
+        .tag("sell_symbol", row.get("sell_symbol") or row["symbol"])
+        .tag("buy_exchange", row["buy_exchange"])
+        .tag("sell_exchange", row["sell_exchange"])
+        .tag("cross_quote", _bool_tag(row.get("cross_quote")))
+    )
+
+
+#: Optional float fields of ``spread`` points.
+SPREAD_OPTIONAL_FIELDS = (
+    "spread_mean_bps", "spread_std_bps", "spread_z", "size_base", "expected_profit_usd",
+    "conversion_rate",
+)
+
+
 def spread_point(row: Mapping[str, Any]) -> Point:
-    """The ``spread`` point of one spread/opportunity row (``symbol, buy_exchange,
-    sell_exchange, gross_bps, net_bps, buy_ask, sell_bid, window_end``).
+    """The ``spread`` point of one spread/opportunity row.
+
+    Required keys: ``symbol, buy_exchange, sell_exchange, gross_bps, net_bps`` (bps),
+    ``buy_ask, sell_bid`` (quote currency) and ``window_end`` (datetime, naive = UTC).
+    Optional: ``sell_symbol`` (default ``symbol``), ``cross_quote`` (default false) and, each
+    written only when not ``None``, ``anomaly`` (bool) and :data:`SPREAD_OPTIONAL_FIELDS`.
 
     Raises:
         KeyError: a required key is missing.
     """
-    return (
-        Point("spread")
-        .tag("symbol", row["symbol"])
-        .tag("buy_exchange", row["buy_exchange"])
-        .tag("sell_exchange", row["sell_exchange"])
+    point = (
+        _pair_tags(Point("spread"), row)
         .field("gross_bps", _float(row["gross_bps"]))
         .field("net_bps", _float(row["net_bps"]))
         .field("buy_ask", _float(row["buy_ask"]))
         .field("sell_bid", _float(row["sell_bid"]))
         .time(to_epoch_ms(row["window_end"]), WritePrecision.MS)
     )
+    _optional_fields(point, row, SPREAD_OPTIONAL_FIELDS)
+    if row.get("anomaly") is not None:
+        point.field("anomaly", bool(row["anomaly"]))
+    return point
+
+
+def trade_point(row: Mapping[str, Any]) -> Point:
+    """The ``trade`` point (RP ``raw``) of one trade row: tags ``exchange``, ``symbol`` and
+    ``side`` when not ``None``; fields ``price`` (quote currency) and ``size`` (base units)
+    when not ``None``; time = ``exchange_ts`` (UTC ms). ``trade_id`` is not stored.
+
+    Raises:
+        KeyError: ``exchange``, ``symbol`` or ``exchange_ts`` is missing.
+    """
+    point = Point("trade").tag("exchange", row["exchange"]).tag("symbol", row["symbol"])
+    if row.get("side") is not None:
+        point.tag("side", row["side"])
+    _optional_fields(point, row, ("price", "size"))
+    return point.time(to_epoch_ms(row["exchange_ts"]), WritePrecision.MS)
+
+
+def episode_point(row: Mapping[str, Any]) -> Point:
+    """The ``episode`` point of one closed-episode row: pair tags (see :func:`spread_point`);
+    fields ``duration_s`` (seconds), ``windows`` (count, as float), ``peak_net_bps``,
+    ``mean_net_bps`` (bps) and ``expected_profit_usd`` (USD) when not ``None``; time =
+    ``start`` (datetime, naive = UTC).
+
+    Raises:
+        KeyError: a tag key or ``start`` is missing.
+    """
+    point = _pair_tags(Point("episode"), row)
+    _optional_fields(
+        point, row,
+        ("duration_s", "windows", "peak_net_bps", "mean_net_bps", "expected_profit_usd"),
+    )
+    return point.time(to_epoch_ms(row["start"]), WritePrecision.MS)
+
+
+def percentile_point(row: Mapping[str, Any]) -> Point:
+    """The ``spread_percentiles`` point of one hourly percentile row: pair tags (see
+    :func:`spread_point`), the non-``None`` of :data:`PERCENTILE_FIELDS` (bps; ``count`` as
+    float), time = ``hour_start`` (datetime, naive = UTC).
+
+    Raises:
+        KeyError: a tag key or ``hour_start`` is missing.
+    """
+    point = _optional_fields(_pair_tags(Point("spread_percentiles"), row), row,
+                             PERCENTILE_FIELDS)
+    return point.time(to_epoch_ms(row["hour_start"]), WritePrecision.MS)
+
+
+def feature_point(row: Mapping[str, Any]) -> Point:
+    """The ``features`` point (RP ``features``) of one per-exchange feature row: tags
+    ``symbol``, ``exchange``; the non-``None`` of :data:`FEATURE_FIELDS` as floats
+    (``quote_spread_bps`` in bps, ``latency_ms`` in ms, ``quote_age_s`` in seconds,
+    ``message_rate`` per second) and ``volume_spike`` (bool) when not ``None``; time =
+    ``window_end`` (datetime, naive = UTC).
+
+    Raises:
+        KeyError: ``symbol``, ``exchange`` or ``window_end`` is missing.
+    """
+    point = _optional_fields(
+        Point("features").tag("symbol", row["symbol"]).tag("exchange", row["exchange"]),
+        row, FEATURE_FIELDS,
+    )
+    if row.get("volume_spike") is not None:
+        point.field("volume_spike", bool(row["volume_spike"]))
+    return point.time(to_epoch_ms(row["window_end"]), WritePrecision.MS)
 
 
 def health_point(row: Mapping[str, Any]) -> Point:
-    """The ``health`` point of one producer health row: tag ``exchange``, every numeric
-    counter and rate of :data:`arbstream.schemas.HEALTH_FIELDS` that is not null as a float
-    field, time = ``ts`` (UTC ms).
+    """The ``health`` point of one producer health row, raw or enriched by
+    :func:`spark_jobs.health.enrich`.
+
+    Tags ``exchange`` and, on enriched rows, ``status`` (``ok``/``degraded``/``stale``, for
+    ``WHERE``/``GROUP BY``). Float fields: every numeric counter and rate of
+    :data:`arbstream.schemas.HEALTH_FIELDS`, the enriched ``interval_s`` (s),
+    ``records_delta``, ``errors_delta``, ``reconnects_delta`` (counts), ``staleness_s`` (s),
+    ``uptime``, ``rate_score``, ``freshness``, ``error_rate``, ``reliability`` (fractions) and
+    ``status_code`` (0 ok, 1 degraded, 2 stale, for graphs and alerts). Null or absent keys are
+    left out. Time = ``ts`` (UTC ms).
 
     Raises:
         KeyError: ``exchange`` or ``ts`` is missing.
+        ValueError: ``status`` is not one of the three.
     """
+    enriched = ("interval_s", "records_delta", "errors_delta", "reconnects_delta", "staleness_s",
+                "uptime", "rate_score", "freshness", "error_rate", "reliability")
     point = Point("health").tag("exchange", row["exchange"])
-    for name in HEALTH_FIELDS:
+    status = row.get("status")
+    if status is not None:
+        codes = {"ok": 0.0, "degraded": 1.0, "stale": 2.0}
+        if status not in codes:
+            raise ValueError(f"health status must be one of {sorted(codes)}, got {status!r}")
+        point.tag("status", status).field("status_code", codes[status])
+    for name in [*HEALTH_FIELDS, *enriched]:
         if name not in ("schema_version", "type", "exchange", "ts") and row.get(name) is not None:
             point.field(name, float(row[name]))
     return point.time(to_epoch_ms(row["ts"]), WritePrecision.MS)
@@ -226,6 +391,7 @@ class InfluxWriter:
         timeout: seconds per HTTP request.
 
     Use as a context manager (or call :meth:`close`) to release the v2 client.
+    :attr:`dropped` counts the points InfluxDB dropped as older than their retention policy.
     """
 
     def __init__(
@@ -244,6 +410,7 @@ class InfluxWriter:
         self.timeout = timeout
         self._v2_client: Any = None
         self._v2_write: Any = None
+        self.dropped = 0
 
     def __enter__(self) -> InfluxWriter:
         return self
@@ -257,47 +424,71 @@ class InfluxWriter:
             self._v2_client.close()
             self._v2_client = self._v2_write = None
 
-    def write_lines(self, lines: Iterable[str]) -> int:
+    def write_lines(self, lines: Iterable[str], *, rp: str | None = None) -> int:
         """Write line protocol (ms timestamps), ``batch_lines`` per request; empty lines are
         skipped.
 
+        Args:
+            lines: line protocol, one point each.
+            rp: v1 retention policy to write into (``None``: the database's default); ignored
+                by v2, where retention is a property of the bucket.
+
         Returns:
-            Number of lines written.
+            Number of lines stored: those sent minus any InfluxDB dropped as older than the
+            retention policy (added to :attr:`dropped` and logged, not raised).
 
         Raises:
             InfluxError: HTTP 4xx with InfluxDB's message (bad line protocol, field type
-                conflict, unknown database, auth); never retried. In v1 a 400 "partial
-                write" means the valid lines of that batch were stored.
+                conflict, unknown database or retention policy, auth); never retried. In v1 a
+                400 "partial write" means the valid lines of that batch were stored.
             InfluxUnavailableError: 5xx or connection errors after every retry.
         """
         total = 0
         for batch in _batches(lines, self.batch_lines):
             body = "\n".join(batch).encode("utf-8")
             send = self._send_v2 if self.settings.influx_api == "v2" else self._send_v1
-            _retrying(
-                lambda body=body, send=send: send(body),
+            dropped = _retrying(
+                lambda body=body, send=send: send(body, rp),
                 self.retries,
                 self.backoff,
                 "InfluxDB write",
             )
-            total += len(batch)
+            if dropped:
+                self.dropped += dropped
+                log.warning(
+                    "InfluxDB dropped %d of %d points older than retention policy %s",
+                    dropped, len(batch), rp or "(default)",
+                )
+            total += len(batch) - dropped
         return total
 
-    def _send_v1(self, body: bytes) -> None:
-        url = _url(self.settings, "/write", db=self.settings.influx_db, precision="ms")
+    def _send_v1(self, body: bytes, rp: str | None) -> int:
+        """POST ``/write``; returns how many points were dropped as beyond retention."""
+        params = {"db": self.settings.influx_db, "precision": "ms"}
+        if rp:
+            params["rp"] = rp
+        url = _url(self.settings, "/write", **params)
         headers = {"Content-Type": "text/plain; charset=utf-8", **_auth_headers(self.settings)}
+        hint = "(create it with spark_jobs.sinks.influx.ensure_database)"
         try:
             _http(url, data=body, headers=headers, timeout=self.timeout)
         except InfluxError as exc:
+            beyond = _BEYOND_RETENTION.match(exc.body) if exc.status == 400 else None
+            if beyond:
+                return int(beyond[1])
             if exc.status == 404 and "database not found" in exc.body:
+                raise InfluxError(f"{exc} {hint}", exc.status, exc.body) from None
+            raise
+        except _Retryable as exc:
+            if exc.body.startswith("retention policy not found"):  # 1.x answers 500
                 raise InfluxError(
-                    f"{exc} (create it with spark_jobs.sinks.influx.ensure_database)",
-                    exc.status,
-                    exc.body,
+                    f"InfluxDB rejected the write: {exc.body} {hint}", exc.status, exc.body
                 ) from None
             raise
+        return 0
 
-    def _send_v2(self, body: bytes) -> None:
+    def _send_v2(self, body: bytes, rp: str | None) -> int:
+        """Write to the bucket ``influx_db`` (``rp`` is ignored); returns 0 (nothing dropped)."""
         from influxdb_client.rest import ApiException
         from urllib3.exceptions import HTTPError as Urllib3Error
 
@@ -335,6 +526,7 @@ class InfluxWriter:
             raise _Retryable(f"HTTP {status}: {text}", status, text) from None
         except (Urllib3Error, OSError) as exc:
             raise _Retryable(f"cannot reach {self.settings.influx_url}: {exc}") from None
+        return 0
 
 
 def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -353,14 +545,29 @@ def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
 # --- convenience for foreachPartition ---------------------------------------------------------
 
 
+def _write(settings: Settings, measurement: str, lines: Iterable[str]) -> int:
+    """Write ``lines`` into the retention policy of ``measurement`` (:data:`MEASUREMENT_RP`)."""
+    with InfluxWriter(settings) as writer:
+        return writer.write_lines(lines, rp=MEASUREMENT_RP.get(measurement))
+
+
 def write_quotes(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:
-    """Write quote rows (see :func:`quote_point`) as ``quote`` points.
+    """Write quote rows (see :func:`quote_point`) as ``quote`` points in RP ``raw``.
 
     Returns:
-        Number of points written. Raises as :meth:`InfluxWriter.write_lines`.
+        Number of points stored. Raises as :meth:`InfluxWriter.write_lines`.
     """
-    with InfluxWriter(settings) as writer:
-        return writer.write_lines(quote_line(row) for row in rows)
+    return _write(settings, "quote", (quote_line(row) for row in rows))
+
+
+def write_trades(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Write trade rows (see :func:`trade_point`) as ``trade`` points in RP ``raw``.
+
+    Returns:
+        Number of points stored. Raises KeyError as :func:`trade_point`, otherwise as
+        :meth:`InfluxWriter.write_lines`.
+    """
+    return _write(settings, "trade", (trade_point(row).to_line_protocol() for row in rows))
 
 
 def write_health(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -375,28 +582,100 @@ def write_spreads(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:
     Returns:
         Number of points written. Raises as :meth:`InfluxWriter.write_lines`.
     """
-    with InfluxWriter(settings) as writer:
-        return writer.write_lines(spread_line(row) for row in rows)
+    return _write(settings, "spread", (spread_line(row) for row in rows))
+
+
+def write_episodes(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Write the closed episodes among episode event rows (``event == "closed"``; "opened"
+    rows are skipped) as ``episode`` points (see :func:`episode_point`), time = ``start``.
+
+    Returns:
+        Number of points written. Raises as :func:`episode_point` and
+        :meth:`InfluxWriter.write_lines`.
+    """
+    return _write(settings, "episode", (
+        episode_point(row).to_line_protocol() for row in rows if row.get("event") == "closed"
+    ))
+
+
+def write_features(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Write per-exchange feature rows (see :func:`feature_point`) as ``features`` points in
+    RP ``features``; a row without any non-``None`` field writes nothing.
+
+    Returns:
+        Number of points stored. Raises as :func:`feature_point` and
+        :meth:`InfluxWriter.write_lines`.
+    """
+    return _write(settings, "features",
+                  (feature_point(row).to_line_protocol() for row in rows))
+
+
+def write_percentiles(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Write hourly spread-percentile rows (see :func:`percentile_point`) as
+    ``spread_percentiles`` points, time = ``hour_start``.
+
+    Returns:
+        Number of points written. Raises as :func:`percentile_point` and
+        :meth:`InfluxWriter.write_lines`.
+    """
+    return _write(settings, "spread_percentiles",
+                  (percentile_point(row).to_line_protocol() for row in rows))
 
 
 # --- administration and queries ------------------------------------------------------------
 
 
+def _ident(name: str) -> str:
+    """A double-quoted InfluxQL identifier."""
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def ref(measurement: str) -> str:
+    """The qualified InfluxQL name of a measurement, e.g. ``"raw"."quote"`` or ``"spread"``
+    (default RP), for ``FROM`` clauses."""
+    rp = MEASUREMENT_RP.get(measurement)
+    return f"{_ident(rp)}.{_ident(measurement)}" if rp else _ident(measurement)
+
+
+def retention_policies(settings: Settings) -> dict[str, str]:
+    """The wanted v1 retention policies: name -> InfluxQL duration (``30d``, ``INF``...)."""
+    return {RP_RAW: settings.influx_raw_retention,
+            RP_FEATURES: settings.influx_features_retention}
+
+
 def ensure_database(settings: Settings, *, retries: int = 3, backoff: float = 0.5) -> None:
-    """Make sure the target database exists.
+    """Make sure the target database and its retention policies exist.
 
     v1: ``CREATE DATABASE "<influx_db>"`` (a no-op when it exists; needs admin rights when
-    auth is on). v2: does nothing — the bucket ``influx_db`` must already exist in
-    ``influx_org`` (create it with ``influx bucket create``); writes to a missing bucket fail
-    with :class:`InfluxError` (HTTP 404).
+    auth is on), then each policy of :func:`retention_policies` — ``raw`` for ``quote`` and
+    ``trade``, ``features`` for ``features`` — is created (``REPLICATION 1``, not default) or,
+    when it exists, altered to the configured duration. The default policy (``autogen``,
+    infinite) keeps ``spread``, ``episode``, ``spread_percentiles`` and ``health``. Shortening a
+    duration makes InfluxDB delete the older shards at its next retention check.
+
+    v2: does nothing — the bucket ``influx_db`` must already exist in ``influx_org`` (create
+    it with ``influx bucket create``; its retention applies to every measurement); writes to
+    a missing bucket fail with :class:`InfluxError` (HTTP 404).
 
     Raises:
-        InfluxError, InfluxUnavailableError: as :func:`query`.
+        InfluxError: as :func:`query`, e.g. a duration under InfluxDB's minimum of 1 h.
+        InfluxUnavailableError: as :func:`query`.
     """
     if settings.influx_api == "v2":
         return
-    name = settings.influx_db.replace("\\", "\\\\").replace('"', '\\"')
-    _run_query(settings, f'CREATE DATABASE "{name}"', post=True, retries=retries, backoff=backoff)
+    db = _ident(settings.influx_db)
+
+    def run(statement: str) -> list[dict[str, Any]]:
+        return _run_query(settings, statement, post=True, retries=retries, backoff=backoff)
+
+    run(f"CREATE DATABASE {db}")
+    existing = {r["name"] for r in run(f"SHOW RETENTION POLICIES ON {db}")}
+    for name, duration in retention_policies(settings).items():
+        if name in existing:
+            run(f"ALTER RETENTION POLICY {_ident(name)} ON {db} DURATION {duration}")
+        else:
+            run(f"CREATE RETENTION POLICY {_ident(name)} ON {db} DURATION {duration} "
+                "REPLICATION 1")
 
 
 def query(
@@ -404,7 +683,9 @@ def query(
 ) -> list[dict[str, Any]]:
     """Run InfluxQL against ``settings.influx_db`` (``GET /query ... epoch=ms``).
 
-    Meant for v1; with v2 it needs the v1-compatibility endpoint and a DBRP mapping.
+    Measurements outside the default retention policy must be qualified: ``"raw"."quote"``,
+    ``"raw"."trade"``, ``"features"."features"`` (:func:`ref` builds the name). Meant for v1;
+    with v2 it needs the v1-compatibility endpoint and a DBRP mapping for each policy name.
 
     Returns:
         One dict per result row, across every statement and series: the row's columns
@@ -444,3 +725,42 @@ def _run_query(
             for values in series.get("values", []):
                 rows.append({**dict(zip(series["columns"], values, strict=True)), **tags})
     return rows
+
+
+def _time_clause(since: dt.datetime | None, until: dt.datetime | None) -> str:
+    """`` AND time >= ...ms AND time < ...ms`` for the half-open ``[since, until)``."""
+    clause = ""
+    if since is not None:
+        clause += f" AND time >= {to_epoch_ms(since)}ms"
+    if until is not None:
+        clause += f" AND time < {to_epoch_ms(until)}ms"
+    return clause
+
+
+def min_mid(
+    settings: Settings,
+    symbol: str,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+) -> dict[str, Any] | None:
+    """The lowest quote mid ``(bid + ask) / 2`` of ``symbol`` in ``"raw"."quote"`` with time
+    in ``[since, until)`` (naive means UTC), across exchanges.
+
+    Returns:
+        ``{"mid": float (quote currency), "time": aware UTC datetime, "exchange": str}`` of
+        the earliest such quote on the exchange with the lowest mid, or ``None`` when there
+        is no quote (e.g. dropped as older than the ``raw`` retention).
+
+    Raises:
+        InfluxError, InfluxUnavailableError: as :func:`query`.
+    """
+    literal = symbol.replace("\\", "\\\\").replace("'", "\\'")
+    inner = (f"SELECT (bid + ask) / 2 AS mid FROM {ref('quote')} WHERE symbol = '{literal}'"
+             + _time_clause(since, until))
+    rows = query(settings, f"SELECT min(mid) FROM ({inner}) GROUP BY exchange")
+    rows = [r for r in rows if r.get("min") is not None]
+    if not rows:
+        return None
+    best = min(rows, key=lambda r: (r["min"], r["time"], r["exchange"]))
+    return {"mid": float(best["min"]), "exchange": best["exchange"],
+            "time": _EPOCH + dt.timedelta(milliseconds=best["time"])}
