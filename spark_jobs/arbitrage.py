@@ -4,9 +4,13 @@ Three streaming queries share one source definition:
 
 * ``ingest``: parse and validate every record; invalid ones go to ``md.deadletter`` with their
   reason and raw payload, valid quotes to InfluxDB measurement ``quote``.
-* ``spreads``: valid quotes → watermark → dedupe → snapshots → pairs → spreads; every pair to
-  InfluxDB measurement ``spread``, opportunities (net > min_net) upserted into MongoDB
-  ``opportunities`` and produced to ``arb.opportunities``.
+* ``spreads``: valid quotes → watermark → dedupe → snapshots → pairs (same-quote and
+  cross-quote) → spreads → :mod:`spark_jobs.tracker` (episodes, rolling statistics, hourly
+  percentiles, per-exchange features). Every pair to InfluxDB ``spread`` and MongoDB
+  ``features``; opportunities (net > min_net) to MongoDB ``opportunities``; episodes to
+  MongoDB ``episodes`` and InfluxDB ``episode``; features to InfluxDB ``features`` and MongoDB
+  ``features``; percentiles to InfluxDB ``spread_percentiles`` and MongoDB ``thresholds``;
+  opportunity and episode (``opened``/``closed``) events to ``arb.opportunities``.
 * ``health``: the producers' ``md.health`` records to InfluxDB measurement ``health``.
 
 Sinks are written from ``foreachBatch`` and are idempotent (deterministic ids, InfluxDB
@@ -28,7 +32,9 @@ from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
 
 from arbstream.config import Settings, get_settings
+from arbstream.schemas import SCHEMA_VERSION
 from arbstream.topics import DEADLETTER, HEALTH, OPPORTUNITIES, quotes_topic
+from spark_jobs import tracker
 from spark_jobs import transforms as T
 from spark_jobs.kafka_source import FORMAT, end_offsets
 from spark_jobs.sinks import influx, mongo
@@ -98,11 +104,49 @@ def write_kafka(df: DataFrame, topic: str, settings: Settings) -> None:
     )
 
 
-def _to_json_records(df: DataFrame, key: str) -> DataFrame:
+def _events(df: DataFrame, key: str, event_type: str) -> DataFrame:
+    """``key``/``value`` records of ``arb.opportunities``: canonical JSON with
+    ``schema_version`` and ``type`` first, then every column of ``df``."""
     return df.select(
         F.col(key).alias("key"),
-        F.to_json(F.struct(*[F.col(c) for c in df.columns])).alias("value"),
+        F.to_json(F.struct(
+            F.lit(SCHEMA_VERSION).alias("schema_version"), F.lit(event_type).alias("type"),
+            *[F.col(c) for c in df.columns],
+        )).alias("value"),
     )
+
+
+#: Writers of each record type of :func:`spark_jobs.tracker.track`, in order (MongoDB before
+#: Kafka, so a consumer of an event finds its documents).
+WRITERS: dict[str, tuple[Callable[[Settings, Any], int], ...]] = {
+    "spread": (influx.write_spreads, mongo.upsert_pair_features),
+    "opportunity": (mongo.upsert_opportunities,),
+    "episode": (mongo.upsert_episodes, influx.write_episodes),
+    "feature": (influx.write_features, mongo.upsert_features),
+    "percentiles": (influx.write_percentiles, mongo.upsert_thresholds),
+}
+
+
+def write_records(settings: Settings, rows: Any) -> dict[str, int]:
+    """Write one partition of tracker output (``Row``s with ``record``) to every sink of its
+    type (:data:`WRITERS`); spread rows with ``is_opportunity`` also as opportunities.
+
+    Returns:
+        Rows written per record type.
+    """
+    by_type: dict[str, list[dict[str, Any]]] = {k: [] for k in WRITERS}
+    for row in rows:
+        d = row.asDict()
+        kind = d.pop("record")
+        fields = {k: d[k] for k in tracker.RECORD_FIELDS[kind]}
+        by_type[kind].append(fields)
+        if kind == "spread" and fields["is_opportunity"]:
+            by_type["opportunity"].append(fields)
+    for kind, writers in WRITERS.items():
+        for write in writers:
+            if by_type[kind]:
+                write(settings, by_type[kind])
+    return {k: len(v) for k, v in by_type.items()}
 
 
 def validated_batch(
@@ -128,26 +172,20 @@ def validated_batch(
     return run
 
 
-def spreads_batch(settings: Settings) -> Callable[[DataFrame, int], None]:
-    """foreachBatch body of the ``spreads`` query: InfluxDB, MongoDB and Kafka sinks."""
+def analytics_batch(settings: Settings) -> Callable[[DataFrame, int], None]:
+    """foreachBatch body of the ``spreads`` query (tracker output): every record to InfluxDB
+    and MongoDB in one pass over the partitions, then opportunity and episode events
+    (``opened``/``closed``) to ``arb.opportunities``."""
 
     def run(batch: DataFrame, batch_id: int) -> None:
         batch.persist()
         try:
-            batch.foreachPartition(
-                lambda rows: influx.write_spreads(settings, (r.asDict() for r in rows))
+            batch.foreachPartition(lambda rows: write_records(settings, rows) and None)
+            opps = tracker.records(batch, "spread").where(F.col("is_opportunity"))
+            events = _events(opps, "opportunity_id", "opportunity").unionByName(
+                _events(tracker.records(batch, "episode"), "episode_id", "episode")
             )
-            opps = T.opportunities(batch, settings.min_net).persist()
-            try:
-                if not opps.isEmpty():
-                    opps.foreachPartition(
-                        lambda rows: mongo.upsert_opportunities(
-                            settings, (r.asDict() for r in rows)
-                        )
-                    )
-                    write_kafka(_to_json_records(opps, "opportunity_id"), OPPORTUNITIES, settings)
-            finally:
-                opps.unpersist()
+            write_kafka(events, OPPORTUNITIES, settings)
         finally:
             batch.unpersist()
 
@@ -158,7 +196,7 @@ def prepare_sinks(settings: Settings) -> None:
     """Create the InfluxDB database (v1) and MongoDB indexes; both are idempotent."""
     influx.ensure_database(settings)
     with mongo.connect(settings) as client:
-        mongo.ensure_indexes(client[settings.mongo_db])
+        mongo.ensure_indexes(client[settings.mongo_db], ttl_seconds=mongo.ttl_seconds(settings))
 
 
 def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = None) -> list[
@@ -173,10 +211,12 @@ def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = Non
         "ingest": (T.parse_quotes(read_records(spark, settings, topics["ingest"]),
                                   settings.taker_fees),
                    validated_batch(settings, T.valid_quotes, influx.write_quotes)),
-        "spreads": (T.spread_stream(
+        "spreads": (tracker.track(T.spread_stream(
             read_records(spark, settings, topics["spreads"]), settings.taker_fees,
             settings.watermark_seconds, settings.window_seconds, settings.max_quote_age_seconds,
-        ), spreads_batch(settings)),
+            settings.usd_quotes, (settings.slippage_bps + settings.latency_haircut_bps) / T.BPS,
+            settings.notional_usd,
+        ), settings), analytics_batch(settings)),
         "health": (T.parse_health(read_records(spark, settings, topics["health"])),
                    validated_batch(settings, lambda b: b.where(F.col("error").isNull()),
                                    influx.write_health)),

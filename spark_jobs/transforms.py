@@ -356,9 +356,9 @@ def track_rows(
         "qs", lambda x: F.array_contains(usd, x["base"]) & F.array_contains(usd, x["quote"])
     )
 
-    def conversion(into: Column, source: Column) -> Column:
-        """Best way to turn one unit of ``source`` into ``into``: struct(eff, rate, symbol,
-        exchange, fee), compared on ``eff = rate * (1 - fee)``; null if impossible."""
+    def conversion(into: str, source: str) -> Column:
+        """Best way to turn one unit of ``source`` into ``into`` in this window: struct(eff,
+        rate, symbol, exchange, fee), compared on ``eff = rate * (1 - fee)``; null if none."""
         def option(r: Column) -> Column:
             f = fee[r["exchange"]]
             buy_into = (r["base"] == into) & (r["quote"] == source)
@@ -370,13 +370,31 @@ def track_rows(
             ))
         return F.array_max(F.filter(F.transform(rates, option), lambda o: o.isNotNull()))
 
-    def usd_rate(currency: Column) -> Column:
+    def usd_rate(currency: str) -> Column:
+        if currency == "USD":
+            return F.lit(1.0)
         mids = F.transform(
             F.filter(rates, lambda r: (r["base"] == currency) & (r["quote"] == F.lit("USD"))),
             lambda r: (r["bid"] + r["ask"]) / F.lit(2.0),
         )
         mean = F.aggregate(mids, F.lit(0.0), lambda acc, m: acc + m) / F.size(mids)
-        return F.when(currency == F.lit("USD"), F.lit(1.0)).when(F.size(mids) > 0, mean)
+        return F.when(F.size(mids) > 0, mean)
+
+    # Rates are computed once per window (a few currencies), then looked up per pair.
+    routes = [(i, s) for i in usd_quotes for s in usd_quotes if i != s]
+    per_slot = slot_rows.select(
+        "qs",
+        *[conversion(i, s).alias(f"_conv_{i}_{s}") for i, s in routes],
+        *[usd_rate(c).alias(f"_usd_{c}") for c in usd_quotes],
+    )
+
+    def lookup_usd(currency: Column) -> Column:
+        return F.coalesce(*[F.when(currency == c, F.col(f"_usd_{c}")) for c in usd_quotes])
+
+    def lookup_conv(into: Column, source: Column) -> Column:
+        return F.coalesce(*[
+            F.when((into == i) & (source == s), F.col(f"_conv_{i}_{s}")) for i, s in routes
+        ])
 
     def pair(a: Column, b: Column) -> Column:
         cross = (
@@ -385,7 +403,7 @@ def track_rows(
             & F.array_contains(usd, a["quote"]) & F.array_contains(usd, b["quote"])
         )
         same = (a["symbol"] == b["symbol"]) & (a["exchange"] != b["exchange"])
-        conv = F.when(cross, conversion(a["quote"], b["quote"]))
+        conv = F.when(cross, lookup_conv(a["quote"], b["quote"]))
         keep = same | (cross & conv.isNotNull())
         return F.when(keep, _track_struct(
             kind=F.lit("pair"), symbol=a["symbol"], sell_symbol=b["symbol"],
@@ -395,7 +413,7 @@ def track_rows(
             sell_bid_size=b["bid_size"], sell_ts=b["quote_ts"],
             conversion_symbol=conv["symbol"], conversion_exchange=conv["exchange"],
             conversion_rate=conv["rate"], conversion_fee=conv["fee"],
-            profit_currency=a["quote"], usd_rate=usd_rate(a["quote"]),
+            profit_currency=a["quote"], usd_rate=lookup_usd(a["quote"]),
         ))
 
     pair_structs = F.filter(
@@ -406,9 +424,9 @@ def track_rows(
         kind=F.lit("exchange"), symbol=a["symbol"], window_start=a["window"]["start"],
         window_end=a["window"]["end"], exchange=a["exchange"], bid=a["bid"], ask=a["ask"],
         bid_size=a["bid_size"], ask_size=a["ask_size"], quote_ts=a["quote_ts"],
-        messages=a["messages"], latency_ms=a["latency_ms"], usd_rate=usd_rate(a["quote"]),
+        messages=a["messages"], latency_ms=a["latency_ms"], usd_rate=lookup_usd(a["quote"]),
     ))
-    return slot_rows.select(
+    return per_slot.select(
         F.explode(F.concat(pair_structs, exchange_structs)).alias("r")
     ).select("r.*")
 

@@ -26,7 +26,7 @@ from producers.replay import load_iaqf_quotes, replay_iaqf
 from spark_jobs import arbitrage
 from spark_jobs.kafka_source import end_offsets
 from spark_jobs.sinks import influx
-from spark_jobs.sinks.mongo import find_opportunities
+from spark_jobs.sinks.mongo import find_episodes, find_opportunities
 
 pytestmark = pytest.mark.e2e
 
@@ -64,6 +64,9 @@ def e2e_settings(settings: Settings) -> Settings:
     conf = settings.model_copy(update={
         "mongo_db": "e2e", "influx_db": "e2e", "starting_offsets": "latest",
         "trigger_seconds": 0.5,
+        # 2023 data: keep it (a 30-day retention would drop it), and bar-sized episode gaps.
+        "influx_raw_retention": "INF", "influx_features_retention": "INF",
+        "episode_gap_seconds": 120.0, "stats_horizon_seconds": 3600.0,
     })
     ensure_topics(conf)
     return conf
@@ -103,17 +106,30 @@ def _stored(conf: Settings) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("opportunity_id").reset_index(drop=True)
 
 
+def _haircut(conf: Settings) -> float:
+    return (conf.slippage_bps + conf.latency_haircut_bps) / 10_000.0
+
+
+def _reference(conf: Settings, expected: pd.DataFrame) -> pd.DataFrame:
+    return reference_opportunities(
+        expected, conf.taker_fees, conf.window_seconds, conf.max_quote_age_seconds,
+        conf.min_net, _haircut(conf), conf.notional_usd,
+    ).sort_values("opportunity_id").reset_index(drop=True)
+
+
 def test_opportunities_equal_pandas_reference(first_run, e2e_settings, expected) -> None:
     conf = e2e_settings
-    want = reference_opportunities(
-        expected, conf.taker_fees, conf.window_seconds, conf.max_quote_age_seconds, conf.min_net
-    ).sort_values("opportunity_id").reset_index(drop=True)
+    want = _reference(conf, expected)
     got = _stored(conf)
     assert len(want) > 100  # the depeg weekend has real gross-of-fee gaps
+    assert want["cross_quote"].any() and not want["cross_quote"].all()
     assert got["opportunity_id"].tolist() == want["opportunity_id"].tolist()
-    for col in ["buy_ask", "sell_bid", "buy_fee", "sell_fee", "gross", "net", "gross_bps",
-                "net_bps"]:
-        assert got[col].tolist() == want[col].tolist(), col
+    for col in ["sell_symbol", "cross_quote", "buy_ask", "sell_bid", "buy_fee", "sell_fee",
+                "conversion_symbol", "conversion_exchange", "haircut", "gross", "net",
+                "gross_bps", "net_bps", "size_base", "expected_profit", "expected_profit_usd"]:
+        w = [None if isinstance(v, float) and v != v else v for v in want[col].tolist()]
+        g = [None if isinstance(v, float) and v != v else v for v in got[col].tolist()]
+        assert g == w, col
     for col in ["window_start", "window_end", "buy_ts", "sell_ts"]:
         assert [pd.Timestamp(v) for v in got[col]] == [pd.Timestamp(v) for v in want[col]], col
     assert (got["net"] > conf.min_net).all()
@@ -122,7 +138,8 @@ def test_opportunities_equal_pandas_reference(first_run, e2e_settings, expected)
 def test_influx_has_every_quote_and_spread(first_run, e2e_settings, expected) -> None:
     conf = e2e_settings
     spreads = reference_spreads(
-        expected, conf.taker_fees, conf.window_seconds, conf.max_quote_age_seconds
+        expected, conf.taker_fees, conf.window_seconds, conf.max_quote_age_seconds,
+        _haircut(conf), conf.notional_usd,
     )
     q = influx.query(conf, 'SELECT count("bid") FROM "raw"."quote"')
     s = influx.query(conf, 'SELECT count("net_bps") FROM "spread"')
@@ -132,6 +149,7 @@ def test_influx_has_every_quote_and_spread(first_run, e2e_settings, expected) ->
     rows = influx.query(
         conf,
         f"SELECT net_bps FROM spread WHERE symbol = '{top.symbol}' "
+        f"AND sell_symbol = '{top.sell_symbol}' "
         f"AND buy_exchange = '{top.buy_exchange}' AND sell_exchange = '{top.sell_exchange}' "
         f"AND time = {int(top.window_end.timestamp() * 1000)}ms",
     )
@@ -150,9 +168,66 @@ def test_malformed_record_dead_lettered_and_opportunities_published(
     assert mine[0]["stage"] == "stream"
     assert mine[0]["source_topic"] == quotes_topic("kraken")
     published = consume(conf, OPPORTUNITIES, first_run["before"].get(OPPORTUNITIES, {}))
-    ids = {m.key().decode() for m in published}
-    assert ids == set(_stored(conf)["opportunity_id"])
-    assert all(json.loads(m.value())["opportunity_id"] == m.key().decode() for m in published)
+    events = [(m.key().decode(), json.loads(m.value())) for m in published]
+    assert all(e["schema_version"] == 1 for _, e in events)
+    opps = [(k, e) for k, e in events if e["type"] == "opportunity"]
+    assert {k for k, _ in opps} == set(_stored(conf)["opportunity_id"])
+    assert all(e["opportunity_id"] == k for k, e in opps)
+    episodes = [(k, e) for k, e in events if e["type"] == "episode"]
+    assert all(e["episode_id"] == k for k, e in episodes)
+    stored = {d["episode_id"] for d in find_episodes(conf, limit=100_000)}
+    for event in ("opened", "closed"):
+        assert {k for k, e in episodes if e["event"] == event} == stored, event
+
+
+def _reference_episodes(opps: pd.DataFrame, gap_s: float, w_s: float) -> pd.DataFrame:
+    """Episodes from the reference opportunities: a new one when a pair's next opportunity
+    window ends more than ``gap_s`` after the previous one."""
+    opps = opps.assign(key=[
+        (f"{r.symbol}/{r.sell_symbol}" if r.cross_quote else r.symbol)
+        + f"|{r.buy_exchange}|{r.sell_exchange}" for r in opps.itertuples()
+    ]).sort_values(["key", "window_end"])
+    gap = opps.groupby("key")["window_end"].diff() > pd.Timedelta(seconds=gap_s)
+    opps["n"] = gap.groupby(opps["key"]).cumsum()
+    eps = opps.groupby(["key", "n"]).agg(
+        first=("window_end", "min"), end=("window_end", "max"), windows=("net_bps", "size"),
+        peak_net_bps=("net_bps", "max"), mean_net_bps=("net_bps", "mean"),
+    ).reset_index()
+    eps["start"] = eps["first"] - pd.Timedelta(seconds=w_s)
+    eps["episode_id"] = eps["key"] + "|" + eps["start"].dt.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return eps.sort_values("episode_id").reset_index(drop=True)
+
+
+def test_episodes_follow_the_opportunities(first_run, e2e_settings, expected) -> None:
+    conf = e2e_settings
+    want = _reference_episodes(_reference(conf, expected), conf.episode_gap_seconds,
+                               conf.window_seconds)
+    got = pd.DataFrame(find_episodes(conf, limit=100_000)).sort_values(
+        "episode_id").reset_index(drop=True)
+    assert len(want) > 5
+    assert got["episode_id"].tolist() == want["episode_id"].tolist()
+    assert (got["status"] == "closed").all()  # the closing heartbeats pass every gap
+    assert got["windows"].tolist() == want["windows"].tolist()
+    assert got["peak_net_bps"].tolist() == want["peak_net_bps"].tolist()
+    assert got["mean_net_bps"].tolist() == pytest.approx(want["mean_net_bps"].tolist(),
+                                                         rel=1e-12)
+    durations = (want["end"] - want["start"]).dt.total_seconds().tolist()
+    assert got["duration_s"].tolist() == durations
+    assert got["expected_profit_usd"].notna().all()
+
+
+def test_features_and_thresholds(first_run, e2e_settings, expected) -> None:
+    conf = e2e_settings
+    [f] = influx.query(conf, 'SELECT count("mid") FROM "features"."features"')
+    assert f["count"] > len(expected)  # each quote is in max_quote_age / W windows
+    rows = influx.query(conf, "SELECT * FROM \"features\".\"features\" WHERE "
+                        "symbol = 'USDC-USD' AND exchange = 'kraken' LIMIT 400")
+    assert min(r["mid"] for r in rows) < 0.95  # the depeg is in the features
+    assert any(r["volatility"] is not None for r in rows)
+    [p] = influx.query(conf, 'SELECT count("p95_bps") FROM "spread_percentiles"')
+    assert p["count"] > 0
+    z = influx.query(conf, 'SELECT count("spread_z") FROM "spread" WHERE anomaly = true')
+    assert z and z[0]["count"] > 0
 
 
 def test_producer_health_reaches_influx(first_run, e2e_settings) -> None:

@@ -1,0 +1,455 @@
+"""Stateful analytics over the spread stream: episodes, rolling statistics, features.
+
+:func:`track` groups the rows of :func:`spark_jobs.transforms.track_rows` (after
+:func:`~spark_jobs.transforms.spreads`) by pair or by (symbol, exchange) and runs one
+``applyInPandasWithState`` processor per key, with event-time timeouts. Its state lives in the
+query's checkpoint, so results are the same across micro-batch boundaries and restarts. Rows
+of a key are handled in ``window_end`` order; every figure below depends only on the rows, not
+on how they were split into micro-batches.
+
+Per **pair** (symbol, sell symbol, buy exchange, sell exchange), each window gives a
+``spread`` record (the spread row plus):
+
+* ``spread_mean_bps``, ``spread_std_bps`` (sample, ddof 1) of ``net_bps`` over the previous
+  ``ARB_STATS_HORIZON_SECONDS`` (windows ending in ``[t - horizon, t)``), once at least
+  :data:`MIN_PERIODS` values are there; ``spread_z = (net_bps - mean) / std``;
+  ``anomaly = |spread_z| > ARB_ANOMALY_SIGMA``.
+* ``is_opportunity = net > ARB_MIN_NET`` and ``episode_id``. An **episode** is a run of
+  opportunity windows of one pair in which consecutive windows are at most
+  ``ARB_EPISODE_GAP_SECONDS`` apart; it closes when a later window (or the watermark) passes
+  its last window by more than the gap. ``start`` = first window end − W, ``end`` = last
+  window end, ``duration_s = end - start``; ``peak_net_bps``, ``mean_net_bps`` and
+  ``windows`` over its windows; the size and expected profit are those of its most profitable
+  window (one execution). ``episode_id`` = ``<pair key>|<start ISO-8601 ms>``. ``episode``
+  records with ``event`` ``opened`` (at its first window) and ``closed`` are emitted.
+* Per pair and UTC hour (of the window's interval ``(end − W, end]``), ``percentiles``
+  records: count, mean, max, and the p50/p75/p95 of ``net_bps`` (numpy linear interpolation)
+  as aggressive/moderate/conservative threshold recommendations; emitted when a later hour's
+  window arrives or the watermark passes the hour's end.
+
+Per **(symbol, exchange)**, each window gives a ``feature`` record: ``mid = (bid + ask) / 2``,
+``log_return = ln(mid / previous window's mid)``, ``volatility`` = sample std of the log
+returns over the horizon (per window of W, not annualised), ``quote_spread_bps = (ask − bid)
+/ mid × 10 000``, ``imbalance = (bid_size − ask_size) / (bid_size + ask_size)`` of the top of
+book (null without sizes), ``latency_ms`` (mean received − exchange time of the window's
+quotes), ``message_rate`` (quotes per second over the snapshot's ``max_quote_age``),
+``quote_age_s`` (window end − latest quote time), and ``volume_z``/``volume_spike`` on the
+message count against its rolling mean and std over the horizon (the recorded inputs carry no
+traded volume per window; ``volume`` stays null).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql.streaming.stateful_processor import (
+    ExpiredTimerInfo,
+    StatefulProcessor,
+    StatefulProcessorHandle,
+    TimerValues,
+)
+
+from arbstream.config import Settings
+
+BPS = 10_000.0
+HOUR_MS = 3_600_000
+#: Values needed before a rolling mean/std (and so a z-score) is reported.
+MIN_PERIODS = 10
+
+SPREAD_FIELDS: dict[str, str] = {
+    "opportunity_id": "string", "symbol": "string", "sell_symbol": "string",
+    "cross_quote": "boolean", "window_start": "timestamp", "window_end": "timestamp",
+    "buy_exchange": "string", "buy_ask": "double", "buy_ask_size": "double",
+    "buy_ts": "timestamp", "sell_exchange": "string", "sell_bid": "double",
+    "sell_bid_size": "double", "sell_ts": "timestamp", "conversion_symbol": "string",
+    "conversion_exchange": "string", "conversion_rate": "double", "conversion_fee": "double",
+    "buy_fee": "double", "sell_fee": "double", "haircut": "double", "gross": "double",
+    "net": "double", "gross_bps": "double", "net_bps": "double", "size_base": "double",
+    "size_source": "string", "expected_profit": "double", "profit_currency": "string",
+    "usd_rate": "double", "expected_profit_usd": "double", "is_opportunity": "boolean",
+    "episode_id": "string", "spread_mean_bps": "double", "spread_std_bps": "double",
+    "spread_z": "double", "anomaly": "boolean",
+}
+EPISODE_FIELDS: dict[str, str] = {
+    "episode_id": "string", "event": "string", "status": "string", "symbol": "string",
+    "sell_symbol": "string", "cross_quote": "boolean", "buy_exchange": "string",
+    "sell_exchange": "string", "start": "timestamp", "end": "timestamp",
+    "duration_s": "double", "windows": "bigint", "peak_net_bps": "double",
+    "mean_net_bps": "double", "size_base": "double", "size_source": "string",
+    "expected_profit": "double", "profit_currency": "string", "expected_profit_usd": "double",
+}
+FEATURE_FIELDS: dict[str, str] = {
+    "feature_id": "string", "symbol": "string", "exchange": "string",
+    "window_end": "timestamp", "mid": "double", "log_return": "double",
+    "volatility": "double", "quote_spread_bps": "double", "imbalance": "double",
+    "latency_ms": "double", "message_rate": "double", "volume": "double",
+    "volume_z": "double", "volume_spike": "boolean", "quote_age_s": "double",
+}
+PERCENTILE_FIELDS: dict[str, str] = {
+    "threshold_id": "string", "symbol": "string", "sell_symbol": "string",
+    "cross_quote": "boolean", "buy_exchange": "string", "sell_exchange": "string",
+    "hour_start": "timestamp", "count": "bigint", "mean_bps": "double", "p50_bps": "double",
+    "p75_bps": "double", "p95_bps": "double", "max_bps": "double", "aggressive_bps": "double",
+    "moderate_bps": "double", "conservative_bps": "double",
+}
+RECORD_FIELDS = {
+    "spread": SPREAD_FIELDS, "episode": EPISODE_FIELDS, "feature": FEATURE_FIELDS,
+    "percentiles": PERCENTILE_FIELDS,
+}
+#: The processor's output: ``record`` (a key of :data:`RECORD_FIELDS`) and the union of the
+#: record fields (a field absent from a record type is null there).
+OUTPUT_FIELDS: dict[str, str] = {"record": "string"}
+for _fields in RECORD_FIELDS.values():
+    OUTPUT_FIELDS.update(_fields)
+OUTPUT_DDL = ", ".join(f"`{k}` {v}" for k, v in OUTPUT_FIELDS.items())
+STATE_DDL = "state string"
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    """Parameters of the processor, in the units the arithmetic uses.
+
+    ``min_net`` is a fraction; ``*_ms`` are milliseconds of event time.
+    """
+
+    min_net: float
+    window_ms: int
+    age_ms: int
+    gap_ms: int
+    horizon_ms: int
+    sigma: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> TrackerConfig:
+        return cls(
+            min_net=settings.min_net,
+            window_ms=round(settings.window_seconds * 1000),
+            age_ms=round(settings.max_quote_age_seconds * 1000),
+            gap_ms=round(settings.episode_gap_seconds * 1000),
+            horizon_ms=round(settings.stats_horizon_seconds * 1000),
+            sigma=settings.anomaly_sigma,
+        )
+
+
+def _ms(value: Any) -> int:
+    return int(pd.Timestamp(value).value // 1_000_000)
+
+
+def _ts(ms: int) -> pd.Timestamp:
+    return pd.Timestamp(ms, unit="ms", tz="UTC")
+
+
+def _iso(ms: int) -> str:
+    return _ts(ms).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    v = float(value)
+    return None if math.isnan(v) else v
+
+
+def _rolling(hist: list[list[float]], t: int, horizon_ms: int) -> list[list[float]]:
+    """Entries of ``hist`` (``[t_ms, value]``, ascending) with time in ``[t - horizon, t)``."""
+    return [h for h in hist if t - horizon_ms <= h[0] < t]
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if len(values) < MIN_PERIODS:
+        return None, None
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1))
+
+
+def _z(x: float, mean: float | None, std: float | None) -> float | None:
+    if mean is None or std is None or std == 0.0:
+        return None
+    return (x - mean) / std
+
+
+# --- pairs -----------------------------------------------------------------------------------
+
+
+def pair_key(row: dict[str, Any]) -> str:
+    """``symbol|buy|sell``, or ``symbol/sell_symbol|buy|sell`` for a cross-quote pair."""
+    symbol = row["symbol"]
+    if row.get("cross_quote"):
+        symbol = f"{symbol}/{row['sell_symbol']}"
+    return f"{symbol}|{row['buy_exchange']}|{row['sell_exchange']}"
+
+
+def _episode_record(ep: dict[str, Any], event: str, cfg: TrackerConfig) -> dict[str, Any]:
+    return {
+        "record": "episode", "episode_id": ep["id"], "event": event,
+        "status": "open" if event == "opened" else "closed",
+        **{k: ep[k] for k in ("symbol", "sell_symbol", "cross_quote", "buy_exchange",
+                              "sell_exchange")},
+        "start": _ts(ep["start"]), "end": _ts(ep["end"]),
+        "duration_s": (ep["end"] - ep["start"]) / 1000.0, "windows": ep["windows"],
+        "peak_net_bps": ep["peak"], "mean_net_bps": ep["sum"] / ep["windows"],
+        **ep["best"],
+    }
+
+
+def _percentile_record(leg: dict[str, Any], key: str, hour: int, values: list[float]
+                       ) -> dict[str, Any]:
+    arr = np.asarray(values, dtype=np.float64)
+    p50, p75, p95 = (float(x) for x in np.percentile(arr, [50, 75, 95]))
+    return {
+        "record": "percentiles", "threshold_id": f"{key}|{_iso(hour)}", **leg,
+        "hour_start": _ts(hour), "count": len(values), "mean_bps": float(arr.mean()),
+        "p50_bps": p50, "p75_bps": p75, "p95_bps": p95, "max_bps": float(arr.max()),
+        "aggressive_bps": p50, "moderate_bps": p75, "conservative_bps": p95,
+    }
+
+
+def _best(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row.get(k) for k in ("size_base", "size_source", "expected_profit",
+                                    "profit_currency", "expected_profit_usd")}
+
+
+def _profit_rank(best: dict[str, Any]) -> float:
+    for k in ("expected_profit_usd", "expected_profit"):
+        v = _num(best.get(k))
+        if v is not None:
+            return v
+    return -math.inf
+
+
+def track_pair(
+    state: dict[str, Any] | None, rows: list[dict[str, Any]], watermark_ms: int | None,
+    cfg: TrackerConfig,
+) -> tuple[dict[str, Any], list[dict[str, Any]], int | None]:
+    """Advance one pair's state over its new spread rows (any order; sorted here).
+
+    Args:
+        state: the previous state (``None`` at first): ``hist`` (``[t_ms, net_bps]`` within
+            the horizon), ``ep`` (the open episode or ``None``), ``hour`` and ``vals`` (the
+            current hour's net bps values), ``leg`` (the pair's identity).
+        rows: spread rows of this pair (:data:`SPREAD_FIELDS` minus the derived ones).
+        watermark_ms: the event-time watermark, UTC ms; episodes and hours it has passed close.
+        cfg: thresholds and durations.
+
+    Returns:
+        ``(state, records, timeout_ms)``: records are dicts with ``record`` set; the timeout
+        is when the watermark would close the open episode or the current hour (or ``None``).
+    """
+    st = state or {"hist": [], "ep": None, "hour": None, "vals": [], "leg": None}
+    out: list[dict[str, Any]] = []
+    ordered = sorted(rows, key=lambda r: _ms(r["window_end"]))
+    for row in ordered:
+        t = _ms(row["window_end"])
+        key = pair_key(row)
+        st["leg"] = {k: row[k] for k in ("symbol", "sell_symbol", "cross_quote",
+                                         "buy_exchange", "sell_exchange")}
+        st["key"] = key
+        net_bps = float(row["net_bps"])
+        # rolling statistics of the previous windows
+        hist = _rolling(st["hist"], t, cfg.horizon_ms)
+        mean, std = _mean_std([h[1] for h in hist])
+        z = _z(net_bps, mean, std)
+        hist.append([t, net_bps])
+        st["hist"] = hist
+        # hourly distribution
+        hour = (t - 1) // HOUR_MS * HOUR_MS
+        if st["hour"] is not None and hour != st["hour"] and st["vals"]:
+            out.append(_percentile_record(st["leg"], key, st["hour"], st["vals"]))
+            st["vals"] = []
+        st["hour"] = hour
+        st["vals"].append(net_bps)
+        # episodes
+        ep = st["ep"]
+        if ep is not None and t - ep["end"] > cfg.gap_ms:
+            out.append(_episode_record(ep, "closed", cfg))
+            ep = st["ep"] = None
+        is_opp = float(row["net"]) > cfg.min_net
+        episode_id = None
+        if is_opp:
+            if ep is None:
+                start = t - cfg.window_ms
+                ep = st["ep"] = {
+                    "id": f"{key}|{_iso(start)}", "start": start, "end": t, "windows": 1,
+                    "peak": net_bps, "sum": net_bps, "best": _best(row), **st["leg"],
+                }
+                out.append(_episode_record(ep, "opened", cfg))
+            else:
+                ep["end"] = t
+                ep["windows"] += 1
+                ep["peak"] = max(ep["peak"], net_bps)
+                ep["sum"] += net_bps
+                if _profit_rank(_best(row)) > _profit_rank(ep["best"]):
+                    ep["best"] = _best(row)
+            episode_id = ep["id"]
+        out.append({
+            **row, "record": "spread", "opportunity_id": row["opportunity_id"],
+            "is_opportunity": is_opp, "episode_id": episode_id, "spread_mean_bps": mean,
+            "spread_std_bps": std, "spread_z": z,
+            "anomaly": z is not None and abs(z) > cfg.sigma,
+        })
+    return _on_watermark(st, out, watermark_ms, cfg)
+
+
+def _on_watermark(
+    st: dict[str, Any], out: list[dict[str, Any]], watermark_ms: int | None, cfg: TrackerConfig
+) -> tuple[dict[str, Any], list[dict[str, Any]], int | None]:
+    """Close the episode and the hour the watermark has passed; the next timeout."""
+    if watermark_ms is not None and watermark_ms >= 0:
+        ep = st["ep"]
+        if ep is not None and watermark_ms > ep["end"] + cfg.gap_ms:
+            out.append(_episode_record(ep, "closed", cfg))
+            st["ep"] = None
+        if st["hour"] is not None and st["vals"] and watermark_ms > st["hour"] + HOUR_MS:
+            out.append(_percentile_record(st["leg"], st["key"], st["hour"], st["vals"]))
+            st["vals"] = []
+    deadlines = []
+    if st["ep"] is not None:
+        deadlines.append(st["ep"]["end"] + cfg.gap_ms)
+    if st["vals"]:
+        deadlines.append(st["hour"] + HOUR_MS)
+    return st, out, (min(deadlines) if deadlines else None)
+
+
+# --- exchanges -------------------------------------------------------------------------------
+
+
+def track_exchange(
+    state: dict[str, Any] | None, rows: list[dict[str, Any]], cfg: TrackerConfig
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Advance one (symbol, exchange)'s feature state over its new snapshot rows.
+
+    Args:
+        state: ``prev`` (``[t_ms, mid]`` of the last window), ``rets`` and ``msgs``
+            (``[t_ms, value]`` within the horizon), or ``None``.
+        rows: exchange rows of :func:`spark_jobs.transforms.track_rows`.
+        cfg: horizon, sigma, snapshot age.
+
+    Returns:
+        ``(state, feature records)``.
+    """
+    st = state or {"prev": None, "rets": [], "msgs": []}
+    out = []
+    for row in sorted(rows, key=lambda r: _ms(r["window_end"])):
+        t = _ms(row["window_end"])
+        bid, ask = float(row["bid"]), float(row["ask"])
+        mid = (bid + ask) / 2.0
+        ret = math.log(mid / st["prev"][1]) if st["prev"] is not None else None
+        st["prev"] = [t, mid]
+        rets = _rolling(st["rets"], t, cfg.horizon_ms)
+        if ret is not None:
+            rets.append([t, ret])
+        st["rets"] = rets
+        vol = float(np.std([r[1] for r in rets], ddof=1)) if len(rets) >= 2 else None
+        msgs = _rolling(st["msgs"], t, cfg.horizon_ms)
+        m_mean, m_std = _mean_std([m[1] for m in msgs])
+        messages = float(row["messages"])
+        vz = _z(messages, m_mean, m_std)
+        msgs.append([t, messages])
+        st["msgs"] = msgs
+        bsz, asz = _num(row.get("bid_size")), _num(row.get("ask_size"))
+        imbalance = (bsz - asz) / (bsz + asz) if bsz is not None and asz is not None and (
+            bsz + asz) > 0 else None
+        out.append({
+            "record": "feature",
+            "feature_id": f"{row['symbol']}|{row['exchange']}|{_iso(t)}",
+            "symbol": row["symbol"], "exchange": row["exchange"], "window_end": _ts(t),
+            "mid": mid, "log_return": ret, "volatility": vol,
+            "quote_spread_bps": (ask - bid) / mid * BPS, "imbalance": imbalance,
+            "latency_ms": _num(row.get("latency_ms")),
+            "message_rate": messages / (cfg.age_ms / 1000.0), "volume": None,
+            "volume_z": vz, "volume_spike": vz is not None and vz > cfg.sigma,
+            "quote_age_s": (t - _ms(row["quote_ts"])) / 1000.0,
+        })
+    return st, out
+
+
+# --- Spark glue ------------------------------------------------------------------------------
+
+
+def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Records as a DataFrame of :data:`OUTPUT_FIELDS` with explicit dtypes: float64 for
+    doubles, UTC datetimes, and object columns holding ``None`` (not NaN) for missing strings,
+    booleans and integers, which Arrow then converts to the declared types."""
+    frame = pd.DataFrame.from_records(records, columns=list(OUTPUT_FIELDS))
+    for name, dtype in OUTPUT_FIELDS.items():
+        col = frame[name]
+        if dtype == "timestamp":
+            frame[name] = pd.to_datetime(col, utc=True)
+        elif dtype == "double":
+            frame[name] = pd.to_numeric(col, errors="raise").astype("float64")
+        else:
+            frame[name] = col.astype(object).where(col.notna(), None)
+    return frame
+
+
+class Tracker(StatefulProcessor):
+    """The ``transformWithStateInPandas`` processor, key ``(kind, track_key)``: one JSON value
+    state per key and at most one event-time timer (the next episode or hour deadline)."""
+
+    def __init__(self, cfg: TrackerConfig) -> None:
+        self.cfg = cfg
+
+    def init(self, handle: StatefulProcessorHandle) -> None:
+        self.handle = handle
+        self.state = handle.getValueState("state", STATE_DDL)
+
+    def _advance(
+        self, kind: str, rows: list[dict[str, Any]], watermark_ms: int
+    ) -> Iterator[pd.DataFrame]:
+        previous = json.loads(self.state.get()[0]) if self.state.exists() else None
+        if kind == "pair":
+            new, out, timeout = track_pair(previous, rows, watermark_ms, self.cfg)
+            for old in self.handle.listTimers():
+                self.handle.deleteTimer(old)
+            if timeout is not None:
+                self.handle.registerTimer(max(timeout, watermark_ms + 1))
+        else:
+            new, out = track_exchange(previous, rows, self.cfg)
+        self.state.update((json.dumps(new),))
+        if out:
+            yield _frame(out)
+
+    def handleInputRows(
+        self, key: Any, rows: Iterator[pd.DataFrame], timerValues: TimerValues
+    ) -> Iterator[pd.DataFrame]:
+        batch = [r for f in rows for r in f.to_dict("records")]
+        yield from self._advance(key[0], batch, timerValues.getCurrentWatermarkInMs())
+
+    def handleExpiredTimer(
+        self, key: Any, timerValues: TimerValues, expiredTimerInfo: ExpiredTimerInfo
+    ) -> Iterator[pd.DataFrame]:
+        yield from self._advance(key[0], [], timerValues.getCurrentWatermarkInMs())
+
+    def close(self) -> None:
+        pass
+
+
+def track(rows: DataFrame, settings: Settings) -> DataFrame:
+    """Run the processor over :func:`~spark_jobs.transforms.spreads` output of
+    :func:`~spark_jobs.transforms.track_rows`.
+
+    Returns:
+        A DataFrame of :data:`OUTPUT_FIELDS`; ``record`` says which fields are meaningful.
+    """
+    key = F.when(
+        F.col("kind") == "pair",
+        F.concat_ws("|", F.when(F.col("cross_quote"), F.concat_ws("/", "symbol", "sell_symbol"))
+                    .otherwise(F.col("symbol")), "buy_exchange", "sell_exchange"),
+    ).otherwise(F.concat_ws("|", "symbol", "exchange"))
+    keyed = rows.withColumn("track_key", key).groupBy("kind", "track_key")
+    return keyed.transformWithStateInPandas(
+        Tracker(TrackerConfig.of(settings)), OUTPUT_DDL, "Append", "EventTime",
+    )
+
+
+def records(output: DataFrame, record: str) -> DataFrame:
+    """The rows of one record type of :func:`track`, with that type's columns only."""
+    return output.where(F.col("record") == record).select(*RECORD_FIELDS[record])
