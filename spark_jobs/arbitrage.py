@@ -11,7 +11,9 @@ Three streaming queries share one source definition:
   MongoDB ``episodes`` and InfluxDB ``episode``; features to InfluxDB ``features`` and MongoDB
   ``features``; percentiles to InfluxDB ``spread_percentiles`` and MongoDB ``thresholds``;
   opportunity and episode (``opened``/``closed``) events to ``arb.opportunities``.
-* ``health``: the producers' ``md.health`` records to InfluxDB measurement ``health``.
+* ``health``: the producers' ``md.health`` records, enriched in the stream with interval
+  deltas, staleness and a reliability score (:mod:`spark_jobs.health`), to InfluxDB
+  measurement ``health``; an exchange silent for 3 health intervals gets a ``stale`` row.
 
 Sinks are written from ``foreachBatch`` and are idempotent (deterministic ids, InfluxDB
 series+timestamp overwrite), so a micro-batch replayed after a failure does not duplicate.
@@ -34,6 +36,7 @@ from pyspark.sql.streaming import StreamingQuery
 from arbstream.config import Settings, get_settings
 from arbstream.schemas import SCHEMA_VERSION
 from arbstream.topics import DEADLETTER, HEALTH, OPPORTUNITIES, quotes_topic
+from spark_jobs import health as H
 from spark_jobs import tracker
 from spark_jobs import transforms as T
 from spark_jobs.kafka_source import FORMAT, end_offsets
@@ -217,7 +220,8 @@ def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = Non
             settings.usd_quotes, (settings.slippage_bps + settings.latency_haircut_bps) / T.BPS,
             settings.notional_usd,
         ), settings), analytics_batch(settings)),
-        "health": (T.parse_health(read_records(spark, settings, topics["health"])),
+        "health": (H.health_stream(T.parse_health(read_records(spark, settings,
+                                                                 topics["health"])), settings),
                    validated_batch(settings, lambda b: b.where(F.col("error").isNull()),
                                    influx.write_health)),
     }
