@@ -604,6 +604,18 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def end_of_stream_ms(last_ts: int, settings: Settings) -> int:
+    """Event time (UTC ms) of the heartbeat that closes a finite replay whose last quote is at
+    ``last_ts``: the watermark then passes the last window (``max_quote_age + W``), the last
+    episode's gap (``episode_gap_seconds``) and the end of the last hour (hourly spread
+    percentiles), plus ``watermark_seconds`` and one second of margin."""
+    window_ms = int(1000 * (settings.max_quote_age_seconds + settings.window_seconds))
+    last_window = last_ts + window_ms
+    episodes = last_window + int(1000 * settings.episode_gap_seconds)
+    hour = (last_window // 3_600_000 + 1) * 3_600_000
+    return max(episodes, hour) + int(1000 * settings.watermark_seconds) + 1000
+
+
 def publish_quotes(
     quotes: pd.DataFrame | Sequence[Quote],
     settings: Settings,
@@ -628,9 +640,9 @@ def publish_quotes(
             measured on a monotonic clock from the first quote).
         progress: show a tqdm progress bar on stderr (only when stderr is a TTY).
         deadletters: rejected input records to publish alongside.
-        heartbeat: end with one :class:`Heartbeat` per exchange at the last quote time +
-            ``watermark_seconds + max_quote_age_seconds + window_seconds``, so the stream's
-            watermark passes every window of the replay and all of them are emitted.
+        heartbeat: end with one :class:`Heartbeat` per exchange at
+            :func:`end_of_stream_ms`, so the stream's watermark passes every window, episode
+            and hour of the replay and all of them are emitted and closed.
 
     Returns:
         A :class:`ReplayReport` with acknowledged counts per topic.
@@ -718,10 +730,7 @@ def publish_quotes(
                 pending = 0
         bar.update(pending)
         if heartbeat and last_ts is not None:
-            flush_ts = last_ts + int(1000 * (
-                settings.watermark_seconds + settings.max_quote_age_seconds
-                + settings.window_seconds
-            ))
+            flush_ts = end_of_stream_ms(last_ts, settings)
             for exchange in sorted(exchanges):
                 beat = Heartbeat(exchange=exchange, exchange_ts=flush_ts, received_ts=now_ms())
                 send(quotes_topic(exchange), exchange.encode(), beat.to_json(), on_heartbeat)
