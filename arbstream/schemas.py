@@ -25,10 +25,12 @@ SYMBOL_RE = re.compile(r"^[A-Z0-9]{2,12}-[A-Z0-9]{2,12}$")
 EXCHANGE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 #: Spark DDL of a quote as parsed by the stream job (``from_json``); mirrors :class:`Quote`.
+#: Also parses :class:`Book` records (``bids``/``asks`` levels) and heartbeats.
 QUOTE_DDL = (
     "schema_version INT, type STRING, exchange STRING, symbol STRING, "
     "bid DOUBLE, ask DOUBLE, bid_size DOUBLE, ask_size DOUBLE, "
-    "exchange_ts BIGINT, received_ts BIGINT, dedupe_key STRING"
+    "exchange_ts BIGINT, received_ts BIGINT, dedupe_key STRING, "
+    "bids ARRAY<ARRAY<DOUBLE>>, asks ARRAY<ARRAY<DOUBLE>>"
 )
 
 

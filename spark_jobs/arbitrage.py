@@ -2,8 +2,8 @@
 
 Three streaming queries share one source definition:
 
-* ``ingest``: parse and validate every record; invalid ones go to ``md.deadletter`` with their
-  reason and raw payload, valid quotes to InfluxDB measurement ``quote``.
+* ``ingest``: parse and validate every quote and book record; invalid ones go to
+  ``md.deadletter`` with their reason and raw payload, valid quotes to InfluxDB ``quote``.
 * ``spreads``: valid quotes → watermark → dedupe → snapshots → pairs (same-quote and
   cross-quote) → spreads → :mod:`spark_jobs.tracker` (episodes, rolling statistics, hourly
   percentiles, per-exchange features). Every pair to InfluxDB ``spread`` and MongoDB
@@ -35,7 +35,7 @@ from pyspark.sql.streaming import StreamingQuery
 
 from arbstream.config import Settings, get_settings
 from arbstream.schemas import SCHEMA_VERSION
-from arbstream.topics import DEADLETTER, HEALTH, OPPORTUNITIES, quotes_topic
+from arbstream.topics import DEADLETTER, HEALTH, OPPORTUNITIES, book_topic, quotes_topic
 from spark_jobs import health as H
 from spark_jobs import tracker
 from spark_jobs import transforms as T
@@ -69,8 +69,8 @@ def kafka_options(settings: Settings) -> dict[str, str]:
 
 def query_topics(settings: Settings) -> dict[str, list[str]]:
     """The topics each streaming query reads."""
-    quotes = [quotes_topic(e) for e in settings.exchanges]
-    return {"ingest": quotes, "spreads": quotes, "health": [HEALTH]}
+    market = [t for e in settings.exchanges for t in (quotes_topic(e), book_topic(e))]
+    return {"ingest": market, "spreads": market, "health": [HEALTH]}
 
 
 def read_records(spark: SparkSession, settings: Settings, topics: list[str]) -> DataFrame:

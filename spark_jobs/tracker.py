@@ -10,6 +10,10 @@ on how they were split into micro-batches.
 Per **pair** (symbol, sell symbol, buy exchange, sell exchange), each window gives a
 ``spread`` record (the spread row plus):
 
+* with both legs' books streamed (``md.<exchange>.book``): ``size_base`` = the largest size
+  whose book-walking net stays above ``min_net``, ``expected_profit`` = the best achievable
+  profit, and ``buy_vwap``/``sell_vwap`` for ``ARB_NOTIONAL_USD`` (:mod:`spark_jobs.depth`),
+  ``size_source = "book"``;
 * ``spread_mean_bps``, ``spread_std_bps`` (sample, ddof 1) of ``net_bps`` over the previous
   ``ARB_STATS_HORIZON_SECONDS`` (windows ending in ``[t - horizon, t)``), once at least
   :data:`MIN_PERIODS` values are there; ``spread_z = (net_bps - mean) / std``;
@@ -30,9 +34,10 @@ Per **pair** (symbol, sell symbol, buy exchange, sell exchange), each window giv
 Per **(symbol, exchange)**, each window gives a ``feature`` record: ``mid = (bid + ask) / 2``,
 ``log_return = ln(mid / previous window's mid)``, ``volatility`` = sample std of the log
 returns over the horizon (per window of W, not annualised), ``quote_spread_bps = (ask − bid)
-/ mid × 10 000``, ``imbalance = (bid_size − ask_size) / (bid_size + ask_size)`` of the top of
-book (null without sizes), ``latency_ms`` (mean received − exchange time of the window's
-quotes), ``message_rate`` (quotes per second over the snapshot's ``max_quote_age``),
+/ mid × 10 000``, ``imbalance = (bid_size − ask_size) / (bid_size + ask_size)`` summed over
+the streamed top-N book levels, else of the top of book (null without sizes),
+``latency_ms`` (mean received − exchange time of the window's quotes), ``message_rate``
+(quotes per second over the snapshot's ``max_quote_age``),
 ``quote_age_s`` (window end − latest quote time), and ``volume_z``/``volume_spike`` on the
 message count against its rolling mean and std over the horizon (the recorded inputs carry no
 traded volume per window; ``volume`` stays null).
@@ -58,6 +63,7 @@ from pyspark.sql.streaming.stateful_processor import (
 )
 
 from arbstream.config import Settings
+from spark_jobs.depth import size_from_books
 
 BPS = 10_000.0
 HOUR_MS = 3_600_000
@@ -74,7 +80,8 @@ SPREAD_FIELDS: dict[str, str] = {
     "buy_fee": "double", "sell_fee": "double", "haircut": "double", "gross": "double",
     "net": "double", "gross_bps": "double", "net_bps": "double", "size_base": "double",
     "size_source": "string", "expected_profit": "double", "profit_currency": "string",
-    "usd_rate": "double", "expected_profit_usd": "double", "is_opportunity": "boolean",
+    "usd_rate": "double", "expected_profit_usd": "double", "buy_vwap": "double",
+    "sell_vwap": "double", "is_opportunity": "boolean",
     "episode_id": "string", "spread_mean_bps": "double", "spread_std_bps": "double",
     "spread_z": "double", "anomaly": "boolean",
 }
@@ -126,6 +133,7 @@ class TrackerConfig:
     gap_ms: int
     horizon_ms: int
     sigma: float
+    notional_usd: float = 10_000.0
 
     @classmethod
     def of(cls, settings: Settings) -> TrackerConfig:
@@ -136,6 +144,7 @@ class TrackerConfig:
             gap_ms=round(settings.episode_gap_seconds * 1000),
             horizon_ms=round(settings.stats_horizon_seconds * 1000),
             sigma=settings.anomaly_sigma,
+            notional_usd=settings.notional_usd,
         )
 
 
@@ -225,6 +234,32 @@ def _profit_rank(best: dict[str, Any]) -> float:
     return -math.inf
 
 
+def _levels(value: Any) -> list[list[float]] | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or len(value) == 0:
+        return None
+    return [[float(x) for x in lv] for lv in value]
+
+
+def with_depth(row: dict[str, Any], cfg: TrackerConfig) -> dict[str, Any]:
+    """The spread row with ``size_base``, ``expected_profit(_usd)``, ``buy_vwap`` and
+    ``sell_vwap`` from both legs' books (:func:`spark_jobs.depth.size_from_books`) when both
+    are streamed (``size_source = "book"``); otherwise unchanged (top of book or notional)."""
+    asks, bids = _levels(row.get("buy_asks")), _levels(row.get("sell_bids"))
+    if asks is None or bids is None:
+        return {**row, "buy_vwap": None, "sell_vwap": None}
+    costs = (float(row["buy_fee"]) + float(row["sell_fee"])
+             + (_num(row.get("conversion_fee")) or 0.0) + float(row["haircut"]))
+    usd = _num(row.get("usd_rate"))
+    rate = _num(row.get("conversion_rate")) or 1.0
+    d = size_from_books(asks, bids, costs, cfg.min_net, rate,
+                        cfg.notional_usd / (usd if usd else 1.0))
+    return {
+        **row, "size_base": d.max_size, "size_source": "book", "expected_profit": d.profit,
+        "expected_profit_usd": d.profit * usd if usd is not None else None,
+        "buy_vwap": d.buy_vwap, "sell_vwap": d.sell_vwap,
+    }
+
+
 def track_pair(
     state: dict[str, Any] | None, rows: list[dict[str, Any]], watermark_ms: int | None,
     cfg: TrackerConfig,
@@ -247,6 +282,7 @@ def track_pair(
     out: list[dict[str, Any]] = []
     ordered = sorted(rows, key=lambda r: _ms(r["window_end"]))
     for row in ordered:
+        row = with_depth(row, cfg)
         t = _ms(row["window_end"])
         key = pair_key(row)
         st["leg"] = {k: row[k] for k in ("symbol", "sell_symbol", "cross_quote",
@@ -355,6 +391,9 @@ def track_exchange(
         msgs.append([t, messages])
         st["msgs"] = msgs
         bsz, asz = _num(row.get("bid_size")), _num(row.get("ask_size"))
+        book_bids, book_asks = _levels(row.get("book_bids")), _levels(row.get("book_asks"))
+        if book_bids is not None and book_asks is not None:  # top-N depth when streamed
+            bsz, asz = sum(lv[1] for lv in book_bids), sum(lv[1] for lv in book_asks)
         imbalance = (bsz - asz) / (bsz + asz) if bsz is not None and asz is not None and (
             bsz + asz) > 0 else None
         out.append({

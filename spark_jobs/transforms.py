@@ -38,7 +38,7 @@ from arbstream.schemas import (
 BPS = 10_000.0
 QUOTE_COLUMNS = [
     "exchange", "symbol", "bid", "ask", "bid_size", "ask_size", "exchange_ts", "received_ts",
-    "dedupe_key",
+    "dedupe_key", "bids", "asks",
 ]
 
 
@@ -101,10 +101,17 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
     parsed = _payload(raw, QUOTE_DDL).select(
         "*", *[F.col(f"q.{c}").alias(c) for c in QUOTE_COLUMNS + ["schema_version", "type"]]
     )
-    topic_exchange = F.regexp_extract("topic", r"^md\.([^.]+)\.quotes$", 1)
+    topic_exchange = F.regexp_extract("topic", r"^md\.([^.]+)\.(quotes|book)$", 1)
     fee = _fee_map(fees)[F.col("exchange")]
 
     is_quote = F.col("type") == "quote"
+    is_book = F.col("type") == "book"
+
+    def levels_ok(name: str) -> Column:
+        return (F.size(name) > 0) & F.forall(
+            name, lambda lv: (F.size(lv) == 2) & (lv[0] > 0) & (lv[1] > 0)
+            & ~F.isnan(lv[0]) & ~F.isnan(lv[1]) & (lv[0] < F.lit(float("inf")))
+        )
 
     def positive(name: str, quote_only: bool = True) -> tuple[Column, Column]:
         col = F.col(name)
@@ -118,8 +125,8 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
     checks: list[tuple[Column, Column]] = [
         *_payload_checks(),
         (
-            ~F.coalesce(F.col("type"), F.lit("")).isin("quote", "heartbeat"),
-            F.lit("type must be 'quote' or 'heartbeat'"),
+            ~F.coalesce(F.col("type"), F.lit("")).isin("quote", "heartbeat", "book"),
+            F.lit("type must be 'quote', 'book' or 'heartbeat'"),
         ),
         (
             ~F.coalesce(F.col("exchange").rlike(EXCHANGE_JAVA_RE), F.lit(False)),
@@ -131,8 +138,17 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
                      F.lit("' does not match topic "), F.col("topic")),
         ),
         (
-            is_quote & ~F.coalesce(F.col("symbol").rlike(SYMBOL_JAVA_RE), F.lit(False)),
+            (is_quote | is_book)
+            & ~F.coalesce(F.col("symbol").rlike(SYMBOL_JAVA_RE), F.lit(False)),
             F.lit("symbol missing or not canonical BASE-QUOTE"),
+        ),
+        (
+            is_book & ~F.coalesce(levels_ok("bids") & levels_ok("asks"), F.lit(False)),
+            F.lit("book levels missing or not [positive price, positive size] pairs"),
+        ),
+        (
+            is_book & (F.col("bids")[0][0] > F.col("asks")[0][0]),
+            F.lit("crossed book: best bid > best ask"),
         ),
         positive("bid"),
         positive("ask"),
@@ -241,28 +257,36 @@ def dedupe(quotes: DataFrame, watermark_seconds: float) -> DataFrame:
 def snapshots(quotes: DataFrame, window_seconds: float, max_quote_age_seconds: float) -> DataFrame:
     """Each exchange's latest quote per symbol and window: the snapshot of the module docstring.
 
-    Input: :func:`dedupe` output. Output: one row per (symbol, exchange, window) with the
-    ``window`` struct (``start`` = ``end`` − max_quote_age, ``end``), the latest quote's
-    ``bid, ask, bid_size, ask_size`` and ``quote_ts`` (its exchange time), ``messages`` (quotes
-    of the exchange and symbol in the window) and ``latency_ms`` (their mean ``received_ts −
-    exchange_ts``, ms). "Latest" orders by ``ts``, then ``received_ts``, then ``dedupe_key``
-    so ties resolve the same way every time.
+    Input: :func:`dedupe` output (quotes, and optionally ``book`` records). Output: one row per
+    (symbol, exchange, window) with a quote, with the ``window`` struct (``start`` = ``end`` −
+    max_quote_age, ``end``), the latest quote's ``bid, ask, bid_size, ask_size`` and
+    ``quote_ts`` (its exchange time), ``messages`` (quotes of the exchange and symbol in the
+    window), ``latency_ms`` (their mean ``received_ts − exchange_ts``, ms) and the latest
+    book's ``book_bids``/``book_asks`` levels in the window (null without books). "Latest"
+    orders by ``ts``, then ``received_ts``, then ``dedupe_key`` so ties resolve the same way
+    every time.
     """
     window = F.window(
         "event_time",
         _ms(max_quote_age_seconds),
         _ms(window_seconds),
     )
-    latest = F.max(
-        F.struct("ts", "received_ts", "dedupe_key", "bid", "ask", "bid_size", "ask_size")
-    )
+    is_quote = F.col("type") == "quote" if "type" in quotes.columns else F.lit(True)
+    is_book = F.col("type") == "book" if "type" in quotes.columns else F.lit(False)
+    latest = F.max(F.when(is_quote, F.struct(
+        "ts", "received_ts", "dedupe_key", "bid", "ask", "bid_size", "ask_size"
+    )))
+    book = F.max(F.when(is_book, F.struct("ts", "received_ts", "dedupe_key", "bids", "asks")))
     return (
         quotes.groupBy("symbol", "exchange", window.alias("window"))
         .agg(
             latest.alias("q"),
-            F.count(F.lit(1)).alias("messages"),
-            F.avg(F.col("received_ts") - F.col("exchange_ts")).alias("latency_ms"),
+            F.count(F.when(is_quote, F.lit(1))).alias("messages"),
+            F.avg(F.when(is_quote, F.col("received_ts") - F.col("exchange_ts")))
+            .alias("latency_ms"),
+            book.alias("b"),
         )
+        .where(F.col("q").isNotNull())
         .select(
             "symbol", "exchange", "window",
             F.col("q.bid").alias("bid"),
@@ -271,6 +295,8 @@ def snapshots(quotes: DataFrame, window_seconds: float, max_quote_age_seconds: f
             F.col("q.ask_size").alias("ask_size"),
             F.col("q.ts").alias("quote_ts"),
             "messages", "latency_ms",
+            F.col("b.bids").alias("book_bids"),
+            F.col("b.asks").alias("book_asks"),
         )
     )
 
@@ -289,6 +315,7 @@ def slots(snapshot: DataFrame, window_seconds: float) -> DataFrame:
         F.collect_list(F.struct(
             "symbol", parts[0].alias("base"), parts[1].alias("quote"), "exchange", "bid", "ask",
             "bid_size", "ask_size", "quote_ts", "messages", "latency_ms", "window",
+            "book_bids", "book_asks",
         )).alias("qs")
     )
 
@@ -307,17 +334,19 @@ TRACK_FIELDS: dict[str, str] = {
     "profit_currency": "string", "usd_rate": "double",
     "exchange": "string", "bid": "double", "ask": "double", "bid_size": "double",
     "ask_size": "double", "quote_ts": "timestamp", "messages": "bigint", "latency_ms": "double",
+    "buy_asks": "array<array<double>>", "sell_bids": "array<array<double>>",
+    "book_bids": "array<array<double>>", "book_asks": "array<array<double>>",
 }
 PAIR_COLUMNS = [
     "symbol", "sell_symbol", "cross_quote", "window_start", "window_end",
     "buy_exchange", "buy_ask", "buy_ask_size", "buy_ts",
     "sell_exchange", "sell_bid", "sell_bid_size", "sell_ts",
     "conversion_symbol", "conversion_exchange", "conversion_rate", "conversion_fee",
-    "profit_currency", "usd_rate",
+    "profit_currency", "usd_rate", "buy_asks", "sell_bids",
 ]
 EXCHANGE_COLUMNS = [
     "symbol", "exchange", "window_start", "window_end", "bid", "ask", "bid_size", "ask_size",
-    "quote_ts", "messages", "latency_ms", "usd_rate",
+    "quote_ts", "messages", "latency_ms", "usd_rate", "book_bids", "book_asks",
 ]
 
 
@@ -414,6 +443,7 @@ def track_rows(
             conversion_symbol=conv["symbol"], conversion_exchange=conv["exchange"],
             conversion_rate=conv["rate"], conversion_fee=conv["fee"],
             profit_currency=a["quote"], usd_rate=lookup_usd(a["quote"]),
+            buy_asks=a["book_asks"], sell_bids=b["book_bids"],
         ))
 
     pair_structs = F.filter(
@@ -425,6 +455,7 @@ def track_rows(
         window_end=a["window"]["end"], exchange=a["exchange"], bid=a["bid"], ask=a["ask"],
         bid_size=a["bid_size"], ask_size=a["ask_size"], quote_ts=a["quote_ts"],
         messages=a["messages"], latency_ms=a["latency_ms"], usd_rate=lookup_usd(a["quote"]),
+        book_bids=a["book_bids"], book_asks=a["book_asks"],
     ))
     return per_slot.select(
         F.explode(F.concat(pair_structs, exchange_structs)).alias("r")
@@ -528,7 +559,7 @@ def spread_stream(
     """The whole chain from Kafka records to :func:`track_rows` with :func:`spreads` columns:
     every pair (not only opportunities) and every exchange snapshot of every window."""
     events = dedupe(valid_events(parse_quotes(raw, fees)), watermark_seconds)
-    quotes = events.where(F.col("type") == "quote")
+    quotes = events.where(F.col("type").isin("quote", "book"))
     snap = snapshots(quotes, window_seconds, max_quote_age_seconds)
     rows = track_rows(slots(snap, window_seconds), fees, list(usd_quotes))
     return spreads(rows, fees, haircut, notional_usd)

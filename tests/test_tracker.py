@@ -189,3 +189,49 @@ def test_spark_processor_equals_pure_functions(
 
     assert len(of(want, "episode")) > 4 and len(of(want, "percentiles")) > 0
     assert canon(got) == canon(want)
+
+
+def test_books_give_depth_aware_size_and_imbalance(spark: SparkSession) -> None:
+    from arbstream.schemas import Book
+    from spark_jobs.depth import size_from_books
+
+    t = 1_678_507_200_000  # 2023-03-11T04:00:00Z
+    asks = [[100.0, 1.0], [101.0, 2.0]]
+    bids = [[102.0, 1.5], [100.5, 1.0]]
+    items = [
+        Quote(exchange="kraken", symbol="BTC-USD", exchange_ts=t - 500, received_ts=t - 400,
+              bid=99.0, ask=100.0, bid_size=1.0, ask_size=1.0, dedupe_key="k:q"),
+        Quote(exchange="coinbase", symbol="BTC-USD", exchange_ts=t - 300, received_ts=t - 250,
+              bid=102.0, ask=103.0, bid_size=1.5, ask_size=2.0, dedupe_key="c:q"),
+        Book(exchange="kraken", symbol="BTC-USD", exchange_ts=t - 450, received_ts=t - 400,
+             depth=2, bids=[[99.0, 1.0], [98.0, 4.0]], asks=asks, dedupe_key="k:b"),
+        Book(exchange="coinbase", symbol="BTC-USD", exchange_ts=t - 250, received_ts=t - 200,
+             depth=2, bids=bids, asks=[[103.0, 2.0], [104.0, 1.0]], dedupe_key="c:b"),
+    ]
+    bad = b'{"schema_version":1,"type":"book","exchange":"kraken","symbol":"BTC-USD",' \
+          b'"exchange_ts":1678507199000,"received_ts":1678507199000,"dedupe_key":"x",' \
+          b'"bids":[[101.0,1.0]],"asks":[[100.0,1.0]]}'
+    topic = {"book": "book", "quote": "quotes"}
+    rows = [(i.symbol.encode(), i.to_json(), f"md.{i.exchange}.{topic[i.type]}", 0, n)
+            for n, i in enumerate(items)] + [(None, bad, "md.kraken.book", 0, 9)]
+    raw = spark.createDataFrame(rows, "key binary, value binary, topic string, partition int, "
+                                "offset long")
+    errors = {r["error"] for r in T.parse_quotes(raw, {"kraken": 0.0026, "coinbase": 0.006})
+              .collect()}
+    assert errors == {None, "crossed book: best bid > best ask"}
+    fees = {"kraken": 0.0026, "coinbase": 0.006}
+    out = [r.asDict() for r in T.spread_stream(raw, fees, 10, 1, 5, haircut=2e-4).collect()]
+    end = pd.Timestamp(t, unit="ms")
+    [pair] = [r for r in out if r["kind"] == "pair" and r["buy_exchange"] == "kraken"
+              and pd.Timestamp(r["window_end"]) == end]
+    assert pair["buy_asks"] == asks and pair["sell_bids"] == bids
+    cfg = tracker.TrackerConfig(0.0, 1000, 5000, 10_000, 60_000, 3.0, notional_usd=150.5)
+    sized = tracker.with_depth(pair, cfg)
+    want = size_from_books(asks, bids, 0.0026 + 0.006 + 2e-4, 0.0, 1.0, 150.5)
+    assert sized["size_source"] == "book" and sized["size_base"] == want.max_size
+    assert sized["expected_profit"] == want.profit and sized["buy_vwap"] == want.buy_vwap
+    assert want.max_size > 0
+    [snap] = [r for r in out if r["kind"] == "exchange" and r["exchange"] == "kraken"
+              and pd.Timestamp(r["window_end"]) == end]
+    _, [feature] = tracker.track_exchange(None, [snap], cfg)
+    assert feature["imbalance"] == (5.0 - 3.0) / (5.0 + 3.0)  # top-2 depth, not top of book
