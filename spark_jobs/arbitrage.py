@@ -141,7 +141,7 @@ def write_records(settings: Settings, rows: Any) -> dict[str, int]:
     for row in rows:
         d = row.asDict()
         kind = d.pop("record")
-        fields = {k: d[k] for k in tracker.RECORD_FIELDS[kind]}
+        fields = {k: d.get(k) for k in tracker.RECORD_FIELDS[kind]}
         by_type[kind].append(fields)
         if kind == "spread" and fields["is_opportunity"]:
             by_type["opportunity"].append(fields)
@@ -276,8 +276,14 @@ def wait_drained(
             for t in per_query[q.name]
             for p, off in targets.get(t, {}).items()
         )
+        # A query with processing-time timers (health) keeps triggering without input: count
+        # it idle once its last micro-batch read nothing.
         idle = all(
-            not q.status["isDataAvailable"] and not q.status["isTriggerActive"] for q in queries
+            not q.status["isDataAvailable"] and (
+                not q.status["isTriggerActive"]
+                or (q.lastProgress or {}).get("numInputRows", 1) == 0
+            )
+            for q in queries
         )
         idle_rounds = idle_rounds + 1 if caught_up and idle else 0
         if idle_rounds >= 3:
