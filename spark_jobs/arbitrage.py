@@ -6,8 +6,8 @@ Three streaming queries share one source definition:
   ``md.deadletter`` with their reason and raw payload, valid quotes to InfluxDB ``quote``.
 * ``spreads``: valid quotes → watermark → dedupe → snapshots → pairs (same-quote and
   cross-quote) → spreads → :mod:`spark_jobs.tracker` (episodes, rolling statistics, hourly
-  percentiles, per-exchange features). Every pair to InfluxDB ``spread`` and MongoDB
-  ``features``; opportunities (net > min_net) to MongoDB ``opportunities``; episodes to
+  percentiles, per-exchange features). Every pair to InfluxDB ``spread``; opportunities
+  (net > min_net) to MongoDB ``opportunities`` and their pair features to ``features``; episodes to
   MongoDB ``episodes`` and InfluxDB ``episode``; features to InfluxDB ``features`` and MongoDB
   ``features``; percentiles to InfluxDB ``spread_percentiles`` and MongoDB ``thresholds``;
   opportunity and episode (``opened``/``closed``) events to ``arb.opportunities``.
@@ -122,8 +122,10 @@ def _events(df: DataFrame, key: str, event_type: str) -> DataFrame:
 #: Writers of each record type of :func:`spark_jobs.tracker.track`, in order (MongoDB before
 #: Kafka, so a consumer of an event finds its documents).
 WRITERS: dict[str, tuple[Callable[[Settings, Any], int], ...]] = {
-    "spread": (influx.write_spreads, mongo.upsert_pair_features),
-    "opportunity": (mongo.upsert_opportunities,),
+    # Every pair and window goes to InfluxDB; MongoDB keeps the pair features of opportunity
+    # windows only (a full pair series there is ~20 documents per quote, too many to upsert).
+    "spread": (influx.write_spreads,),
+    "opportunity": (mongo.upsert_opportunities, mongo.upsert_pair_features),
     "episode": (mongo.upsert_episodes, influx.write_episodes),
     "feature": (influx.write_features, mongo.upsert_features),
     "percentiles": (influx.write_percentiles, mongo.upsert_thresholds),
