@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
@@ -39,6 +40,8 @@ from arbstream.topics import DEADLETTER, HEALTH, OPPORTUNITIES, book_topic, quot
 from spark_jobs import health as H
 from spark_jobs import tracker
 from spark_jobs import transforms as T
+from spark_jobs.checkpoint import check_queries
+from spark_jobs.checkpoint import verify as verify_checkpoint
 from spark_jobs.kafka_source import FORMAT, end_offsets
 from spark_jobs.sinks import influx, mongo
 
@@ -208,8 +211,14 @@ def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = Non
     StreamingQuery
 ]:
     """Start the ``ingest``, ``spreads`` and ``health`` queries; checkpoints under
-    ``checkpoint`` (default ``ARB_STATE_DIR/checkpoints``)."""
+    ``checkpoint`` (default ``ARB_STATE_DIR/checkpoints``).
+
+    Raises:
+        spark_jobs.checkpoint.IncompatibleCheckpointError: the checkpoint was written under
+            settings that change the state or the output ids (nothing is started).
+    """
     root = checkpoint or settings.checkpoint_dir
+    verify_checkpoint(settings, root)
     prepare_sinks(settings)
     topics = query_topics(settings)
     bodies = {
@@ -306,7 +315,11 @@ def main() -> None:
     queries = start(spark, settings)
     log.info("queries %s running; checkpoints in %s", [q.name for q in queries],
              settings.checkpoint_dir)
-    spark.streams.awaitAnyTermination()
+    try:
+        spark.streams.awaitAnyTermination()
+    except StreamingQueryException:
+        check_queries(queries, settings.checkpoint_dir)  # Spark's state-schema errors, clearly
+        raise
 
 
 if __name__ == "__main__":
