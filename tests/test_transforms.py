@@ -189,7 +189,7 @@ def test_fee_table_matches_literals() -> None:
 def test_output_columns(scenario: dict[str, Any]) -> None:
     assert scenario["snap_columns"] == [
         "symbol", "exchange", "window", "bid", "ask", "bid_size", "ask_size", "quote_ts",
-        "messages", "latency_ms",
+        "messages", "latency_ms", "book_bids", "book_asks",
     ]
     assert set(OUTPUT_COLUMNS) <= set(scenario["spread_columns"])
 
@@ -448,7 +448,7 @@ VALIDATION: list[tuple[str, bytes | None, str | None]] = [
     (KRAKEN, NOT_UTF8, "payload is not UTF-8"),
     (KRAKEN, None, "empty payload"),
     (KRAKEN, bad(schema_version=2), "unsupported schema_version 2"),
-    (KRAKEN, bad(type="trade"), "type must be 'quote' or 'heartbeat'"),
+    (KRAKEN, bad(type="trade"), "type must be 'quote', 'book' or 'heartbeat'"),
     (KRAKEN, bad(bid=101.0, ask=100.0), "crossed quote: bid 101.0 > ask 100.0"),
     (KRAKEN, bad(bid=0.0), "bid missing or not a positive number"),
     (KRAKEN, bad(ask=-1.5), "ask missing or not a positive number"),
