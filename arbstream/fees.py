@@ -1,7 +1,8 @@
 """Taker fee table: the one place fee figures live.
 
 All fees are fractions of notional (0.006 == 0.60 % == 60 bps), taker side, base (lowest
-30-day-volume) tier, spot markets.
+30-day-volume) tier, spot markets, except ``binanceusdm`` (Binance USD-M perpetual futures, the
+venue of the ``usdm_*`` files of ``binance-ws-2024-08``).
 
 Source: each exchange's public fee schedule, as published on its website, checked 2026-11-21:
   coinbase  0.60 %  Coinbase Advanced Trade fee tiers, $0-10k tier, taker
@@ -10,6 +11,8 @@ Source: each exchange's public fee schedule, as published on its website, checke
   bitstamp  0.40 %  Bitstamp fee schedule, $0-10k tier, taker
   bitfinex  0.20 %  Bitfinex fee schedule, base tier, taker
   gemini    0.40 %  Gemini ActiveTrader fee schedule, base tier, taker
+  binanceusdm 0.05 %  Binance USD-M futures trading fee rate, VIP 0 / regular user, taker
+                      0.0500 %, no BNB discount (perpetual futures, not spot)
 
 Override any figure (or add an exchange) with ``ARB_FEES`` in the environment, for example
 ``ARB_FEES='{"binance": 0.00075}'``; see ``arbstream.config.Settings.fees``.
@@ -26,6 +29,7 @@ DEFAULT_TAKER_FEES: Mapping[str, float] = {
     "bitstamp": 0.0040,
     "bitfinex": 0.0020,
     "gemini": 0.0040,
+    "binanceusdm": 0.0005,
 }
 
 

@@ -23,7 +23,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,10 +44,11 @@ from arbstream.schemas import (
     DeadLetter,
     Heartbeat,
     Quote,
+    Trade,
     now_ms,
     validation_reason,
 )
-from arbstream.topics import DEADLETTER, ensure_topics, quotes_topic
+from arbstream.topics import DEADLETTER, ensure_topics, quotes_topic, trades_topic
 
 #: Sub-directory of ``Settings.data_dir`` holding the IAQF bars.
 IAQF_SUBDIR = "iaqf-2023-03"
@@ -112,11 +113,13 @@ class ReplayReport:
     """Outcome of one replay.
 
     Attributes:
-        published: records acknowledged by Kafka per quote topic (``md.<exchange>.quotes``).
+        published: records acknowledged by Kafka per topic (``md.<exchange>.quotes``, and
+            ``md.<exchange>.trades`` when trades were published).
         deadletters: records acknowledged on ``md.deadletter``.
         elapsed_s: wall-clock seconds from the first produce to the final flush.
         first_event_ts: event time of the first quote published, UTC ms (None when none).
-        last_event_ts: event time of the last quote published, UTC ms (None when none).
+        last_event_ts: latest event time published, UTC ms (None when none); the last
+            quote's when the input was sorted.
     """
 
     published: dict[str, int] = field(default_factory=dict)
@@ -128,7 +131,12 @@ class ReplayReport:
     @property
     def quotes(self) -> int:
         """Total quotes acknowledged across every quote topic."""
-        return sum(self.published.values())
+        return sum(n for t, n in self.published.items() if not t.endswith(".trades"))
+
+    @property
+    def trades(self) -> int:
+        """Total trades acknowledged across every trade topic."""
+        return sum(n for t, n in self.published.items() if t.endswith(".trades"))
 
     @property
     def first_event_time(self) -> datetime | None:
@@ -617,12 +625,13 @@ def end_of_stream_ms(last_ts: int, settings: Settings) -> int:
 
 
 def publish_quotes(
-    quotes: pd.DataFrame | Sequence[Quote],
+    quotes: pd.DataFrame | Sequence[Quote] | Iterable[Quote | Trade],
     settings: Settings,
     speed: float | None = None,
     progress: bool = True,
     deadletters: Sequence[DeadLetter] = (),
     heartbeat: bool = True,
+    rate: float | None = None,
 ) -> ReplayReport:
     """Publish quotes to ``md.<exchange>.quotes`` in event-time order, then flush.
 
@@ -634,10 +643,19 @@ def publish_quotes(
 
     Args:
         quotes: a frame with :data:`QUOTE_COLUMNS` (optionally ``received_ts``, else it equals
-            ``exchange_ts``; NaN sizes mean unknown) or a sequence of :class:`Quote`.
+            ``exchange_ts``; NaN sizes mean unknown) or a sequence of :class:`Quote`; or any
+            other iterable (an iterator, a generator) of :class:`Quote` and :class:`Trade`,
+            which is consumed lazily and published in its own order, not sorted: trades go to
+            ``md.<exchange>.trades``, and each record's exchange is checked just before it is
+            sent (a ValueError then leaves the earlier records published). The next record is
+            taken from the iterator only when it is due under ``rate``, so a generator may
+            stamp it with the time it is sent.
         settings: Kafka address and the configured exchanges.
         speed: None for as fast as possible; N for N x real time (sleeps event-time gaps / N,
             measured on a monotonic clock from the first quote).
+        rate: None for no cap; R to send at most R records per second (quotes and trades,
+            record n not before n / R s after the first, monotonic clock; sends come in
+            bursts of at most 1 ms worth of records). Combines with ``speed`` (both apply).
         progress: show a tqdm progress bar on stderr (only when stderr is a TTY).
         deadletters: rejected input records to publish alongside.
         heartbeat: end with one :class:`Heartbeat` per exchange at
@@ -648,7 +666,7 @@ def publish_quotes(
         A :class:`ReplayReport` with acknowledged counts per topic.
 
     Raises:
-        ValueError: ``speed`` is not positive, or a quote's exchange is not in
+        ValueError: ``speed`` or ``rate`` is not positive, or a quote's exchange is not in
             ``settings.exchanges`` (ARB_EXCHANGES), so it would have no topic.
         ReplayInputError: a frame row breaks the :class:`Quote` rules (checked before
             anything is sent).
@@ -657,6 +675,11 @@ def publish_quotes(
     """
     if speed is not None and not (math.isfinite(speed) and speed > 0):
         raise ValueError(f"speed must be a positive number or None (max), got {speed}")
+    if rate is not None and not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"rate must be a positive number or None (max), got {rate}")
+    lazy = False
+    total: int | None
+    items: Iterator[Quote | Trade]
     if isinstance(quotes, pd.DataFrame):
         problems = _frame_problems(quotes)
         if problems:
@@ -664,13 +687,16 @@ def publish_quotes(
         frame = quotes.sort_values("exchange_ts", kind="stable")
         total = len(frame)
         exchanges = set(frame["exchange"].unique().tolist())
-        items: Iterator[Quote] = _iter_frame(frame)
-    else:
+        items = _iter_frame(frame)
+    elif isinstance(quotes, Sequence):
         ordered = sorted(quotes, key=lambda q: q.exchange_ts)
         total = len(ordered)
         exchanges = {q.exchange for q in ordered}
         items = iter(ordered)
-    unknown = sorted(exchanges - set(settings.exchanges))
+    else:
+        lazy, total, exchanges, items = True, None, set(), iter(quotes)
+    configured = set(settings.exchanges)
+    unknown = sorted(exchanges - configured)
     if unknown:
         raise ValueError(
             f"quotes for exchanges {unknown} that are not configured; add them to "
@@ -712,17 +738,35 @@ def publish_quotes(
     try:
         for letter in deadletters:
             send(DEADLETTER, None, letter.to_json())
-        pending = 0
-        for quote in items:
+        pending = sent = 0
+        while True:
+            if rate is not None:
+                due = started + sent / rate
+                while (wait := due - time.monotonic()) > 0.001:
+                    producer.poll(min(wait, 0.1))
+            quote = next(items, None)
+            if quote is None:
+                break
+            if lazy and quote.exchange not in exchanges:
+                if quote.exchange not in configured:
+                    producer.flush()
+                    raise ValueError(
+                        f"a record of exchange {quote.exchange!r}, which is not configured; "
+                        f"add it to ARB_EXCHANGES (configured: {settings.exchanges})"
+                    )
+                exchanges.add(quote.exchange)
             ts = quote.exchange_ts
             if first_ts is None:
                 first_ts = ts
-            last_ts = ts
+            if last_ts is None or ts > last_ts:
+                last_ts = ts
             if speed is not None:
                 due = started + (ts - first_ts) / 1000.0 / speed
                 while (wait := due - time.monotonic()) > 0:
                     producer.poll(min(wait, 0.1))
-            send(quotes_topic(quote.exchange), quote.symbol.encode(), quote.to_json())
+            topic = (trades_topic if quote.type == "trade" else quotes_topic)(quote.exchange)
+            send(topic, quote.symbol.encode(), quote.to_json())
+            sent += 1
             pending += 1
             if pending >= 1000:
                 producer.poll(0)

@@ -66,6 +66,7 @@ def test_fee_table() -> None:
         "bitstamp": 0.004,
         "bitfinex": 0.002,
         "gemini": 0.004,
+        "binanceusdm": 0.0005,
     }
     assert dict(DEFAULT_TAKER_FEES) == expected
     assert Settings().taker_fees == expected
