@@ -181,13 +181,16 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
     def _end_offsets(self, positions: Offsets) -> Offsets:
         """High-water mark of every partition in ``positions``.
 
-        ``fetch`` mode assigns each partition at its beginning and reads the high-water mark
-        that the broker returns with the first fetch response (a message or an end-of-partition
-        event), so at most one fetch (64 KiB) per partition is downloaded here. Starting from
-        the beginning, not the checkpointed position, guarantees that response even when the
-        position is past the end (topic recreated), so data loss is detected at once.
+        ``fetch`` mode assigns each partition just before its listed end and reads the
+        high-water mark that the broker returns with the first fetch response (a message or an
+        end-of-partition event), so at most one fetch (64 KiB) per partition is downloaded here.
+        The start is ``max(earliest, listed latest − 1)``: inside the log even with tansu's
+        short ListOffsets(LATEST) answer, and not the checkpointed position, so a response comes
+        even when that position is past the end (topic recreated) and data loss is detected at
+        once. Starting at the beginning instead costs time in proportion to the topic size on
+        tansu (3.1 s per call at 600k records, against 7–16 ms).
         """
-        from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+        from confluent_kafka import KafkaError, TopicPartition
 
         client = self._client()
         tps = [
@@ -201,7 +204,11 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
                 (tp.topic, tp.partition, client.get_watermark_offsets(tp, timeout=15)[1])
                 for tp in tps
             )
-        client.assign([TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in tps])
+        starts = []
+        for tp in tps:
+            low, listed = client.get_watermark_offsets(tp, timeout=15)
+            starts.append(TopicPartition(tp.topic, tp.partition, max(low, listed - 1)))
+        client.assign(starts)
         pending = {(tp.topic, tp.partition) for tp in tps}
         deadline = time.monotonic() + 15
         try:

@@ -7,13 +7,13 @@ Spark JVM), from ``earliest``:
 
 * run A, uninterrupted, with the default ``ARB_MAX_OFFSETS_PER_TRIGGER`` (the slice in one
   micro-batch), into MongoDB/InfluxDB databases ``recovery_a``;
-* run B into ``recovery_b`` with ``ARB_MAX_OFFSETS_PER_TRIGGER`` = :data:`MAX_OFFSETS` (a few
+* run B into ``recovery_b`` with ``ARB_MAX_OFFSETS_PER_TRIGGER`` = records / :data:`BATCHES` (a few
   micro-batches): its whole process group (Python driver and Spark JVM) is SIGKILLed while a
   micro-batch after the first committed one is in flight and has written part of its output,
   then restarted on the same ``ARB_STATE_DIR``.
 
 So equality also says the output does not depend on where micro-batches end. Should A and B
-ever differ, run A with ``MAX_OFFSETS`` too to tell the two causes apart.
+ever differ, run A with the same batch size too to tell the two causes apart.
 
 Both read the same topics (which may also hold other tests' records: both see them alike).
 Every MongoDB collection and every InfluxDB measurement of every retention policy is compared
@@ -48,8 +48,7 @@ START = datetime(2023, 3, 11, 4, tzinfo=UTC)
 END = datetime(2023, 3, 11, 5, 30, tzinfo=UTC)
 EXCHANGES = ["binance", "coinbase", "kraken"]  # the IAQF exchanges
 QUERIES = ("ingest", "spreads", "health")  # at least these; others are found on disk
-MAX_OFFSETS = 2000  # records per micro-batch: several batches (the topics also hold other
-#                    tests' records, ~10k in a full run)
+BATCHES = 4  # run B's micro-batches over the topics (they may hold other tests' records too)
 TRIGGER_SECONDS = 0.5
 IDLE_SECONDS = 6.0  # drained = caught up, offsets and watermark still for this long
 RUN_TIMEOUT = 900.0  # generous: CI machines have 2 cores
@@ -372,7 +371,7 @@ def kill_mid_batch(job: Job, conf: Settings, db: str, ends: Offsets) -> int:
             job.assert_alive()
             assert time.monotonic() < deadline, f"no partial batch to kill\n{job.tail()}"
             assert not caught_up(job.checkpoints, "spreads", ends), (
-                "drained before a batch was caught mid-write: lower MAX_OFFSETS"
+                "drained before a batch was caught mid-write: raise BATCHES"
             )
             offset_id, commit_id = log_state(job.checkpoints, "spreads")
             count = _doc_count(client, db)
@@ -396,7 +395,9 @@ def test_sigkill_and_restart_equals_uninterrupted_run(
     finally:
         run_a.stop()
     state_b, log_b = tmp_path / "b", tmp_path / "b.log"
-    job = Job(settings, "recovery_b", state_b, log_b, MAX_OFFSETS)
+    market = [t for t in ends if t.startswith("md.") and t.endswith((".quotes", ".book"))]
+    max_offsets = max(100, sum(sum(ends[t].values()) for t in market) // BATCHES)
+    job = Job(settings, "recovery_b", state_b, log_b, max_offsets)
     try:
         in_flight = kill_mid_batch(job, settings, "recovery_b", ends)
     finally:
@@ -404,7 +405,7 @@ def test_sigkill_and_restart_equals_uninterrupted_run(
     spreads = job.checkpoints / "spreads"
     logged = (spreads / "offsets" / str(in_flight)).read_text()
     assert log_state(job.checkpoints, "spreads")[1] < in_flight, "committed before the kill"
-    restarted = Job(settings, "recovery_b", state_b, log_b, MAX_OFFSETS)
+    restarted = Job(settings, "recovery_b", state_b, log_b, max_offsets)
     try:
         wait_drained(restarted, ends)
     finally:
