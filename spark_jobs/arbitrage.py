@@ -236,13 +236,16 @@ def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = Non
                    validated_batch(settings, lambda b: b.where(F.col("error").isNull()),
                                    influx.write_health)),
     }
-    trigger = {"processingTime": f"{int(settings.trigger_seconds * 1000)} milliseconds"}
+    # The health query runs a batch every trigger for its processing-time timers: trigger it
+    # once per producer health interval, not every ARB_TRIGGER_SECONDS.
+    every = {name: settings.trigger_seconds for name in bodies}
+    every["health"] = max(settings.trigger_seconds, settings.health_interval_seconds)
     return [
         df.writeStream.queryName(name)
         .outputMode("append")
         .foreachBatch(body)
         .option("checkpointLocation", str(root / name))
-        .trigger(**trigger)
+        .trigger(processingTime=f"{int(every[name] * 1000)} milliseconds")
         .start()
         for name, (df, body) in bodies.items()
     ]
