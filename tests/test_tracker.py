@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -143,9 +144,13 @@ def test_spark_processor_equals_pure_functions(
     inbox = tmp_path / "in"
     inbox.mkdir()
     for k, chunk in enumerate(np.array_split(np.arange(len(values)), 4)):
-        (inbox / f"{k}.json").write_text("\n".join(
+        path = inbox / f"{k}.json"
+        path.write_text("\n".join(
             json.dumps({"value": values[i], "topic": topics[i], "partition": 0, "offset": int(i)})
             for i in chunk))
+        # the file source orders files by modification time (ms) and ties by directory order:
+        # files written within one ms could be read out of order and their rows be late
+        os.utime(path, (1_700_000_000 + k, 1_700_000_000 + k))
     raw = (spark.readStream.schema("value string, topic string, partition int, offset long")
            .option("maxFilesPerTrigger", 1).json(str(inbox)))
     fees, haircut = settings.taker_fees, 2e-4
@@ -189,9 +194,16 @@ def test_spark_processor_equals_pure_functions(
 
     assert len(of(want, "episode")) > 4 and len(of(want, "percentiles")) > 0
     g, w = canon(got), canon(want)
-    only_got = [x for x in g if x not in w][:3]
-    only_want = [x for x in w if x not in g][:3]
-    assert g == w, (len(g), len(w), only_got, only_want)
+    fields = list(tracker._frame(got[:1] or want[:1]).columns)
+
+    def show(rows: list[tuple]) -> str:
+        return "; ".join(str({f: v for f, v in zip(fields, r, strict=True) if v is not None})
+                         for r in rows[:2])
+
+    only_got = [x for x in g if x not in w]
+    only_want = [x for x in w if x not in g]
+    assert g == w, (f"got {len(g)}, want {len(w)}; only got ({len(only_got)}): "
+                    f"{show(only_got)}; only want ({len(only_want)}): {show(only_want)}")
 
 
 def test_books_give_depth_aware_size_and_imbalance(spark: SparkSession) -> None:
