@@ -34,6 +34,14 @@ QUOTE_DDL = (
 )
 
 
+#: Spark DDL of a trade as parsed by the stream job; mirrors :class:`Trade`.
+TRADE_DDL = (
+    "schema_version INT, type STRING, exchange STRING, symbol STRING, trade_id STRING, "
+    "price DOUBLE, size DOUBLE, side STRING, exchange_ts BIGINT, received_ts BIGINT, "
+    "dedupe_key STRING"
+)
+
+
 #: Spark DDL of a producer ``health`` record on ``md.health`` (see producers/publisher.py):
 #: per-exchange counters since the producer started, rates over the last interval.
 HEALTH_DDL = (

@@ -1,9 +1,10 @@
 """The arbitrage streaming job: per-exchange quote topics in, spreads and opportunities out.
 
-Three streaming queries share one source definition:
+Four streaming queries share one source definition:
 
 * ``ingest``: parse and validate every quote and book record; invalid ones go to
   ``md.deadletter`` with their reason and raw payload, valid quotes to InfluxDB ``quote``.
+* ``trades``: the same for ``md.<exchange>.trades``: valid trades to InfluxDB ``trade``.
 * ``spreads``: valid quotes → watermark → dedupe → snapshots → pairs (same-quote and
   cross-quote) → spreads → :mod:`spark_jobs.tracker` (episodes, rolling statistics, hourly
   percentiles, per-exchange features). Every pair to InfluxDB ``spread``; opportunities
@@ -36,7 +37,14 @@ from pyspark.sql.streaming import StreamingQuery
 
 from arbstream.config import Settings, get_settings
 from arbstream.schemas import SCHEMA_VERSION
-from arbstream.topics import DEADLETTER, HEALTH, OPPORTUNITIES, book_topic, quotes_topic
+from arbstream.topics import (
+    DEADLETTER,
+    HEALTH,
+    OPPORTUNITIES,
+    book_topic,
+    quotes_topic,
+    trades_topic,
+)
 from spark_jobs import health as H
 from spark_jobs import tracker
 from spark_jobs import transforms as T
@@ -73,7 +81,8 @@ def kafka_options(settings: Settings) -> dict[str, str]:
 def query_topics(settings: Settings) -> dict[str, list[str]]:
     """The topics each streaming query reads."""
     market = [t for e in settings.exchanges for t in (quotes_topic(e), book_topic(e))]
-    return {"ingest": market, "spreads": market, "health": [HEALTH]}
+    return {"ingest": market, "trades": [trades_topic(e) for e in settings.exchanges],
+            "spreads": market, "health": [HEALTH]}
 
 
 def read_records(spark: SparkSession, settings: Settings, topics: list[str]) -> DataFrame:
@@ -210,7 +219,7 @@ def prepare_sinks(settings: Settings) -> None:
 def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = None) -> list[
     StreamingQuery
 ]:
-    """Start the ``ingest``, ``spreads`` and ``health`` queries; checkpoints under
+    """Start the ``ingest``, ``trades``, ``spreads`` and ``health`` queries; checkpoints under
     ``checkpoint`` (default ``ARB_STATE_DIR/checkpoints``).
 
     Raises:
@@ -225,6 +234,8 @@ def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = Non
         "ingest": (T.parse_quotes(read_records(spark, settings, topics["ingest"]),
                                   settings.taker_fees),
                    validated_batch(settings, T.valid_quotes, influx.write_quotes)),
+        "trades": (T.parse_trades(read_records(spark, settings, topics["trades"])),
+                   validated_batch(settings, T.valid_trades, influx.write_trades)),
         "spreads": (tracker.track(T.spread_stream(
             read_records(spark, settings, topics["spreads"]), settings.taker_fees,
             settings.watermark_seconds, settings.window_seconds, settings.max_quote_age_seconds,

@@ -33,12 +33,17 @@ from arbstream.schemas import (
     QUOTE_DDL,
     SCHEMA_VERSION,
     SYMBOL_RE,
+    TRADE_DDL,
 )
 
 BPS = 10_000.0
 QUOTE_COLUMNS = [
     "exchange", "symbol", "bid", "ask", "bid_size", "ask_size", "exchange_ts", "received_ts",
     "dedupe_key", "bids", "asks",
+]
+TRADE_COLUMNS = [
+    "exchange", "symbol", "trade_id", "price", "size", "side", "exchange_ts", "received_ts",
+    "dedupe_key",
 ]
 
 
@@ -89,6 +94,49 @@ def _payload_checks() -> list[tuple[Column, Column]]:
     ]
 
 
+def _identity_checks(topic_kinds: str, has_symbol: Column) -> list[tuple[Column, Column]]:
+    """Checks of a market-data record's exchange id, its topic ``md.<exchange>.<kind>``
+    (``topic_kinds`` a regex alternation) and, where ``has_symbol``, its canonical symbol."""
+    topic_exchange = F.regexp_extract("topic", rf"^md\.([^.]+)\.({topic_kinds})$", 1)
+    return [
+        (
+            ~F.coalesce(F.col("exchange").rlike(EXCHANGE_JAVA_RE), F.lit(False)),
+            F.lit("exchange missing or not a lower-case id"),
+        ),
+        (
+            (topic_exchange != "") & (topic_exchange != F.col("exchange")),
+            F.concat(F.lit("exchange '"), F.col("exchange"),
+                     F.lit("' does not match topic "), F.col("topic")),
+        ),
+        (
+            has_symbol & ~F.coalesce(F.col("symbol").rlike(SYMBOL_JAVA_RE), F.lit(False)),
+            F.lit("symbol missing or not canonical BASE-QUOTE"),
+        ),
+    ]
+
+
+def _time_checks() -> list[tuple[Column, Column]]:
+    """Checks of a market-data record's event and receive times and its dedupe key."""
+    return [
+        _positive("exchange_ts"),
+        _positive("received_ts"),
+        (F.coalesce(F.length("dedupe_key"), F.lit(0)) == 0, F.lit("dedupe_key missing")),
+    ]
+
+
+def _positive(name: str, when: Column | None = None) -> tuple[Column, Column]:
+    """Check that ``name`` is a finite positive number (where ``when`` holds)."""
+    col = F.col(name)
+    # from_json reads the strings "NaN" and "Infinity" as doubles: reject them too.
+    cond = col.isNull() | (col <= 0) | F.isnan(col) | (col == F.lit(float("inf")))
+    return (cond if when is None else when & cond,
+            F.lit(f"{name} missing or not a positive number"))
+
+
+def _first_error(checks: list[tuple[Column, Column]]) -> Column:
+    return F.coalesce(*[F.when(cond, msg) for cond, msg in checks])
+
+
 def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
     """Parse Kafka records into quotes and say why each invalid one is invalid.
 
@@ -101,7 +149,6 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
     parsed = _payload(raw, QUOTE_DDL).select(
         "*", *[F.col(f"q.{c}").alias(c) for c in QUOTE_COLUMNS + ["schema_version", "type"]]
     )
-    topic_exchange = F.regexp_extract("topic", r"^md\.([^.]+)\.(quotes|book)$", 1)
     fee = _fee_map(fees)[F.col("exchange")]
 
     is_quote = F.col("type") == "quote"
@@ -113,35 +160,13 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
             & ~F.isnan(lv[0]) & ~F.isnan(lv[1]) & (lv[0] < F.lit(float("inf")))
         )
 
-    def positive(name: str, quote_only: bool = True) -> tuple[Column, Column]:
-        col = F.col(name)
-        # from_json reads the strings "NaN" and "Infinity" as doubles: reject them too.
-        cond = col.isNull() | (col <= 0) | F.isnan(col) | (col == F.lit(float("inf")))
-        return (
-            (is_quote & cond) if quote_only else cond,
-            F.lit(f"{name} missing or not a positive number"),
-        )
-
     checks: list[tuple[Column, Column]] = [
         *_payload_checks(),
         (
             ~F.coalesce(F.col("type"), F.lit("")).isin("quote", "heartbeat", "book"),
             F.lit("type must be 'quote', 'book' or 'heartbeat'"),
         ),
-        (
-            ~F.coalesce(F.col("exchange").rlike(EXCHANGE_JAVA_RE), F.lit(False)),
-            F.lit("exchange missing or not a lower-case id"),
-        ),
-        (
-            (topic_exchange != "") & (topic_exchange != F.col("exchange")),
-            F.concat(F.lit("exchange '"), F.col("exchange"),
-                     F.lit("' does not match topic "), F.col("topic")),
-        ),
-        (
-            (is_quote | is_book)
-            & ~F.coalesce(F.col("symbol").rlike(SYMBOL_JAVA_RE), F.lit(False)),
-            F.lit("symbol missing or not canonical BASE-QUOTE"),
-        ),
+        *_identity_checks("quotes|book", is_quote | is_book),
         (
             is_book & ~F.coalesce(levels_ok("bids") & levels_ok("asks"), F.lit(False)),
             F.lit("book levels missing or not [positive price, positive size] pairs"),
@@ -150,8 +175,8 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
             is_book & (F.col("bids")[0][0] > F.col("asks")[0][0]),
             F.lit("crossed book: best bid > best ask"),
         ),
-        positive("bid"),
-        positive("ask"),
+        _positive("bid", is_quote),
+        _positive("ask", is_quote),
         (
             F.col("bid") > F.col("ask"),
             F.concat(F.lit("crossed quote: bid "), F.col("bid").cast("string"),
@@ -159,22 +184,54 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
         ),
         (F.col("bid_size") < 0, F.lit("bid_size is negative")),
         (F.col("ask_size") < 0, F.lit("ask_size is negative")),
-        positive("exchange_ts", quote_only=False),
-        positive("received_ts", quote_only=False),
-        (F.coalesce(F.length("dedupe_key"), F.lit(0)) == 0, F.lit("dedupe_key missing")),
+        *_time_checks(),
         (
             fee.isNull(),
             F.concat(F.lit("no taker fee configured for exchange "), F.col("exchange")),
         ),
     ]
-    error = F.coalesce(*[F.when(cond, msg) for cond, msg in checks])
     return parsed.select(
         *QUOTE_COLUMNS,
         "type",
         F.timestamp_millis("exchange_ts").alias("ts"),
         "raw", "raw_encoding", "topic", "partition", "offset",
-        error.alias("error"),
+        _first_error(checks).alias("error"),
     )
+
+
+def parse_trades(raw: DataFrame) -> DataFrame:
+    """Parse ``md.<exchange>.trades`` records (:data:`arbstream.schemas.TRADE_DDL`) and say
+    why each invalid one is invalid.
+
+    Output: :data:`TRADE_COLUMNS` (price in quote currency, size in base units, side the taker
+    side or null, times UTC ms), ``ts`` (timestamp of ``exchange_ts``) and the dead-letter
+    columns of :func:`parse_quotes` (``raw, raw_encoding, topic, partition, offset, error``).
+    """
+    parsed = _payload(raw, TRADE_DDL).select(
+        "*", *[F.col(f"q.{c}").alias(c) for c in TRADE_COLUMNS + ["type"]]
+    )
+    checks = [
+        *_payload_checks(),
+        (F.coalesce(F.col("type"), F.lit("")) != "trade", F.lit("type must be 'trade'")),
+        *_identity_checks("trades", F.lit(True)),
+        (F.coalesce(F.length("trade_id"), F.lit(0)) == 0, F.lit("trade_id missing")),
+        _positive("price"),
+        _positive("size"),
+        (~F.coalesce(F.col("side").isin("buy", "sell"), F.col("side").isNull()),
+         F.lit("side must be 'buy', 'sell' or null")),
+        *_time_checks(),
+    ]
+    return parsed.select(
+        *TRADE_COLUMNS,
+        F.timestamp_millis("exchange_ts").alias("ts"),
+        "raw", "raw_encoding", "topic", "partition", "offset",
+        _first_error(checks).alias("error"),
+    )
+
+
+def valid_trades(parsed: DataFrame) -> DataFrame:
+    """The valid trades of :func:`parse_trades`: :data:`TRADE_COLUMNS` plus ``ts``."""
+    return parsed.where(F.col("error").isNull()).select(*TRADE_COLUMNS, "ts")
 
 
 def parse_health(raw: DataFrame) -> DataFrame:
@@ -193,7 +250,7 @@ def parse_health(raw: DataFrame) -> DataFrame:
         ),
         (F.coalesce(F.col("q.ts"), F.lit(0)) <= 0, F.lit("ts missing or not positive")),
     ]
-    error = F.coalesce(*[F.when(cond, msg) for cond, msg in checks])
+    error = _first_error(checks)
     return parsed.select(
         *[F.col(f"q.{c}").alias(c) for c in HEALTH_FIELDS],
         F.timestamp_millis(F.col("q.ts")).alias("time"),

@@ -33,11 +33,13 @@ from spark_jobs.transforms import (
     opportunities,
     pairs,
     parse_quotes,
+    parse_trades,
     snapshots,
     spread_stream,
     spreads,
     valid_events,
     valid_quotes,
+    valid_trades,
 )
 
 RAW_SCHEMA = "key binary, value binary, topic string, partition int, offset long"
@@ -600,3 +602,47 @@ def test_real_iaqf_slice_matches_reference(spark: SparkSession, data_dir: Path) 
     assert len(want) > 1000
     assert sum(r[OUTPUT_COLUMNS.index("cross_quote")] for r in want) > 1000
     assert got == want
+
+
+# --- trades ------------------------------------------------------------------------------------
+
+
+def test_real_trades_parse_and_bad_ones_are_dead_lettered(spark: SparkSession,
+                                                          data_dir: Path) -> None:
+    from itertools import islice
+
+    from arbstream.schemas import Trade
+    from producers.binance_replay import binance_files, read_binance_file
+
+    file = binance_files(data_dir, ["BTC-USDT"], ["spot"])[0]
+    trades = list(islice((r for r in read_binance_file(file, trades=True)
+                          if isinstance(r, Trade)), 300))
+    topic = f"md.{file.exchange}.trades"
+    good = json.loads(trades[0].to_json())
+
+    def tbad(**changes: Any) -> bytes:
+        return json.dumps({**good, **changes}).encode()
+
+    cases: list[tuple[str, bytes | None, str]] = [
+        (topic, tbad(type="quote"), "type must be 'trade'"),
+        (topic, tbad(price=0.0), "price missing or not a positive number"),
+        (topic, tbad(size="NaN"), "size missing or not a positive number"),
+        (topic, tbad(side="long"), "side must be 'buy', 'sell' or null"),
+        (topic, tbad(trade_id=""), "trade_id missing"),
+        (topic, tbad(symbol="btcusdt"), "symbol missing or not canonical BASE-QUOTE"),
+        ("md.kraken.trades", tbad(), f"exchange '{file.exchange}' does not match topic "
+                                     "md.kraken.trades"),
+        (topic, tbad(exchange_ts=-5), "exchange_ts missing or not a positive number"),
+        (topic, b'{"type": "trade"', "malformed JSON"),
+    ]
+    raw = raw_frame(spark, [(topic, t.to_json()) for t in trades] + [(t, v) for t, v, _ in cases])
+    parsed = parse_trades(raw)
+    rows = sorted(collect(parsed), key=lambda r: r["offset"])
+    assert [r["error"] for r in rows] == [None] * len(trades) + [r for _, _, r in cases]
+    valid = sorted(collect(valid_trades(parsed)), key=lambda r: r["dedupe_key"])
+    want = sorted(({**t.model_dump(exclude={"schema_version", "type"}), "ts": t.exchange_ts}
+                   for t in trades), key=lambda r: r["dedupe_key"])
+    assert valid == want
+    assert {r["side"] for r in valid} == {"buy", "sell"}
+    letters = [DeadLetter.model_validate_json(r["value"]) for r in collect(dead_letters(parsed))]
+    assert sorted(x.reason for x in letters) == sorted(r for _, _, r in cases)
