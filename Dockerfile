@@ -1,4 +1,5 @@
-# arbstream image: the Spark streaming job (`arbstream stream`, the default command) and the
+# arbstream image: the Spark streaming job (`arbstream stream`, the default command), the
+# e-mail alert worker (`arbstream alerts run`), `arbstream grafana publish` and the
 # replay producer (`arbstream replay ...`). Used by docker-compose.yml.
 #
 # Pinned to Debian bookworm: Spark needs Java 17+, and bookworm is where Debian ships
@@ -22,7 +23,10 @@ COPY pyproject.toml README.md* ./
 COPY arbstream ./arbstream
 COPY producers ./producers
 COPY spark_jobs ./spark_jobs
+COPY alerts ./alerts
 RUN pip install .
+# `arbstream grafana publish` reads the dashboards from ./grafana/provisioning.
+COPY grafana/provisioning ./grafana/provisioning
 
 # Spark checkpoints live under the state directory: keep it on a volume.
 ENV ARB_STATE_DIR=/state

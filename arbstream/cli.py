@@ -13,21 +13,21 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from alerts.cli import app as alerts_app
 from arbstream import stack
-from arbstream.config import Settings, get_settings
+from arbstream.config import Settings
+from arbstream.console import console, err, fail, settings_or_exit
 
 app = typer.Typer(help="Real-time cross-exchange crypto arbitrage.", no_args_is_help=True)
 replay_app = typer.Typer(help="Publish recorded market data to the quote topics.")
 opps_app = typer.Typer(help="Query detected opportunities and episodes (MongoDB).")
 app.add_typer(replay_app, name="replay")
 app.add_typer(opps_app, name="opportunities")
-console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True)
+grafana_app = typer.Typer(help="Grafana dashboards (grafana/provisioning/).", no_args_is_help=True)
+app.add_typer(grafana_app, name="grafana")
+app.add_typer(alerts_app, name="alerts")
 
 DEMO_FROM = "2023-03-10T00:00:00Z"
 DEMO_TO = "2023-03-13T00:00:00Z"
@@ -56,17 +56,6 @@ DEMO_OVERRIDES: dict[str, Any] = {
 }
 
 
-def _settings() -> Settings:
-    try:
-        return get_settings()
-    except (ValidationError, ValueError, FileNotFoundError) as exc:
-        err.print("[red]invalid configuration:[/red]\n" + escape(str(exc)))
-        raise typer.Exit(2) from None
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    err.print("[red]error:[/red] " + escape(str(exc)))
-    return typer.Exit(1)
 
 
 def _status_table(rows: list[stack.ServiceStatus]) -> Table:
@@ -82,12 +71,12 @@ def up() -> None:
     """Start local Kafka (tansu), InfluxDB and MongoDB-protocol servers; create topics."""
     from arbstream.topics import ensure_topics
 
-    settings = _settings()
+    settings = settings_or_exit()
     try:
         rows = stack.up(settings)
         created = ensure_topics(settings)
     except (stack.StackError, RuntimeError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(_status_table(rows))
     if created:
         console.print(f"created {len(created)} topics")
@@ -96,14 +85,14 @@ def up() -> None:
 @app.command()
 def down() -> None:
     """Stop the local services started from this state directory."""
-    stopped = stack.down(_settings())
+    stopped = stack.down(settings_or_exit())
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 
 @app.command()
 def status() -> None:
     """Health-check every service (exit code 1 if any is unhealthy)."""
-    rows = stack.status(_settings())
+    rows = stack.status(settings_or_exit())
     console.print(_status_table(rows))
     if not all(r.healthy for r in rows):
         raise typer.Exit(1)
@@ -114,12 +103,12 @@ def topics() -> None:
     """Create any missing topic with its configured partition count; list them as they are."""
     from arbstream.topics import ensure_topics, partition_counts, topic_layout
 
-    settings = _settings()
+    settings = settings_or_exit()
     try:
         created = ensure_topics(settings)
         actual = partition_counts(settings)
     except RuntimeError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     for name, wanted in topic_layout(settings).items():
         note = "  (created)" if name in created else ""
         if actual.get(name, wanted) != wanted:
@@ -160,9 +149,9 @@ def replay_iaqf_cmd(
     from producers.replay import replay_iaqf
 
     try:
-        report = replay_iaqf(_settings(), _time(start), _time(end), _speed(speed))
+        report = replay_iaqf(settings_or_exit(), _time(start), _time(end), _speed(speed))
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(report.summary())
 
 
@@ -178,9 +167,9 @@ def replay_csv_cmd(
     from producers.replay import replay_csv
 
     try:
-        report = replay_csv(_settings(), path, _speed(speed), deadletter)
+        report = replay_csv(settings_or_exit(), path, _speed(speed), deadletter)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(report.summary())
 
 
@@ -218,12 +207,12 @@ def produce(
     from producers.live import produce as run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    settings = _settings()
+    settings = settings_or_exit()
     feeds = _feeds_arg(settings, exchange, symbols, all_)
     try:
         stats = asyncio.run(run(settings, feeds))
     except (ValueError, RuntimeError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     for name, s in stats.items():
         console.print(f"{name}: {s.frames} frames, {s.records} records, "
                       f"{s.reconnects} reconnects, {s.duplicates_dropped} duplicates dropped, "
@@ -242,12 +231,12 @@ def record(
 
     from producers.live import record as run
 
-    settings = _settings()
+    settings = settings_or_exit()
     try:
         path = asyncio.run(run(settings, exchange, [s.strip() for s in symbols.split(",")],
                                out, seconds))
     except (ValueError, RuntimeError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(f"recorded to {path}")
 
 
@@ -383,18 +372,18 @@ def opportunities_list(
     try:
         if episodes:
             found = find_episodes(
-                _settings(), symbol=symbol, since=_time(since), until=_time(until),
+                settings_or_exit(), symbol=symbol, since=_time(since), until=_time(until),
                 status=status.value if status else None, cross_quote=cross_quote,
                 sort=sort.value, limit=limit, min_peak_bps=min_net_bps,
             )
             print_episodes(found, fmt)
             return
         rows = find_opportunities(
-            _settings(), symbol=symbol, since=_time(since), until=_time(until),
+            settings_or_exit(), symbol=symbol, since=_time(since), until=_time(until),
             min_net_bps=min_net_bps, limit=limit,
         )
     except PyMongoError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     print_opportunities(rows, fmt)
 
 
@@ -423,7 +412,7 @@ def demo(
     from spark_jobs.session import build_session
 
     t0 = time.monotonic()
-    base = _settings()
+    base = settings_or_exit()
     # A fresh checkpoint reading from the topics' current end: the demo processes exactly what
     # it replays, and the idempotent sinks make a re-run overwrite instead of duplicate.
     settings = base.model_copy(update={"starting_offsets": "latest", **DEMO_OVERRIDES})
@@ -450,7 +439,7 @@ def demo(
         for q in queries:
             q.stop()
     except (stack.StackError, RuntimeError, ValueError, TimeoutError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     quote_topics = set(arbitrage.query_topics(settings)["ingest"])
     consumed = sum(
         off - initial["ingest"].get(t, {}).get(p, 0)
@@ -464,7 +453,7 @@ def demo(
         _demo_summary(settings, _time(start), _time(end), report.quotes, consumed,
                       time.monotonic() - t0)
     except (PyMongoError, InfluxError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
 
 
 def _demo_summary(
@@ -533,6 +522,38 @@ def _demo_summary(
         "More: arbstream opportunities list --min-net-bps 10   "
         "arbstream opportunities list --episodes --cross-quote"
     )
+
+
+@grafana_app.command("publish")
+def grafana_publish(
+    datasource: Annotated[bool, typer.Option(
+        "--datasource/--no-datasource",
+        help="also create or update the InfluxDB datasource (uid arbstream-influxdb)")] = False,
+    directory: Annotated[Path | None, typer.Option(
+        "--dir", help="dashboard JSON folder (default grafana/provisioning/dashboards/arbstream)",
+    )] = None,
+) -> None:
+    """Push the dashboards to the Grafana at ARB_GRAFANA_URL, into ARB_GRAFANA_FOLDER,
+    overwriting same-uid dashboards (token ARB_GRAFANA_TOKEN, or ARB_GRAFANA_USERNAME and
+    ARB_GRAFANA_PASSWORD)."""
+    from arbstream import grafana
+
+    settings = settings_or_exit()
+    try:
+        boards = grafana.load_dashboards(directory or grafana.DASHBOARD_DIR)
+        if not boards:
+            raise grafana.GrafanaError(f"no dashboard JSON in {directory}")
+        report = grafana.publish(settings, boards, datasource=datasource)
+    except grafana.GrafanaError as exc:
+        raise fail(exc) from None
+    if report.datasource:
+        console.print(f"datasource {grafana.DATASOURCE_UID}: {report.datasource}")
+    base = settings.grafana_url.rstrip("/")
+    for uid, url in report.dashboards.items():
+        version = report.versions.get(uid)
+        console.print(f"{uid}: {base}{url}" + (f" (version {version})" if version else ""))
+    console.print(f"{len(report.dashboards)} dashboard(s) in folder "
+                  f"{settings.grafana_folder!r} (uid {report.folder_uid})")
 
 
 if __name__ == "__main__":

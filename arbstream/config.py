@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -26,13 +26,76 @@ from pydantic_settings import (
 from arbstream.fees import DEFAULT_TAKER_FEES
 
 EXCHANGE_ID = r"^[a-z][a-z0-9_]*$"
+#: A plain e-mail address (``local@domain``), without display name.
+EMAIL_RE = r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+$"
+
+
+class AlertRule(BaseModel):
+    """One e-mail alert rule of the ``alerts`` worker (``ARB_ALERT_RULES``).
+
+    An episode matches when every filter given matches and its figures reach every minimum
+    (see ``alerts/README.md``). Empty filter lists match everything. Units: ``min_net_bps`` in
+    basis points, ``min_profit_usd`` in USD, ``min_duration_s`` in seconds.
+
+    Raises:
+        pydantic.ValidationError: an invalid name, symbol, exchange id or address, or no
+            recipient.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                      description="Unique rule name (letters, digits, _ . -)")
+    symbols: list[str] = Field(
+        default_factory=list,
+        description="Canonical symbols; matches the buy or the sell leg's symbol. Empty: any",
+    )
+    buy_exchanges: list[str] = Field(default_factory=list, description="Empty: any")
+    sell_exchanges: list[str] = Field(default_factory=list, description="Empty: any")
+    cross_quote: bool = Field(True, description="Also match cross-quote pairs")
+    min_net_bps: float = Field(0.0, description="Minimum net spread, bps")
+    min_profit_usd: float = Field(0.0, ge=0, description="Minimum expected profit, USD")
+    min_duration_s: float = Field(0.0, ge=0, description="Minimum episode duration so far, s")
+    recipients: list[str] = Field(min_length=1, description="E-mail addresses")
+    digest: bool = Field(False, description="Batch matches into one e-mail per digest interval")
+
+    @field_validator("symbols")
+    @classmethod
+    def _symbols(cls, value: list[str]) -> list[str]:
+        from arbstream.schemas import SYMBOL_RE
+
+        bad = [s for s in value if not SYMBOL_RE.match(s)]
+        if bad:
+            raise ValueError(f"symbols must be canonical BASE-QUOTE, got {bad}")
+        return value
+
+    @field_validator("buy_exchanges", "sell_exchanges")
+    @classmethod
+    def _exchanges(cls, value: list[str]) -> list[str]:
+        import re
+
+        bad = [e for e in value if not re.match(EXCHANGE_ID, e)]
+        if bad:
+            raise ValueError(f"exchange ids must be lower-case identifiers, got {bad}")
+        return value
+
+    @field_validator("recipients")
+    @classmethod
+    def _recipients(cls, value: list[str]) -> list[str]:
+        import re
+
+        bad = [a for a in value if not re.match(EMAIL_RE, a)]
+        if bad:
+            raise ValueError(f"recipients must be plain addresses like ops@example.com, got {bad}")
+        return value
 
 
 class Settings(BaseSettings):
     """Validated runtime configuration. Durations are seconds, fees and thresholds fractions."""
 
     model_config = SettingsConfigDict(
-        env_prefix="ARB_", env_file=".env", extra="forbid", validate_default=True
+        env_prefix="ARB_", env_file=".env", extra="forbid", validate_default=True,
+        env_ignore_empty=True,  # ARB_X= (e.g. an unset ${VAR:-} in compose) means "not set"
     )
 
     # --- where things live -------------------------------------------------------------
@@ -143,6 +206,59 @@ class Settings(BaseSettings):
         30.0, gt=0, description="TTL of high-volume MongoDB collections (opportunities, features)"
     )
 
+    # --- Grafana -------------------------------------------------------------------------
+    grafana_url: str = Field(
+        "http://127.0.0.1:3000", description="Grafana base URL for `arbstream grafana publish`"
+    )
+    grafana_token: SecretStr | None = Field(
+        None, description="Grafana service-account token (Bearer); wins over user/password"
+    )
+    grafana_username: str | None = Field(None, description="Grafana basic-auth user")
+    grafana_password: SecretStr | None = Field(None, description="Grafana basic-auth password")
+    grafana_folder: str = Field(
+        "arbstream", min_length=1, max_length=40, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]*$",
+        description="Grafana folder title (its uid is the slug of the title)",
+    )
+    grafana_influx_url: str | None = Field(
+        None, description="InfluxDB URL as the Grafana server reaches it (default influx_url)"
+    )
+
+    # --- alerts ----------------------------------------------------------------------------
+    alert_rules: list[AlertRule] = Field(
+        default_factory=list, description="E-mail alert rules of `arbstream alerts run`"
+    )
+    alert_topic: str = Field("arb.opportunities", description="Topic the alert worker reads")
+    alert_deadletter_topic: str = Field(
+        "md.deadletter", description="Where the alert worker sends invalid events"
+    )
+    alert_group_id: str = Field("arbstream-alerts", min_length=1,
+                                description="Kafka consumer group of the alert worker")
+    alert_starting_offsets: Literal["earliest", "latest"] = Field(
+        "latest", description="Where a new consumer group starts reading"
+    )
+    alert_session_timeout_seconds: float = Field(
+        10.0, ge=1, le=300, description="Consumer group session timeout"
+    )
+    alert_cooldown_seconds: float = Field(
+        900.0, ge=0, description="Per rule, symbol and pair: event time between two alerts"
+    )
+    alert_digest_seconds: float = Field(
+        300.0, gt=0, description="Digest rules: wall-clock interval batched into one e-mail"
+    )
+    alert_from: str = Field("arbstream <alerts@arbstream.local>", description="From header")
+    smtp_host: str = Field("127.0.0.1", min_length=1)
+    smtp_port: int = Field(587, ge=1, le=65535)
+    smtp_security: Literal["starttls", "tls", "none"] = Field(
+        "starttls", description="STARTTLS, implicit TLS (port 465) or none (local relay only)"
+    )
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_ca_file: Path | None = Field(None, description="Extra CA bundle for the SMTP server")
+    smtp_timeout_seconds: float = Field(10.0, gt=0, description="Per SMTP connection/command")
+    smtp_retry_attempts: int = Field(5, ge=1, le=20, description="Attempts per e-mail")
+    smtp_retry_initial_seconds: float = Field(1.0, gt=0, description="First backoff delay")
+    smtp_retry_max_seconds: float = Field(60.0, gt=0, description="Backoff delay cap")
+
     @field_validator("exchanges")
     @classmethod
     def _exchange_ids(cls, value: list[str]) -> list[str]:
@@ -188,9 +304,31 @@ class Settings(BaseSettings):
                 "max_quote_age_seconds must be a whole multiple of window_seconds "
                 f"(got {self.max_quote_age_seconds} and {self.window_seconds})"
             )
+        for name in ("grafana_url", "grafana_influx_url"):
+            value = getattr(self, name)
+            if value is not None and urlparse(value).scheme not in ("http", "https"):
+                raise ValueError(f"{name} must be http(s)://host:port, got {value!r}")
         if urlparse(self.influx_url).scheme not in ("http", "https"):
             raise ValueError(f"influx_url must be http(s)://host:port, got {self.influx_url!r}")
+        self._check_alerts()
         return self
+
+    def _check_alerts(self) -> None:
+        """Cross-field checks of the alerts section (unique rule names, From, SMTP auth)."""
+        import re
+        from email.utils import parseaddr
+
+        names = [r.name for r in self.alert_rules]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"alert rule names must be unique, repeated: {dupes}")
+        if not re.match(EMAIL_RE, parseaddr(self.alert_from)[1]):
+            raise ValueError(f"alert_from must be an address like 'name <a@b.org>', "
+                             f"got {self.alert_from!r}")
+        if (self.smtp_username is None) != (self.smtp_password is None):
+            raise ValueError("set both ARB_SMTP_USERNAME and ARB_SMTP_PASSWORD, or neither")
+        if self.smtp_retry_max_seconds < self.smtp_retry_initial_seconds:
+            raise ValueError("smtp_retry_max_seconds must be >= smtp_retry_initial_seconds")
 
     @classmethod
     def settings_customise_sources(

@@ -16,9 +16,17 @@ import base64
 import json
 import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 SYMBOL_RE = re.compile(r"^[A-Z0-9]{2,12}-[A-Z0-9]{2,12}$")
@@ -241,5 +249,181 @@ def parse_quote(raw: bytes) -> Quote:
         raise ValueError(f"malformed JSON: {exc}") from None
     try:
         return Quote.model_validate(obj)
+    except ValidationError as exc:
+        raise ValueError(validation_reason(exc)) from None
+
+
+# --- arb.opportunities -----------------------------------------------------------------------
+# The stream job (spark_jobs.arbitrage._events) publishes one JSON object per opportunity
+# window and per episode event: ``schema_version`` and ``type`` first, then every column of
+# the tracker record (spark_jobs.tracker.RECORD_FIELDS), written by Spark's ``to_json``:
+# timestamps as ISO-8601 strings with the zone (``2023-03-11T04:00:05.000Z``) and null
+# columns left out. ``tests/test_alerts.py`` runs the real ``_events`` and validates it here.
+
+_ISO_MS_RE = re.compile(r"\|(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)$")
+
+
+def episode_start_ms(episode_id: str) -> int:
+    """Start of an episode, UTC ms, from its id ``<pair key>|<start ISO-8601 ms>``.
+
+    Raises:
+        ValueError: the id does not end in ``|YYYY-MM-DDTHH:MM:SS.mmmZ``.
+    """
+    from datetime import datetime
+
+    m = _ISO_MS_RE.search(episode_id)
+    if not m:
+        raise ValueError(f"episode id must end in |<start ISO-8601 ms>Z, got {episode_id!r}")
+    start = datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%f%z")
+    return round(start.timestamp() * 1000)
+
+
+class _ArbEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    symbol: str = Field(pattern=SYMBOL_RE.pattern, description="buy leg's symbol")
+    sell_symbol: str = Field(pattern=SYMBOL_RE.pattern, description="sell leg's symbol")
+    cross_quote: bool
+    buy_exchange: str = Field(pattern=EXCHANGE_RE.pattern)
+    sell_exchange: str = Field(pattern=EXCHANGE_RE.pattern)
+    size_base: float | None = Field(None, ge=0, description="base units")
+    size_source: Literal["top_of_book", "notional", "book"] | None = None
+    expected_profit: float | None = Field(None, description="in profit_currency")
+    profit_currency: str | None = None
+    expected_profit_usd: float | None = Field(None, description="USD")
+
+    @model_validator(mode="after")
+    def _legs(self) -> _ArbEvent:
+        if self.cross_quote != (self.symbol != self.sell_symbol):
+            raise ValueError(f"cross_quote={self.cross_quote} but symbols {self.symbol} and "
+                             f"{self.sell_symbol}")
+        if not self.cross_quote and self.buy_exchange == self.sell_exchange:
+            raise ValueError(f"same-quote pair on one exchange {self.buy_exchange}")
+        return self
+
+    @property
+    def profit_usd(self) -> float | None:
+        """Expected profit in USD: ``expected_profit_usd``, or ``expected_profit`` when the
+        profit currency is USD; ``None`` when unknown."""
+        if self.expected_profit_usd is not None:
+            return self.expected_profit_usd
+        if self.profit_currency == "USD":
+            return self.expected_profit
+        return None
+
+    @property
+    def pair_symbol(self) -> str:
+        """``BUY-SYMBOL/SELL-SYMBOL`` for a cross-quote pair, else the symbol."""
+        return f"{self.symbol}/{self.sell_symbol}" if self.cross_quote else self.symbol
+
+
+class OpportunityEvent(_ArbEvent):
+    """One opportunity window of one pair (a tracker ``spread`` record with
+    ``is_opportunity``): buy ``size_base`` on ``buy_exchange`` at ``buy_ask``, sell on
+    ``sell_exchange`` at ``sell_bid``. Fees, ``gross`` and ``net`` are fractions, ``*_bps``
+    basis points, prices in each leg's quote currency; ``episode_id`` names its episode.
+
+    Raises:
+        pydantic.ValidationError: a missing or malformed field, an unknown field, legs that
+            contradict ``cross_quote``, or an ``episode_id`` without its start time.
+    """
+
+    type: Literal["opportunity"] = "opportunity"
+    opportunity_id: str = Field(min_length=1)
+    window_start: AwareDatetime
+    window_end: AwareDatetime
+    buy_ask: float = Field(gt=0)
+    buy_ask_size: float | None = Field(None, ge=0)
+    buy_ts: AwareDatetime
+    sell_bid: float = Field(gt=0)
+    sell_bid_size: float | None = Field(None, ge=0)
+    sell_ts: AwareDatetime
+    conversion_symbol: str | None = None
+    conversion_exchange: str | None = None
+    conversion_rate: float | None = Field(None, gt=0)
+    conversion_fee: float | None = Field(None, ge=0)
+    buy_fee: float = Field(ge=0)
+    sell_fee: float = Field(ge=0)
+    haircut: float = Field(ge=0)
+    gross: float
+    net: float
+    gross_bps: float
+    net_bps: float
+    usd_rate: float | None = Field(None, gt=0)
+    buy_vwap: float | None = None
+    sell_vwap: float | None = None
+    is_opportunity: Literal[True] = True
+    episode_id: str = Field(pattern=_ISO_MS_RE.pattern)
+    spread_mean_bps: float | None = None
+    spread_std_bps: float | None = None
+    spread_z: float | None = None
+    anomaly: bool = False
+
+    @property
+    def event_ms(self) -> int:
+        """Event time: the window end, UTC ms."""
+        return round(self.window_end.timestamp() * 1000)
+
+    @property
+    def duration_s(self) -> float:
+        """How long the episode has lasted at this window: window end − episode start, s."""
+        return (self.event_ms - episode_start_ms(self.episode_id)) / 1000.0
+
+
+class EpisodeEvent(_ArbEvent):
+    """An episode ``opened`` (at its first window) or ``closed`` (gap passed): ``start`` and
+    ``end`` (UTC), ``duration_s`` (s), ``windows``, ``peak_net_bps`` and ``mean_net_bps``
+    (bps) so far, and the size and expected profit of its most profitable window.
+
+    Raises:
+        pydantic.ValidationError: a missing or malformed field, an unknown field, ``status``
+            not matching ``event``, or ``end`` before ``start``.
+    """
+
+    type: Literal["episode"] = "episode"
+    episode_id: str = Field(pattern=_ISO_MS_RE.pattern)
+    event: Literal["opened", "closed"]
+    status: Literal["open", "closed"]
+    start: AwareDatetime
+    end: AwareDatetime
+    duration_s: float = Field(ge=0)
+    windows: int = Field(ge=1)
+    peak_net_bps: float
+    mean_net_bps: float
+
+    @model_validator(mode="after")
+    def _status(self) -> EpisodeEvent:
+        if (self.event == "opened") != (self.status == "open"):
+            raise ValueError(f"event {self.event!r} with status {self.status!r}")
+        if self.end < self.start:
+            raise ValueError(f"episode ends ({self.end}) before it starts ({self.start})")
+        return self
+
+    @property
+    def event_ms(self) -> int:
+        """Event time: the end of the episode's last window so far, UTC ms."""
+        return round(self.end.timestamp() * 1000)
+
+
+ArbEvent = Annotated[OpportunityEvent | EpisodeEvent, Field(discriminator="type")]
+_ARB_EVENT: TypeAdapter[OpportunityEvent | EpisodeEvent] = TypeAdapter(ArbEvent)
+
+
+def parse_arb_event(raw: bytes | str) -> OpportunityEvent | EpisodeEvent:
+    """Parse one ``arb.opportunities`` record value.
+
+    Raises:
+        ValueError: malformed JSON or not UTF-8, an unknown ``type`` or ``schema_version``, or
+            the schema's validation failures in one message.
+    """
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"malformed JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    try:
+        return _ARB_EVENT.validate_python(obj)
     except ValidationError as exc:
         raise ValueError(validation_reason(exc)) from None

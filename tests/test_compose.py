@@ -33,7 +33,7 @@ def env_of(service: dict[str, Any]) -> dict[str, str]:
 def test_services(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert set(services) == {"kafka", "influxdb", "mongodb", "grafana", "stream", "producers",
-                             "replay"}
+                             "replay", "alerts"}
     assert services["producers"]["command"] == ["arbstream", "produce", "--all"]
     assert services["producers"]["restart"] == "unless-stopped"
     assert services["kafka"]["image"] == "apache/kafka:3.8.0"
@@ -78,6 +78,18 @@ def test_stream_service(compose: dict[str, Any]) -> None:
         assert cond == {"condition": "service_healthy"}
         assert "healthcheck" in compose["services"][dep], dep
     assert set(stream["depends_on"]) == {"kafka", "influxdb", "mongodb"}
+
+
+def test_alerts_service(compose: dict[str, Any]) -> None:
+    alerts = compose["services"]["alerts"]
+    assert alerts["profiles"] == ["alerts"]
+    assert alerts["command"] == ["arbstream", "alerts", "run"]
+    env = env_of(alerts)
+    assert env["ARB_CONFIG_FILE"] == "/config/arbstream.toml"
+    assert "./arbstream.toml:/config/arbstream.toml:ro" in alerts["volumes"]
+    # secrets only from the shell
+    assert env["ARB_SMTP_PASSWORD"] == "${ARB_SMTP_PASSWORD:-}"
+    assert set(alerts["depends_on"]) == {"kafka", "mongodb"}
 
 
 def test_replay_service(compose: dict[str, Any]) -> None:

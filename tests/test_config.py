@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 ENV_EXAMPLE = REPO / ".env.example"
 #: ``ARB_NAME=value`` or ``# ARB_NAME=value`` (a documented but unset variable).
 VAR_LINE = re.compile(r"^(?P<comment>#\s*)?(?P<name>ARB_[A-Z0-9_]+)=(?P<value>.*)$")
-SECRETS = ("ARB_KAFKA_SASL_PASSWORD", "ARB_INFLUX_TOKEN", "ARB_INFLUX_PASSWORD")
+SECRETS = ("ARB_KAFKA_SASL_PASSWORD", "ARB_INFLUX_TOKEN", "ARB_INFLUX_PASSWORD",
+           "ARB_SMTP_PASSWORD", "ARB_GRAFANA_TOKEN", "ARB_GRAFANA_PASSWORD")
 
 
 @pytest.fixture(autouse=True)
@@ -462,3 +463,13 @@ def test_feed_settings_from_the_environment(isolated: Path,
     monkeypatch.setenv("ARB_FEED_CHANNELS", '["quotes"]')
     with pytest.raises(ValidationError, match="feed_channels"):
         Settings()
+
+
+def test_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ARB_X=`` (what compose's ``${ARB_X:-}`` gives when the shell has no value) is unset:
+    the default applies, and an optional credential stays None."""
+    monkeypatch.setenv("ARB_SMTP_USERNAME", "")
+    monkeypatch.setenv("ARB_SMTP_PASSWORD", "")
+    monkeypatch.setenv("ARB_WINDOW_SECONDS", "")
+    s = Settings()
+    assert s.smtp_username is None and s.smtp_password is None and s.window_seconds == 1.0

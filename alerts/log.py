@@ -1,0 +1,246 @@
+"""MongoDB state of the alert worker: idempotency claims and the decision log.
+
+``alert_claims``  one document per alert, ``_id`` = the idempotency key ``<rule>|<episode_id>``
+    (unique by construction), inserted *before* anything is sent. ``state``:
+
+    * ``queued``: waiting for its rule's digest (reloaded after a restart);
+    * ``sending``: an SMTP transaction is (or was) under way;
+    * ``sent``: delivered (``sent_at``, ``attempts``, ``refused`` recipients);
+    * ``failed``: not delivered (``error``, ``permanent``, ``attempts``);
+    * ``unknown``: the worker stopped while ``sending`` (found stale at a later start): the
+      e-mail may or may not have gone out, and is not sent again.
+
+    Also ``rule, episode_id, symbol, sell_symbol, buy_exchange, sell_exchange, event_ms``
+    (event time of the triggering event, UTC ms), ``claimed_at, updated_at`` (UTC),
+    ``message_id``, ``digest_id`` and ``item`` (the :class:`~alerts.message.AlertItem`).
+``alerts``  the decision log, one document per (key, decision, reason):
+    ``_id`` = ``<key>|<decision>|<reason>``, ``decision`` one of ``sent``, ``queued``
+    (digest), ``suppressed``, ``failed``; ``reason`` (``delivered``, ``digest``,
+    ``duplicate``, ``cooldown``, ``permanent``, ``transient``, ``interrupted``), ``detail``,
+    ``error``, ``rule, episode_id, symbol, sell_symbol, buy_exchange, sell_exchange, event_ms,
+    net_bps, profit_usd, duration_s, recipients, message_id, digest_id, attempts, source``
+    (topic/partition/offset of the last event), ``count`` (how many times this decision was
+    taken), ``first_at``, ``last_at`` (UTC wall clock). Re-taking a decision (a replayed
+    event, every later window of an already alerted episode) increments ``count``.
+
+:data:`INDEXES` lists one index per query made here, plus one on the stream's
+``opportunities`` (``episode_id, window_end``) for the legs of an episode alert.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
+from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
+
+from alerts.message import AlertItem
+from arbstream.config import Settings
+from arbstream.schemas import OpportunityEvent
+from spark_jobs.sinks.mongo import OPPORTUNITIES, connect
+
+ALERTS = "alerts"
+CLAIMS = "alert_claims"
+UTC = dt.UTC
+#: States of a claim that count as "alerted" for the cooldown.
+ALERTED = ("queued", "sending", "sent", "unknown")
+
+IndexKeys = list[tuple[str, int]]
+INDEXES: dict[str, dict[str, tuple[IndexKeys, bool]]] = {
+    ALERTS: {
+        "last_at_desc": ([("last_at", DESCENDING)], False),  # alerts log
+        "rule_last_at": ([("rule", ASCENDING), ("last_at", DESCENDING)], False),
+        "decision_last_at": ([("decision", ASCENDING), ("last_at", DESCENDING)], False),
+        "episode_id": ([("episode_id", ASCENDING)], False),
+    },
+    CLAIMS: {
+        "pair_event_ms": (  # cooldown: the rule's alerts on one pair near an event time
+            [("rule", ASCENDING), ("symbol", ASCENDING), ("sell_symbol", ASCENDING),
+             ("buy_exchange", ASCENDING), ("sell_exchange", ASCENDING), ("event_ms", ASCENDING)],
+            False,
+        ),
+        "state_rule_claimed_at": (  # queued digests, stale sends
+            [("state", ASCENDING), ("rule", ASCENDING), ("claimed_at", ASCENDING)], False,
+        ),
+        "digest_id": ([("digest_id", ASCENDING)], False),
+    },
+    OPPORTUNITIES: {  # the stream's collection: latest window of an episode
+        "alerts_episode_window_end": (
+            [("episode_id", ASCENDING), ("window_end", DESCENDING)], False,
+        ),
+    },
+}
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(UTC)
+
+
+class AlertStore:
+    """Claims and decision log in ``settings.mongo_db``; one ``MongoClient`` for its lifetime
+    (close it, or use it as a context manager).
+
+    Raises (every method):
+        pymongo.errors.PyMongoError: connection or server errors.
+    """
+
+    def __init__(self, settings: Settings, client: MongoClient | None = None) -> None:
+        self.settings = settings
+        self.client = client or connect(settings)
+        self.db: Database = self.client[settings.mongo_db]
+        self.claims = self.db[CLAIMS]
+        self.log = self.db[ALERTS]
+
+    def __enter__(self) -> AlertStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def ensure_indexes(self) -> None:
+        """Create every index of :data:`INDEXES` (idempotent)."""
+        for name, specs in INDEXES.items():
+            for index, (keys, unique) in specs.items():
+                self.db[name].create_index(keys, name=index, unique=unique)
+
+    # --- claims ------------------------------------------------------------------------------
+    def claim(self, item: AlertItem, state: str, message_id: str | None = None) -> bool:
+        """Insert the claim of ``item.key`` in ``state`` (``queued`` or ``sending``).
+
+        Returns:
+            ``False`` when the key is already claimed (by this or another worker, earlier or
+            concurrently): the caller must not send.
+        """
+        now = _now()
+        doc = {
+            "_id": item.key, "rule": item.rule, "episode_id": item.episode_id,
+            "symbol": item.symbol, "sell_symbol": item.sell_symbol,
+            "buy_exchange": item.buy_exchange, "sell_exchange": item.sell_exchange,
+            "event_ms": item.event_ms, "state": state, "claimed_at": now, "updated_at": now,
+            "message_id": message_id, "digest_id": None, "item": item.model_dump(mode="json"),
+        }
+        try:
+            self.claims.insert_one(doc)
+        except DuplicateKeyError:
+            return False
+        return True
+
+    def claim_of(self, key: str) -> dict[str, Any] | None:
+        """The claim of ``key``, or ``None``."""
+        return self.claims.find_one({"_id": key})
+
+    def finish(self, keys: list[str], state: str, **fields: Any) -> None:
+        """Set the final ``state`` (``sent``, ``failed``) and ``fields`` of claims."""
+        now = _now()
+        extra = {"sent_at": now} if state == "sent" else {}
+        self.claims.update_many({"_id": {"$in": keys}},
+                                {"$set": {"state": state, "updated_at": now, **extra, **fields}})
+
+    def alerted_nearby(self, item: AlertItem, cooldown_ms: int) -> dict[str, Any] | None:
+        """Another alert of ``item``'s rule on the same pair whose event time is less than
+        ``cooldown_ms`` away from ``item.event_ms`` (states :data:`ALERTED`), latest first."""
+        return self.claims.find_one(
+            {"rule": item.rule, "symbol": item.symbol, "sell_symbol": item.sell_symbol,
+             "buy_exchange": item.buy_exchange, "sell_exchange": item.sell_exchange,
+             "event_ms": {"$gt": item.event_ms - cooldown_ms,
+                          "$lt": item.event_ms + cooldown_ms},
+             "state": {"$in": list(ALERTED)}, "_id": {"$ne": item.key}},
+            sort=[("event_ms", DESCENDING)],
+        )
+
+    def queued(self, rules: list[str]) -> list[dict[str, Any]]:
+        """Claims waiting for a digest of one of ``rules``, oldest first."""
+        if not rules:
+            return []
+        cursor = self.claims.find({"state": "queued", "rule": {"$in": rules}})
+        return sorted(cursor, key=lambda c: (c["claimed_at"], c["_id"]))
+
+    def take_digest(self, keys: list[str], digest_id: str, message_id: str) -> list[dict]:
+        """Atomically move the still-``queued`` claims of ``keys`` to ``sending`` under
+        ``digest_id``; return exactly those (a concurrent worker gets none of them)."""
+        now = _now()
+        self.claims.update_many(
+            {"_id": {"$in": keys}, "state": "queued"},
+            {"$set": {"state": "sending", "digest_id": digest_id, "message_id": message_id,
+                      "updated_at": now}},
+        )
+        return list(self.claims.find({"digest_id": digest_id, "state": "sending"}))
+
+    def mark_interrupted(self, older_than_s: float) -> list[dict[str, Any]]:
+        """Claims left ``sending`` for longer than ``older_than_s`` (their worker died during
+        the SMTP transaction): set them ``unknown`` and return them. They are not resent."""
+        cutoff = _now() - dt.timedelta(seconds=older_than_s)
+        stale = list(self.claims.find({"state": "sending", "updated_at": {"$lt": cutoff}}))
+        if stale:
+            self.claims.update_many(
+                {"_id": {"$in": [c["_id"] for c in stale]}, "state": "sending"},
+                {"$set": {"state": "unknown", "updated_at": _now()}},
+            )
+        return stale
+
+    # --- decision log ------------------------------------------------------------------------
+    def record(self, decision: str, reason: str, ctx: Mapping[str, Any], **fields: Any) -> None:
+        """Log one decision (see the module docstring), aggregated by (key, decision, reason).
+
+        Args:
+            ctx: ``key, rule, episode_id`` and the pair and figures of the event.
+            fields: ``detail``, ``error``, ``recipients``, ``message_id``, ``attempts``,
+                ``source`` ... as known.
+        """
+        self.record_many([(decision, reason, ctx, fields, 1)])
+
+    def record_many(
+        self, entries: list[tuple[str, str, Mapping[str, Any], Mapping[str, Any], int]]
+    ) -> None:
+        """Log decisions in one bulk write: ``(decision, reason, ctx, fields, times)`` each,
+        ``times`` added to the document's ``count``."""
+        if not entries:
+            return
+        now = _now()
+        ops = []
+        for decision, reason, ctx, fields, times in entries:
+            doc = {**ctx, **fields, "decision": decision, "reason": reason, "last_at": now}
+            ops.append(UpdateOne(
+                {"_id": f"{ctx['key']}|{decision}|{reason}"},
+                {"$set": doc, "$setOnInsert": {"first_at": now}, "$inc": {"count": times}},
+                upsert=True,
+            ))
+        self.log.bulk_write(ops, ordered=True)
+
+    def decisions(
+        self, limit: int = 50, rule: str | None = None, decision: str | None = None,
+        episode_id: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Latest decisions first, filtered by rule, decision and episode when given."""
+        query: dict[str, Any] = {}
+        if rule:
+            query["rule"] = rule
+        if decision:
+            query["decision"] = decision
+        if episode_id:
+            query["episode_id"] = episode_id
+        cursor = self.log.find(query).sort([("last_at", DESCENDING)])
+        return list(cursor.limit(limit) if limit else cursor)
+
+    # --- the stream's documents --------------------------------------------------------------
+    def latest_opportunity(self, episode_id: str) -> OpportunityEvent | None:
+        """The latest stored opportunity window of an episode (written by the stream job
+        before its events), or ``None`` when there is none or it does not validate."""
+        doc = self.db[OPPORTUNITIES].find_one({"episode_id": episode_id},
+                                              sort=[("window_end", DESCENDING)])
+        if doc is None:
+            return None
+        fields = {k: v for k, v in doc.items()
+                  if k not in ("_id", "first_seen_at") and v is not None}
+        try:
+            return OpportunityEvent.model_validate(
+                {"type": "opportunity", "opportunity_id": doc["_id"], **fields})
+        except ValidationError:
+            return None

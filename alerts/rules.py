@@ -1,0 +1,77 @@
+"""Which events match which alert rule.
+
+A rule (:class:`arbstream.config.AlertRule`) is checked against one event at a time, on the
+figures the event gives of its episode *so far*:
+
+* an ``opportunity`` event (one window): duration = window end − episode start (the start is in
+  the ``episode_id``), net = the window's ``net_bps``, profit = the window's expected profit;
+* an ``episode`` event (``opened`` / ``closed``): its ``duration_s``, ``peak_net_bps`` and the
+  expected profit of its best window.
+
+An episode is alertable under a rule at the first event where every filter matches and every
+figure reaches the rule's minimum; it is alerted at most once per rule (key
+:func:`alert_key`). Profits are compared in USD; an unknown USD profit fails a positive
+``min_profit_usd``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from arbstream.config import AlertRule
+from arbstream.schemas import EpisodeEvent, OpportunityEvent
+
+Event = OpportunityEvent | EpisodeEvent
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What a rule compares: ``duration_s`` (s), ``net_bps`` (bps), ``profit_usd`` (USD or
+    ``None`` when unknown)."""
+
+    duration_s: float
+    net_bps: float
+    profit_usd: float | None
+
+
+def figures(event: Event) -> Figures:
+    """The episode's figures so far as seen in one event (see the module docstring)."""
+    if isinstance(event, OpportunityEvent):
+        return Figures(event.duration_s, event.net_bps, event.profit_usd)
+    return Figures(event.duration_s, event.peak_net_bps, event.profit_usd)
+
+
+def alert_key(rule: str, episode_id: str) -> str:
+    """The idempotency key of an alert: ``<rule>|<episode_id>``."""
+    return f"{rule}|{episode_id}"
+
+
+def pair_label(event: Event) -> str:
+    """Human label of the pair, e.g. ``BTC-USDC/BTC-USD binance → kraken``."""
+    return f"{event.pair_symbol} {event.buy_exchange} → {event.sell_exchange}"
+
+
+def mismatch(rule: AlertRule, event: Event) -> str | None:
+    """Why ``event`` does not make its episode alertable under ``rule``, or ``None`` when it
+    does. Filters first (symbols, exchanges, cross-quote), then the minimums."""
+    if rule.symbols and event.symbol not in rule.symbols and event.sell_symbol not in rule.symbols:
+        return f"symbol {event.pair_symbol} not in {rule.symbols}"
+    if rule.buy_exchanges and event.buy_exchange not in rule.buy_exchanges:
+        return f"buy exchange {event.buy_exchange} not in {rule.buy_exchanges}"
+    if rule.sell_exchanges and event.sell_exchange not in rule.sell_exchanges:
+        return f"sell exchange {event.sell_exchange} not in {rule.sell_exchanges}"
+    if event.cross_quote and not rule.cross_quote:
+        return "cross-quote pairs excluded"
+    f = figures(event)
+    if f.net_bps < rule.min_net_bps:
+        return f"net {f.net_bps:.2f} bps < {rule.min_net_bps}"
+    if rule.min_profit_usd > 0 and (f.profit_usd is None or f.profit_usd < rule.min_profit_usd):
+        return f"profit {f.profit_usd} USD < {rule.min_profit_usd}"
+    if f.duration_s < rule.min_duration_s:
+        return f"duration {f.duration_s:g} s < {rule.min_duration_s}"
+    return None
+
+
+def matching(rules: list[AlertRule], event: Event) -> list[AlertRule]:
+    """The rules under which ``event`` makes its episode alertable, in configuration order."""
+    return [r for r in rules if mismatch(r, event) is None]

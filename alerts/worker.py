@@ -1,0 +1,428 @@
+"""The alert worker: consume ``arb.opportunities``, decide, e-mail, log, commit.
+
+For each record (``poll()`` in a consumer group, manual offset commits):
+
+1. validate it (:func:`arbstream.schemas.parse_arb_event`); an invalid one goes to
+   ``ARB_ALERT_DEADLETTER_TOPIC`` with its reason (stage ``alerts``) and the worker goes on;
+2. for each rule the event makes its episode alertable under (:mod:`alerts.rules`), with key
+   ``<rule>|<episode_id>``:
+
+   * already claimed → ``suppressed``/``duplicate`` (at most one alert per rule and episode);
+   * another episode of the same pair alerted under the rule within
+     ``ARB_ALERT_COOLDOWN_SECONDS`` of event time → ``suppressed``/``cooldown`` (re-checked on
+     the episode's later events);
+   * digest rule → claim ``queued``, logged ``queued``; sent with the rule's other queued
+     alerts once the oldest has waited ``ARB_ALERT_DIGEST_SECONDS`` (wall clock);
+   * otherwise → claim ``sending`` (inserted first, unique ``_id`` = key), send with retries,
+     claim ``sent``/``failed``, logged ``sent``/``failed``;
+
+3. store the record's offset; stored offsets are committed (synchronously) after at most 100
+   records or 1 s, when the topic goes quiet, on a rebalance and at shutdown: a record's
+   offset is committed only after its decisions are logged. ``sent``, ``failed`` and
+   ``queued`` decisions are written at once; ``suppressed`` ones (one per later window of an
+   alerted episode) are aggregated in memory and written in one bulk write just before each
+   commit (:meth:`AlertWorker.flush_log`).
+
+Delivery is **at most once** per (rule, episode): a crash after the claim and before the
+SMTP server accepted the message loses that alert rather than risking a second e-mail; the
+claim stays ``sending`` and a later start marks it ``unknown`` (logged ``failed``/
+``interrupted``). Records handled but not yet committed are re-read after a crash and find
+their claims. MongoDB or Kafka errors stop the worker (exit 1) without committing; run it
+under a supervisor (``restart: unless-stopped``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+
+from alerts.log import AlertStore
+from alerts.message import (
+    AlertItem,
+    alert_message,
+    build_item,
+    digest_id,
+    digest_message,
+    fmt_time,
+    message_id,
+)
+from alerts.rules import Event, alert_key, figures, mismatch
+from alerts.smtp import SmtpError, SmtpTransport, send_budget_seconds
+from arbstream.config import AlertRule, Settings
+from arbstream.schemas import DeadLetter, OpportunityEvent, parse_arb_event
+
+log = logging.getLogger(__name__)
+
+#: Episodes whose latest opportunity window is kept in memory for episode-event alerts.
+LEGS_CACHE = 10_000
+COMMIT_EVERY = 100
+COMMIT_SECONDS = 1.0
+POLL_SECONDS = 0.5
+
+
+def check_settings(settings: Settings) -> None:
+    """What ``alerts run`` needs beyond :class:`Settings` validation.
+
+    Raises:
+        ValueError: no rule is configured.
+    """
+    if not settings.alert_rules:
+        raise ValueError("no alert rules configured: set ARB_ALERT_RULES (JSON) or alert_rules "
+                         "in the ARB_CONFIG_FILE file (see alerts/README.md)")
+
+
+def consumer_config(settings: Settings) -> dict[str, Any]:
+    """librdkafka consumer settings: the group, manual commits of stored offsets, the session
+    timeout, and a poll interval longer than the longest SMTP send."""
+    session_ms = round(settings.alert_session_timeout_seconds * 1000)
+    poll_ms = max(300_000, round(send_budget_seconds(settings) * 1000 * 2) + 60_000)
+    return {
+        **settings.kafka_client_config(),
+        "group.id": settings.alert_group_id,
+        "client.id": "arbstream-alerts",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": settings.alert_starting_offsets,
+        "session.timeout.ms": session_ms,
+        "heartbeat.interval.ms": max(100, session_ms // 4),
+        "max.poll.interval.ms": poll_ms,
+        "topic.metadata.refresh.interval.ms": 10_000,
+    }
+
+
+def _context(rule: str, key: str, source: Event | AlertItem) -> dict[str, Any]:
+    """The identifying and figure fields of a decision log document."""
+    if isinstance(source, AlertItem):
+        net, profit, duration = source.net_bps, source.profit_usd, source.duration_s
+    else:
+        f = figures(source)
+        net, profit, duration = f.net_bps, f.profit_usd, f.duration_s
+    return {
+        "key": key, "rule": rule, "episode_id": source.episode_id, "symbol": source.symbol,
+        "sell_symbol": source.sell_symbol, "buy_exchange": source.buy_exchange,
+        "sell_exchange": source.sell_exchange,
+        "event_ms": source.event_ms, "net_bps": net, "profit_usd": profit,
+        "duration_s": duration,
+    }
+
+
+class AlertWorker:
+    """Decides and sends alerts for events; :meth:`run` drives it from Kafka.
+
+    Args:
+        settings: the validated configuration (rules, SMTP, Kafka, MongoDB).
+        transport: SMTP transport (default :class:`~alerts.smtp.SmtpTransport`).
+        store: claims and decision log (default :class:`~alerts.log.AlertStore`).
+
+    Raises:
+        ValueError: no rule configured (:func:`check_settings`).
+    """
+
+    def __init__(self, settings: Settings, transport: SmtpTransport | None = None,
+                 store: AlertStore | None = None) -> None:
+        check_settings(settings)
+        self.settings = settings
+        self.rules: list[AlertRule] = list(settings.alert_rules)
+        self.by_name = {r.name: r for r in self.rules}
+        self.transport = transport or SmtpTransport(settings)
+        self.store = store or AlertStore(settings)
+        self.stats: Counter[str] = Counter()
+        self._legs: OrderedDict[str, OpportunityEvent] = OrderedDict()
+        #: keys known to be claimed (by this worker, or found claimed): no lookup needed
+        self._claimed: OrderedDict[str, None] = OrderedDict()
+        #: (rule, pair) -> the latest claim known on it: key, episode_id, event_ms
+        self._last_alert: dict[tuple[str, ...], dict[str, Any]] = {}
+        #: suppressed decisions not yet written: (key, reason) -> ctx, detail, source, times
+        self._pending: dict[tuple[str, str], dict[str, Any]] = {}
+        #: rule -> key -> (item, queued at, epoch seconds)
+        self._digests: dict[str, dict[str, tuple[AlertItem, float]]] = {}
+        self._producer: Producer | None = None
+
+    # --- start-up ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Create indexes, mark sends interrupted by a previous crash, reload queued digests."""
+        self.store.ensure_indexes()
+        for claim in self.store.mark_interrupted(send_budget_seconds(self.settings)):
+            item = AlertItem.model_validate(claim["item"])
+            log.warning("alert %s was being sent when a worker stopped: delivery unknown, "
+                        "not resent", item.key)
+            self.store.record(
+                "failed", "interrupted", _context(item.rule, item.key, item),
+                error="worker stopped during the SMTP transaction; delivery unknown, not resent",
+                message_id=claim.get("message_id"), digest_id=claim.get("digest_id"),
+            )
+            self.stats["failed"] += 1
+        digest_rules = [r.name for r in self.rules if r.digest]
+        for claim in self.store.queued(digest_rules):
+            item = AlertItem.model_validate(claim["item"])
+            queued_at = claim["claimed_at"].timestamp()
+            self._digests.setdefault(item.rule, {})[item.key] = (item, queued_at)
+        pending = sum(len(v) for v in self._digests.values())
+        if pending:
+            log.info("reloaded %d queued digest alerts", pending)
+
+    # --- one event ---------------------------------------------------------------------------
+    def handle(self, value: bytes | None, source: dict[str, Any] | None = None) -> None:
+        """Validate one record value and take every decision it calls for.
+
+        Args:
+            value: the raw record value.
+            source: ``topic``, ``partition``, ``offset`` of the record, logged with decisions
+                and dead letters.
+
+        Suppressed decisions are buffered: call :meth:`flush_log` before acknowledging the
+        record (:meth:`run` does before every commit).
+
+        Raises:
+            pymongo.errors.PyMongoError, confluent_kafka.KafkaException: infrastructure
+                failures (nothing may be committed).
+        """
+        source = source or {}
+        try:
+            event = parse_arb_event(value if value is not None else b"")
+        except ValueError as exc:
+            self._deadletter(value or b"", str(exc), source)
+            return
+        self.stats["events"] += 1
+        if isinstance(event, OpportunityEvent):
+            self._remember(event)
+        for rule in self.rules:
+            if mismatch(rule, event) is None:
+                self._decide(rule, event, source)
+
+    def _remember(self, event: OpportunityEvent) -> None:
+        known = self._legs.get(event.episode_id)
+        if known is None or known.event_ms <= event.event_ms:
+            self._legs[event.episode_id] = event
+        self._legs.move_to_end(event.episode_id)
+        while len(self._legs) > LEGS_CACHE:
+            self._legs.popitem(last=False)
+
+    def _legs_of(self, event: Event) -> OpportunityEvent | None:
+        if isinstance(event, OpportunityEvent):
+            return event
+        return self._legs.get(event.episode_id) or self.store.latest_opportunity(
+            event.episode_id)
+
+    def _suppress(self, reason: str, ctx: dict[str, Any], detail: str,
+                  source: dict[str, Any]) -> None:
+        """Buffer a suppressed decision (written by :meth:`flush_log`, before any commit)."""
+        entry = self._pending.setdefault((ctx["key"], reason), {"times": 0})
+        entry.update(ctx=ctx, detail=detail, source=source)
+        entry["times"] += 1
+        self.stats[f"suppressed_{reason}"] += 1
+        log.debug("suppressed %s (%s): %s", ctx["key"], reason, detail)
+
+    def flush_log(self) -> None:
+        """Write the buffered suppressed decisions (one bulk write, counts aggregated)."""
+        if not self._pending:
+            return
+        entries = [("suppressed", reason, e["ctx"],
+                    {"detail": e["detail"], "source": e["source"]}, e["times"])
+                   for (_, reason), e in self._pending.items()]
+        self.store.record_many(entries)
+        self._pending.clear()
+
+    def _known_claimed(self, key: str) -> None:
+        self._claimed[key] = None
+        self._claimed.move_to_end(key)
+        while len(self._claimed) > 100 * LEGS_CACHE:
+            self._claimed.popitem(last=False)
+
+    @staticmethod
+    def _pair(item: AlertItem, rule: str) -> tuple[str, ...]:
+        return (rule, item.symbol, item.sell_symbol, item.buy_exchange, item.sell_exchange)
+
+    def _cooldown_blocker(self, item: AlertItem, cooldown_ms: int) -> dict[str, Any] | None:
+        """An alert of the rule on the pair within the cooldown of ``item`` (event time):
+        the last one this worker knows, else looked up in MongoDB."""
+        known = self._last_alert.get(self._pair(item, item.rule))
+        if known and known["_id"] != item.key and abs(
+                known["event_ms"] - item.event_ms) < cooldown_ms:
+            return known
+        other = self.store.alerted_nearby(item, cooldown_ms)
+        if other is not None:
+            self._last_alert[self._pair(item, item.rule)] = other
+        return other
+
+    def _decide(self, rule: AlertRule, event: Event, source: dict[str, Any]) -> None:
+        key = alert_key(rule.name, event.episode_id)
+        ctx = _context(rule.name, key, event)
+        if key in self._claimed:
+            self._suppress("duplicate", ctx, "already alerted", source)
+            return
+        claim = self.store.claim_of(key)
+        if claim is not None:
+            self._known_claimed(key)
+            self._suppress("duplicate", ctx, f"already alerted (claim {claim['state']})", source)
+            return
+        item = build_item(rule, event, self._legs_of(event), self.settings)
+        cooldown_ms = round(self.settings.alert_cooldown_seconds * 1000)
+        if cooldown_ms > 0:
+            other = self._cooldown_blocker(item, cooldown_ms)
+            if other is not None:
+                detail = (f"episode {other['episode_id']} of the same pair alerted at event "
+                          f"time {fmt_time(other['event_ms'])}; cooldown "
+                          f"{self.settings.alert_cooldown_seconds:g} s")
+                self._suppress("cooldown", ctx, detail, source)
+                return
+        mid = None if rule.digest else message_id(key, self.settings)
+        claimed = self.store.claim(item, "queued" if rule.digest else "sending", mid)
+        self._known_claimed(key)
+        if not claimed:
+            self._suppress("duplicate", ctx, "claimed concurrently", source)
+            return
+        self._last_alert[self._pair(item, rule.name)] = {
+            "_id": key, "episode_id": item.episode_id, "event_ms": item.event_ms}
+        if mid is None:  # digest rule
+            self._digests.setdefault(rule.name, {})[key] = (item, time.time())
+            self.store.record("queued", "digest", ctx, recipients=rule.recipients,
+                              source=source)
+            self.stats["queued"] += 1
+            return
+        self._deliver(rule, [item], alert_message(item, rule, self.settings), mid, None, source)
+
+    def _deliver(self, rule: AlertRule, items: list[AlertItem], msg: Any, mid: str,
+                 did: str | None, source: dict[str, Any] | None) -> None:
+        keys = [i.key for i in items]
+        common = {"recipients": rule.recipients, "message_id": mid, "digest_id": did}
+        if source:
+            common["source"] = source
+        try:
+            result = self.transport.send(msg)
+        except SmtpError as exc:
+            reason = "permanent" if exc.permanent else "transient"
+            self.store.finish(keys, "failed", error=str(exc), permanent=exc.permanent,
+                              attempts=exc.attempts)
+            for item in items:
+                self.store.record("failed", reason, _context(rule.name, item.key, item),
+                                  error=str(exc), attempts=exc.attempts, **common)
+            self.stats["failed"] += len(items)
+            log.error("alert %s not sent after %d attempt(s), %s failure: %s",
+                      mid, exc.attempts, reason, exc)
+            return
+        refused = [{"recipient": r, "reply": reply} for r, (_, reply) in result.refused.items()]
+        self.store.finish(keys, "sent", attempts=result.attempts, refused=refused)
+        for item in items:
+            self.store.record("sent", "digest" if did else "delivered",
+                              _context(rule.name, item.key, item), attempts=result.attempts,
+                              refused=refused, **common)
+        self.stats["sent"] += len(items)
+        self.stats["emails"] += 1
+        log.info("sent %s to %s (%d alert(s), %d attempt(s))", mid, ", ".join(rule.recipients),
+                 len(items), result.attempts)
+
+    # --- digests -----------------------------------------------------------------------------
+    def pending_digests(self) -> dict[str, int]:
+        """Queued alerts per digest rule."""
+        return {rule: len(items) for rule, items in self._digests.items() if items}
+
+    def flush_digests(self, force: bool = False, now: float | None = None) -> int:
+        """Send each digest rule's queued alerts as one e-mail once the oldest has waited
+        ``ARB_ALERT_DIGEST_SECONDS`` (any age when ``force``). Returns e-mails attempted."""
+        now = time.time() if now is None else now
+        attempted = 0
+        for name, queued in list(self._digests.items()):
+            if not queued:
+                continue
+            oldest = min(at for _, at in queued.values())
+            if not force and now - oldest < self.settings.alert_digest_seconds:
+                continue
+            rule = self.by_name.get(name)
+            self._digests[name] = {}
+            if rule is None:
+                continue
+            keys = sorted(queued)
+            did = digest_id(name, keys)
+            mid = message_id("digest|" + did, self.settings)
+            taken = {c["_id"] for c in self.store.take_digest(keys, did, mid)}
+            items = [queued[k][0] for k in keys if k in taken]
+            if not items:
+                continue
+            msg = digest_message(items, rule, self.settings)
+            self._deliver(rule, items, msg, mid, did, None)
+            attempted += 1
+        return attempted
+
+    # --- Kafka -------------------------------------------------------------------------------
+    def _deadletter(self, value: bytes, reason: str, source: dict[str, Any]) -> None:
+        if self._producer is None:
+            self._producer = Producer({**self.settings.kafka_client_config(), "acks": "all"})
+        errors: list[str] = []
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                errors.append(str(err))
+
+        letter = DeadLetter.of(value, reason, "alerts", source_topic=source.get("topic"),
+                               source_partition=source.get("partition"),
+                               source_offset=source.get("offset"))
+        self._producer.produce(self.settings.alert_deadletter_topic, letter.to_json(),
+                               on_delivery=delivered)
+        left = self._producer.flush(10)
+        if left or errors:
+            raise KafkaException(f"dead letter not delivered to "
+                                 f"{self.settings.alert_deadletter_topic}: {errors or left}")
+        self.stats["deadletters"] += 1
+        log.warning("invalid event at %s sent to %s: %s", source,
+                    self.settings.alert_deadletter_topic, reason)
+
+    def _commit(self, consumer: Consumer) -> None:
+        """Write buffered decisions, then commit the stored offsets (synchronously)."""
+        self.flush_log()
+        try:
+            consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                raise
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Consume ``ARB_ALERT_TOPIC`` until ``stop`` is set; then commit, send the queued
+        digests and close.
+
+        Raises:
+            confluent_kafka.KafkaException: a fatal consumer error or a failed commit.
+            pymongo.errors.PyMongoError: MongoDB unreachable.
+        """
+        stop = stop or threading.Event()
+        self.start()
+        consumer = Consumer(consumer_config(self.settings))
+
+        def on_revoke(c: Consumer, _partitions: list) -> None:
+            self._commit(c)
+
+        consumer.subscribe([self.settings.alert_topic], on_revoke=on_revoke)
+        log.info("consuming %s as group %s with %d rule(s)", self.settings.alert_topic,
+                 self.settings.alert_group_id, len(self.rules))
+        uncommitted, last_commit = 0, time.monotonic()
+        try:
+            while not stop.is_set():
+                msg = consumer.poll(POLL_SECONDS)
+                if msg is not None and msg.error():
+                    if msg.error().fatal():
+                        raise KafkaException(msg.error())
+                    log.warning("consumer: %s", msg.error())
+                elif msg is not None:
+                    source = {"topic": msg.topic(), "partition": msg.partition(),
+                              "offset": msg.offset()}
+                    self.handle(msg.value(), source)
+                    consumer.store_offsets(message=msg)
+                    uncommitted += 1
+                if uncommitted and (msg is None or uncommitted >= COMMIT_EVERY
+                                    or time.monotonic() - last_commit >= COMMIT_SECONDS):
+                    self._commit(consumer)
+                    uncommitted, last_commit = 0, time.monotonic()
+                self.flush_digests()
+            if uncommitted:
+                self._commit(consumer)
+            self.flush_digests(force=True)
+        finally:
+            consumer.close()
+            if self._producer is not None:
+                self._producer.flush(10)
+            log.info("stopped: %s", dict(self.stats))
