@@ -1,11 +1,11 @@
 # The two commands of the README: `make demo` runs the main job on the real data, `make test`
-# runs the test suite. Both set up their own virtualenv on a fresh machine; Java 17 and
-# InfluxDB are installed with apt on first use when running as root.
+# runs the test suite. Both set up their own virtualenv on a fresh machine; Java 17, InfluxDB
+# and (for the tests) Node.js are installed with apt on first use when running as root.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install node
 
 install: $(VENV)/.installed
 
@@ -21,5 +21,12 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
-test: lint
+# Node.js and npm type-check the Grafana dashboards against @grafana/schema
+# (tests/test_grafana.py); installed with apt when missing and running as root.
+node:
+	@command -v npm > /dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq \
+		&& apt-get install -y -qq nodejs npm > /dev/null; } \
+		|| echo "npm not found: install Node.js >= 18 and npm (apt-get install nodejs npm)"
+
+test: lint node
 	$(BIN)/pytest -q
