@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from alerts.cli import app as alerts_app
@@ -554,6 +555,65 @@ def grafana_publish(
         console.print(f"{uid}: {base}{url}" + (f" (version {version})" if version else ""))
     console.print(f"{len(report.dashboards)} dashboard(s) in folder "
                   f"{settings.grafana_folder!r} (uid {report.folder_uid})")
+
+
+@grafana_app.command("check")
+def grafana_check(
+    start: Annotated[str, typer.Option("--from", help="range start, ISO UTC (e.g. 2023-03-11)")],
+    end: Annotated[str, typer.Option("--to", help="range end, ISO UTC; also 'now' of the "
+                                                  "last-5-min panels")],
+    var: Annotated[list[str] | None, typer.Option(
+        "--var", help="NAME=VALUE[,VALUE...] (repeatable); others as saved, or the first value",
+    )] = None,
+    dashboard: Annotated[list[str] | None, typer.Option(
+        "--dashboard", help="dashboard uid to check (repeatable; default all)")] = None,
+    directory: Annotated[Path | None, typer.Option(
+        "--dir", help="dashboard JSON folder (default grafana/provisioning/dashboards/arbstream)",
+    )] = None,
+) -> None:
+    """Run every panel query of the dashboards against ARB_INFLUX_URL for a time range, as
+    Grafana would (variables expanded), and list the rows each panel returns. Exit 1 when a
+    query fails, 3 when a panel is empty."""
+    from arbstream import grafana
+    from spark_jobs.sinks import influx
+
+    settings = settings_or_exit()
+    lo, hi = _time(start), _time(end)
+    if lo is None or hi is None or lo >= hi:
+        raise typer.BadParameter(f"--from {start} must be before --to {end}")
+    rng = grafana.TimeRange(int(lo.timestamp() * 1000), int(hi.timestamp() * 1000))
+    chosen: dict[str, str | list[str]] = {}
+    for item in var or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise typer.BadParameter(f"--var {item!r}: expected NAME=VALUE")
+        chosen[name] = value.split(",") if "," in value else value
+    table = Table("dashboard", "panel", "rows", "error")
+    errors = empty = 0
+    try:
+        boards = grafana.load_dashboards(directory or grafana.DASHBOARD_DIR)
+        unknown = set(dashboard or []) - set(boards)
+        if unknown:
+            raise grafana.GrafanaError(f"no dashboard with uid {sorted(unknown)}; "
+                                       f"there are {sorted(boards)}")
+        for uid, board in boards.items():
+            if dashboard and uid not in dashboard:
+                continue
+            values = {**grafana.current_values(board, lambda q: [
+                str(r["value"]) for r in influx.query(settings, q)]), **chosen}
+            for r in grafana.check(board, values, rng, rng.to_ms,
+                                   lambda q: len(influx.query(settings, q, retries=0))):
+                errors += r.error is not None
+                empty += r.error is None and r.rows == 0
+                style = "red" if r.error else ("yellow" if r.rows == 0 else "")
+                table.add_row(uid, r.panel_title, f"[{style}]{r.rows}[/{style}]" if style
+                              else str(r.rows), escape(r.error or ""))
+    except (grafana.GrafanaError, influx.InfluxError) as exc:
+        raise fail(exc) from None
+    console.print(table)
+    if errors or empty:
+        err.print(f"{errors} panel(s) failed, {empty} returned no rows")
+        raise typer.Exit(1 if errors else 3)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,6 +331,68 @@ def variable_query(
     if var is None or var.get("type") != "query":
         raise GrafanaError(f"{name} is not a query variable")
     return interpolate(str(var["query"]), defs, values)
+
+
+def current_values(
+    dashboard: Mapping[str, Any], options: Callable[[str], list[str]]
+) -> dict[str, str | list[str]]:
+    """The variable values Grafana starts the dashboard with: each variable's saved
+    ``current`` value, else (a query variable with nothing saved) its first option, as
+    Grafana selects on load. ``options(influxql)`` runs a variable query and returns its
+    values; queries see the values chosen for the variables before them.
+
+    Raises:
+        GrafanaError: a query variable with no saved value returns no option.
+    """
+    values: dict[str, str | list[str]] = {}
+    for name, var in variables(dashboard).items():
+        saved = (var.get("current") or {}).get("value")
+        if saved not in (None, "", []):
+            values[name] = saved
+        elif var.get("type") == "query":
+            found = options(variable_query(dashboard, name, values))
+            if not found:
+                raise GrafanaError(f"variable {name}: its query returns no value")
+            values[name] = found[0]
+        else:
+            values[name] = str(var.get("query", ""))
+    return values
+
+
+@dataclass
+class PanelResult:
+    """Rows one panel returned (summed over its targets), or the first target's error."""
+
+    panel_title: str
+    rows: int = 0
+    error: str | None = None
+
+
+def check(
+    dashboard: Mapping[str, Any],
+    values: Mapping[str, str | Sequence[str]],
+    dashboard_range: TimeRange,
+    now_ms: int,
+    run: Callable[[str], int],
+) -> list[PanelResult]:
+    """Run every panel of ``dashboard`` as Grafana would (:func:`dashboard_queries`), with
+    ``run(influxql)`` returning the number of rows; rows are skipped. An exception raised by
+    ``run`` or by the expansion becomes that panel's ``error``."""
+    results: dict[int, PanelResult] = {}
+    defs = variables(dashboard)
+    for panel in iter_panels(dashboard):
+        if panel.get("type") == "row":
+            continue
+        result = results.setdefault(panel["id"], PanelResult(panel["title"]))
+        rng = panel_range(panel, dashboard_range, now_ms)
+        interval = panel_interval(panel, rng)
+        for target in panel.get("targets", []):
+            try:
+                result.rows += run(render_query(target["query"], defs, values, rng, interval))
+            except Exception as exc:  # noqa: BLE001 - reported per panel, the check goes on
+                result.error = f"{target.get('refId')}: {exc}"
+                break
+    return list(results.values())
 
 
 # --- publishing -------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -423,27 +423,15 @@ def views(replayed: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def run_board(conf: Settings, board: dict[str, Any],
               board_views: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Panel title -> view -> rows returned (int) or the error (str), summed over targets.
-    Each target is expanded as :func:`arbstream.grafana.dashboard_queries` does."""
+    """Panel title -> view -> rows returned (int, summed over targets) or the error (str), as
+    :func:`arbstream.grafana.check` runs them (what ``arbstream grafana check`` does)."""
     from spark_jobs.sinks import influx
 
-    defs = G.variables(board)
     out: dict[str, dict[str, Any]] = {}
     for view, (rng, now, values) in board_views.items():
-        for panel in G.iter_panels(board):
-            if panel["type"] == "row":
-                continue
-            cell = out.setdefault(panel["title"], {})
-            prange = G.panel_range(panel, rng, now)
-            interval = G.panel_interval(panel, prange)
-            for target in panel["targets"]:
-                try:
-                    q = G.render_query(target["query"], defs, values, prange, interval)
-                    rows = len(influx.query(conf, q, retries=0))
-                except (G.GrafanaError, influx.InfluxError) as exc:
-                    cell[view] = f"{target['refId']}: {exc}"
-                    break
-                cell[view] = cell.get(view, 0) + rows
+        for r in G.check(board, values, rng, now,
+                         lambda q: len(influx.query(conf, q, retries=0))):
+            out.setdefault(r.panel_title, {})[view] = r.error if r.error else r.rows
     return out
 
 
@@ -477,6 +465,44 @@ def test_every_panel_returns_rows_on_real_data(replayed, boards) -> None:
     assert monitor["Opportunities, last 5 min"]["depeg"] == 1  # one count row
     print(json.dumps({"wall_s": round(replayed["wall_s"], 1), **replayed["timing"], **report},
                      indent=1))
+
+
+@pytest.mark.e2e
+def test_cli_check_on_real_data(replayed, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """``arbstream grafana check`` on the replayed depeg slice: every Analytics panel has rows
+    (exit 0); a symbol that is not in the data empties them (exit 3); saved or first values
+    stand for the variables not given."""
+    from typer.testing import CliRunner
+
+    from arbstream.cli import app
+    from arbstream.config import get_settings
+
+    conf = replayed["settings"]
+    for name in list(os.environ):
+        if name.startswith("ARB_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ARB_INFLUX_URL", conf.influx_url)
+    monkeypatch.setenv("ARB_INFLUX_DB", conf.influx_db)
+    iso = "%Y-%m-%dT%H:%M:%SZ"
+    rng = ["--from", DEPEG_START.strftime(iso), "--to",
+           (DEPEG_END + timedelta(seconds=10)).strftime(iso), "--dashboard", "arbstream-analytics"]
+    args = ["grafana", "check", *rng, "--var", "symbol=BTC-USDC",
+            "--var", "exchange=binance,kraken", "--var", "exchange_a=binance",
+            "--var", "exchange_b=kraken"]
+    get_settings.cache_clear()
+    try:
+        ok = CliRunner().invoke(app, args)
+        assert ok.exit_code == 0, ok.output
+        titles = {p["title"] for p in G.iter_panels(G.load_dashboards()["arbstream-analytics"])
+                  if p["type"] != "row"}
+        assert all(t[:30] in ok.output for t in titles), ok.output
+        empty = CliRunner().invoke(app, [*args, "--var", "symbol=NOPE-USD"])
+        assert empty.exit_code == 3 and "returned no rows" in empty.output, empty.output
+        unknown = CliRunner().invoke(app, ["grafana", "check", *rng[:4], "--dashboard", "nope"])
+        assert unknown.exit_code == 1 and "no dashboard with uid" in unknown.output
+    finally:
+        get_settings.cache_clear()
 
 
 @pytest.mark.e2e
