@@ -564,19 +564,26 @@ def test_write_percentiles(isettings: Settings) -> None:
 
 
 def test_write_trades_into_the_raw_policy(isettings: Settings) -> None:
-    rows = [trade(), trade(side=None, price=20001, size=2, exchange_ts=T0_MS + 8)]
+    # t1 and t2: one taker order filling two levels in the same millisecond, same side
+    rows = [trade(), trade(trade_id="t2", price=20000.75, size=0.5),
+            trade(trade_id="t3", side=None, price=20001, size=2, exchange_ts=T0_MS + 8)]
+    ns = influx.trade_time_ns(T0_MS + 7, "t1")
+    assert ns // 1_000_000 == T0_MS + 7 and ns != influx.trade_time_ns(T0_MS + 7, "t2")
     assert influx.trade_point(rows[0]).to_line_protocol() == (
-        f"trade,exchange=kraken,side=buy,symbol=BTC-USD price=20000.5,size=0.125 {T0_MS + 7}"
+        "trade,exchange=kraken,side=buy,symbol=BTC-USD price=20000.5,size=0.125,"
+        f'trade_id="t1" {ns}'
     )
-    for _ in range(2):
-        assert influx.write_trades(isettings, rows) == 2
+    for _ in range(2):  # a rewrite lands on the same points
+        assert influx.write_trades(isettings, rows) == 3
     assert influx.query(isettings, "SELECT * FROM trade") == []
-    got = influx.query(isettings, 'SELECT * FROM "raw"."trade" ORDER BY time')
-    assert got == [
+    got = influx.query(isettings, 'SELECT * FROM "raw"."trade"')
+    assert sorted(got, key=lambda r: r["trade_id"]) == [
         {"time": T0_MS + 7, "exchange": "kraken", "symbol": "BTC-USD", "side": "buy",
-         "price": 20000.5, "size": 0.125},
+         "price": 20000.5, "size": 0.125, "trade_id": "t1"},
+        {"time": T0_MS + 7, "exchange": "kraken", "symbol": "BTC-USD", "side": "buy",
+         "price": 20000.75, "size": 0.5, "trade_id": "t2"},
         {"time": T0_MS + 8, "exchange": "kraken", "symbol": "BTC-USD", "side": None,
-         "price": 20001, "size": 2},
+         "price": 20001, "size": 2, "trade_id": "t3"},
     ]  # fmt: skip
 
 

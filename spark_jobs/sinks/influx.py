@@ -11,7 +11,8 @@ as booleans; every time is UTC, ms):
 * ``quote`` (RP ``raw``) tags ``exchange``, ``symbol``; fields ``bid``, ``ask`` and, when not
   ``None``, ``bid_size``, ``ask_size``; time = ``exchange_ts``.
 * ``trade`` (RP ``raw``) tags ``exchange``, ``symbol`` and ``side`` when given; fields
-  ``price`` (quote currency), ``size`` (base units); time = ``exchange_ts``.
+  ``price`` (quote currency), ``size`` (base units), ``trade_id``; time = ``exchange_ts`` plus
+  a sub-ms offset from ``trade_id`` (ns precision).
 * ``spread`` (default RP) tags ``symbol`` (buy leg), ``sell_symbol``, ``buy_exchange``,
   ``sell_exchange``, ``cross_quote`` (``"true"``/``"false"``); fields ``gross_bps``,
   ``net_bps`` (basis points), ``buy_ask``, ``sell_bid`` (quote currency of each leg) and,
@@ -42,8 +43,9 @@ must expire sooner).
 
 Writes are idempotent: InfluxDB keeps one point per (measurement, tag set, timestamp) and a
 rewrite replaces its fields, so replaying a micro-batch does not add points. (Two different
-quotes, or trades, of one exchange and symbol (and side) with the same ``exchange_ts``
-millisecond collapse into the last one written.)
+quotes of one exchange and symbol with the same ``exchange_ts`` millisecond collapse into the
+last one written: the best bid/offer at that millisecond. Trades are written in ns with a
+per-trade offset inside their millisecond, so none collapse; see :func:`trade_point`.)
 
 APIs: ``settings.influx_api == "v1"`` talks InfluxDB 1.x's ``/write`` and ``/query`` with the
 standard library (1.x has no ``/api/v2``); ``"v2"`` writes with ``influxdb_client``'s
@@ -55,6 +57,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
 import re
@@ -63,7 +66,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from influxdb_client import Point, WritePrecision
 
@@ -73,6 +76,8 @@ from arbstream.schemas import HEALTH_FIELDS
 BATCH_LINES = 5000
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 T = TypeVar("T")
+#: Timestamp unit of written line protocol: ms for every measurement but ``trade`` (ns).
+Precision = Literal["ms", "ns"]
 log = logging.getLogger(__name__)
 
 RP_RAW = "raw"
@@ -216,16 +221,28 @@ def spread_point(row: Mapping[str, Any]) -> Point:
 def trade_point(row: Mapping[str, Any]) -> Point:
     """The ``trade`` point (RP ``raw``) of one trade row: tags ``exchange``, ``symbol`` and
     ``side`` when not ``None``; fields ``price`` (quote currency) and ``size`` (base units)
-    when not ``None``; time = ``exchange_ts`` (UTC ms). ``trade_id`` is not stored.
+    when not ``None``, and ``trade_id``; time in **nanoseconds**: ``exchange_ts`` (UTC ms)
+    plus a sub-millisecond offset derived from ``trade_id`` (:func:`trade_time_ns`), so trades
+    of one series in the same millisecond (a taker order filling several levels) stay
+    distinct points, and a rewritten trade lands on its own point again.
 
     Raises:
-        KeyError: ``exchange``, ``symbol`` or ``exchange_ts`` is missing.
+        KeyError: ``exchange``, ``symbol``, ``exchange_ts`` or ``trade_id`` is missing.
     """
     point = Point("trade").tag("exchange", row["exchange"]).tag("symbol", row["symbol"])
     if row.get("side") is not None:
         point.tag("side", row["side"])
     _optional_fields(point, row, ("price", "size"))
-    return point.time(to_epoch_ms(row["exchange_ts"]), WritePrecision.MS)
+    point.field("trade_id", str(row["trade_id"]))
+    return point.time(trade_time_ns(row["exchange_ts"], str(row["trade_id"])), WritePrecision.NS)
+
+
+def trade_time_ns(exchange_ts: Any, trade_id: str) -> int:
+    """``exchange_ts`` (UTC ms, or a datetime) in ns plus ``sha256(trade_id) mod 10^6`` ns:
+    deterministic, inside the trade's millisecond, distinct for two trades of the same
+    millisecond unless their ids collide on that offset (probability 10^-6)."""
+    offset = int.from_bytes(hashlib.sha256(trade_id.encode()).digest()[:8], "big") % 1_000_000
+    return to_epoch_ms(exchange_ts) * 1_000_000 + offset
 
 
 def episode_point(row: Mapping[str, Any]) -> Point:
@@ -424,12 +441,13 @@ class InfluxWriter:
             self._v2_client.close()
             self._v2_client = self._v2_write = None
 
-    def write_lines(self, lines: Iterable[str], *, rp: str | None = None) -> int:
-        """Write line protocol (ms timestamps), ``batch_lines`` per request; empty lines are
-        skipped.
+    def write_lines(
+        self, lines: Iterable[str], *, rp: str | None = None, precision: Precision = "ms"
+    ) -> int:
+        """Write line protocol, ``batch_lines`` per request; empty lines are skipped.
 
         Args:
-            lines: line protocol, one point each.
+            lines: line protocol, one point each, timestamps in ``precision`` units.
             rp: v1 retention policy to write into (``None``: the database's default); ignored
                 by v2, where retention is a property of the bucket.
 
@@ -448,7 +466,7 @@ class InfluxWriter:
             body = "\n".join(batch).encode("utf-8")
             send = self._send_v2 if self.settings.influx_api == "v2" else self._send_v1
             dropped = _retrying(
-                lambda body=body, send=send: send(body, rp),
+                lambda body=body, send=send: send(body, rp, precision),
                 self.retries,
                 self.backoff,
                 "InfluxDB write",
@@ -462,9 +480,9 @@ class InfluxWriter:
             total += len(batch) - dropped
         return total
 
-    def _send_v1(self, body: bytes, rp: str | None) -> int:
+    def _send_v1(self, body: bytes, rp: str | None, precision: Precision) -> int:
         """POST ``/write``; returns how many points were dropped as beyond retention."""
-        params = {"db": self.settings.influx_db, "precision": "ms"}
+        params = {"db": self.settings.influx_db, "precision": precision}
         if rp:
             params["rp"] = rp
         url = _url(self.settings, "/write", **params)
@@ -487,7 +505,7 @@ class InfluxWriter:
             raise
         return 0
 
-    def _send_v2(self, body: bytes, rp: str | None) -> int:
+    def _send_v2(self, body: bytes, rp: str | None, precision: Precision) -> int:
         """Write to the bucket ``influx_db`` (``rp`` is ignored); returns 0 (nothing dropped)."""
         from influxdb_client.rest import ApiException
         from urllib3.exceptions import HTTPError as Urllib3Error
@@ -510,7 +528,7 @@ class InfluxWriter:
                 bucket=self.settings.influx_db,
                 org=self.settings.influx_org,
                 record=body,
-                write_precision=WritePrecision.MS,
+                write_precision=WritePrecision.NS if precision == "ns" else WritePrecision.MS,
             )
         except ApiException as exc:
             status = exc.status or 0
@@ -545,10 +563,11 @@ def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
 # --- convenience for foreachPartition ---------------------------------------------------------
 
 
-def _write(settings: Settings, measurement: str, lines: Iterable[str]) -> int:
+def _write(settings: Settings, measurement: str, lines: Iterable[str],
+           precision: Precision = "ms") -> int:
     """Write ``lines`` into the retention policy of ``measurement`` (:data:`MEASUREMENT_RP`)."""
     with InfluxWriter(settings) as writer:
-        return writer.write_lines(lines, rp=MEASUREMENT_RP.get(measurement))
+        return writer.write_lines(lines, rp=MEASUREMENT_RP.get(measurement), precision=precision)
 
 
 def write_quotes(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -561,13 +580,15 @@ def write_quotes(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:
 
 
 def write_trades(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:
-    """Write trade rows (see :func:`trade_point`) as ``trade`` points in RP ``raw``.
+    """Write trade rows (see :func:`trade_point`) as ``trade`` points in RP ``raw``
+    (nanosecond precision).
 
     Returns:
         Number of points stored. Raises KeyError as :func:`trade_point`, otherwise as
         :meth:`InfluxWriter.write_lines`.
     """
-    return _write(settings, "trade", (trade_point(row).to_line_protocol() for row in rows))
+    return _write(settings, "trade", (trade_point(row).to_line_protocol() for row in rows),
+                  precision="ns")
 
 
 def write_health(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:
