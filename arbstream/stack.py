@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,6 +55,21 @@ class ServiceStatus:
     pid: int | None
     managed: bool
     detail: str = ""
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now, whose port + 2 is free too (InfluxDB binds
+    its RPC listener there), for services started on free ports (tests, benchmarks)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 2))
+            except OSError:
+                continue
+        return port
 
 
 def _kafka_endpoint(settings: Settings) -> Endpoint:

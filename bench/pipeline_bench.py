@@ -10,7 +10,6 @@ Prints the replay rate, the stream's end-to-end drain rate and its micro-batch d
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import tempfile
 import time
@@ -18,16 +17,11 @@ from pathlib import Path
 
 from arbstream import stack
 from arbstream.config import Settings
+from arbstream.stack import free_port
 from arbstream.topics import ensure_topics
 from producers.replay import parse_time, replay_iaqf
 from spark_jobs import arbitrage
 from spark_jobs.session import build_session
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -38,18 +32,11 @@ def main() -> None:
                                                   / "data"))
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="arb-bench-"))
-    influx = _port()
-    while True:  # InfluxDB also needs port + 2 for its RPC listener
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", influx + 2))
-            break
-        except OSError:
-            influx = _port()
+    influx = free_port()
     settings = Settings(
         state_dir=state, data_dir=Path(args.data_dir), starting_offsets="latest",
-        kafka_bootstrap=f"127.0.0.1:{_port()}", influx_url=f"http://127.0.0.1:{influx}",
-        mongo_uri=f"mongodb://127.0.0.1:{_port()}",
+        kafka_bootstrap=f"127.0.0.1:{free_port()}", influx_url=f"http://127.0.0.1:{influx}",
+        mongo_uri=f"mongodb://127.0.0.1:{free_port()}",
     )
     try:
         stack.up(settings)

