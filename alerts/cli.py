@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from arbstream.config import AlertRule
-from arbstream.console import console, err, settings_or_exit
+from arbstream.console import console, err, fail, settings_or_exit
 
 app = typer.Typer(help="E-mail alerts on arbitrage episodes (consumes arb.opportunities).",
                   no_args_is_help=True)
@@ -37,7 +37,6 @@ SAMPLE_EVENT = (
     '"spread_mean_bps":662.460933425036,"spread_std_bps":43.31152944442011,'
     '"spread_z":-1.6216471280663287,"anomaly":false}'
 )
-
 
 
 def _logging(verbose: bool) -> None:
@@ -79,8 +78,7 @@ def run(
         worker.run(stop)
     except Exception as exc:  # infrastructure failure: exit 1, uncommitted events re-read
         logging.getLogger("alerts").exception("alert worker failed")
-        err.print("[red]error:[/red] " + escape(str(exc)))
-        raise typer.Exit(1) from None
+        raise fail(exc) from None
     finally:
         worker.store.close()
 

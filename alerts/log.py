@@ -41,7 +41,7 @@ from pymongo.errors import DuplicateKeyError
 from alerts.message import AlertItem
 from arbstream.config import Settings
 from arbstream.schemas import OpportunityEvent
-from spark_jobs.sinks.mongo import OPPORTUNITIES, connect
+from spark_jobs.sinks.mongo import OPPORTUNITIES, IndexKeys, connect
 
 ALERTS = "alerts"
 CLAIMS = "alert_claims"
@@ -49,7 +49,6 @@ UTC = dt.UTC
 #: States of a claim that count as "alerted" for the cooldown.
 ALERTED = ("queued", "sending", "sent", "unknown")
 
-IndexKeys = list[tuple[str, int]]
 INDEXES: dict[str, dict[str, tuple[IndexKeys, bool]]] = {
     ALERTS: {
         "last_at_desc": ([("last_at", DESCENDING)], False),  # alerts log

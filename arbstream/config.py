@@ -9,6 +9,7 @@ Kafka SASL credentials) are read from the environment only and never written to 
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,14 @@ from arbstream.fees import DEFAULT_TAKER_FEES
 EXCHANGE_ID = r"^[a-z][a-z0-9_]*$"
 #: A plain e-mail address (``local@domain``), without display name.
 EMAIL_RE = r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+$"
+
+
+def _all_match(values: list[str], pattern: str | re.Pattern[str], what: str) -> list[str]:
+    """``values`` when each matches ``pattern``; else ValueError ``"<what>, got [bad...]"``."""
+    bad = [v for v in values if not re.match(pattern, v)]
+    if bad:
+        raise ValueError(f"{what}, got {bad}")
+    return values
 
 
 class AlertRule(BaseModel):
@@ -64,30 +73,18 @@ class AlertRule(BaseModel):
     def _symbols(cls, value: list[str]) -> list[str]:
         from arbstream.schemas import SYMBOL_RE
 
-        bad = [s for s in value if not SYMBOL_RE.match(s)]
-        if bad:
-            raise ValueError(f"symbols must be canonical BASE-QUOTE, got {bad}")
-        return value
+        return _all_match(value, SYMBOL_RE, "symbols must be canonical BASE-QUOTE")
 
     @field_validator("buy_exchanges", "sell_exchanges")
     @classmethod
     def _exchanges(cls, value: list[str]) -> list[str]:
-        import re
-
-        bad = [e for e in value if not re.match(EXCHANGE_ID, e)]
-        if bad:
-            raise ValueError(f"exchange ids must be lower-case identifiers, got {bad}")
-        return value
+        return _all_match(value, EXCHANGE_ID, "exchange ids must be lower-case identifiers")
 
     @field_validator("recipients")
     @classmethod
     def _recipients(cls, value: list[str]) -> list[str]:
-        import re
-
-        bad = [a for a in value if not re.match(EMAIL_RE, a)]
-        if bad:
-            raise ValueError(f"recipients must be plain addresses like ops@example.com, got {bad}")
-        return value
+        return _all_match(value, EMAIL_RE,
+                          "recipients must be plain addresses like ops@example.com")
 
 
 class Settings(BaseSettings):
@@ -262,11 +259,7 @@ class Settings(BaseSettings):
     @field_validator("exchanges")
     @classmethod
     def _exchange_ids(cls, value: list[str]) -> list[str]:
-        import re
-
-        bad = [e for e in value if not re.match(EXCHANGE_ID, e)]
-        if bad:
-            raise ValueError(f"exchange ids must be lower-case identifiers, got {bad}")
+        _all_match(value, EXCHANGE_ID, "exchange ids must be lower-case identifiers")
         if not value:
             raise ValueError("at least one exchange must be configured")
         return value
@@ -304,18 +297,15 @@ class Settings(BaseSettings):
                 "max_quote_age_seconds must be a whole multiple of window_seconds "
                 f"(got {self.max_quote_age_seconds} and {self.window_seconds})"
             )
-        for name in ("grafana_url", "grafana_influx_url"):
+        for name in ("influx_url", "grafana_url", "grafana_influx_url"):
             value = getattr(self, name)
             if value is not None and urlparse(value).scheme not in ("http", "https"):
                 raise ValueError(f"{name} must be http(s)://host:port, got {value!r}")
-        if urlparse(self.influx_url).scheme not in ("http", "https"):
-            raise ValueError(f"influx_url must be http(s)://host:port, got {self.influx_url!r}")
         self._check_alerts()
         return self
 
     def _check_alerts(self) -> None:
         """Cross-field checks of the alerts section (unique rule names, From, SMTP auth)."""
-        import re
         from email.utils import parseaddr
 
         names = [r.name for r in self.alert_rules]

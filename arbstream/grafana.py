@@ -284,7 +284,25 @@ class PanelQuery:
     influxql: str
     range: TimeRange
     interval_ms: int
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _target_query(
+    panel: Mapping[str, Any], target: Mapping[str, Any], defs: Mapping[str, dict[str, Any]],
+    values: Mapping[str, str | Sequence[str]], dashboard_range: TimeRange, now_ms: int,
+    min_interval: str = "1s",
+) -> PanelQuery:
+    """One panel target expanded as Grafana sends it (see :func:`dashboard_queries`).
+
+    Raises:
+        GrafanaError: as :func:`render_query`; the target is not a raw InfluxQL query.
+    """
+    if not target.get("rawQuery") or not target.get("query"):
+        raise GrafanaError(f"panel {panel['title']!r}: target {target.get('refId')} "
+                           "is not a raw InfluxQL query")
+    rng = panel_range(panel, dashboard_range, now_ms)
+    interval = panel_interval(panel, rng, min_interval)
+    return PanelQuery(panel["id"], panel["title"], target["refId"], target["query"],
+                      render_query(target["query"], defs, values, rng, interval), rng, interval)
 
 
 def dashboard_queries(
@@ -302,19 +320,8 @@ def dashboard_queries(
         GrafanaError: as :func:`render_query`; a target that is not a raw InfluxQL query.
     """
     defs = variables(dashboard)
-    out = []
-    for panel in iter_panels(dashboard):
-        for target in panel.get("targets", []):
-            if not target.get("rawQuery") or not target.get("query"):
-                raise GrafanaError(f"panel {panel['title']!r}: target {target.get('refId')} "
-                                   "is not a raw InfluxQL query")
-            rng = panel_range(panel, dashboard_range, now_ms)
-            interval = panel_interval(panel, rng, min_interval)
-            out.append(PanelQuery(
-                panel["id"], panel["title"], target["refId"], target["query"],
-                render_query(target["query"], defs, values, rng, interval), rng, interval,
-            ))
-    return out
+    return [_target_query(panel, target, defs, values, dashboard_range, now_ms, min_interval)
+            for panel in iter_panels(dashboard) for target in panel.get("targets", [])]
 
 
 def variable_query(
@@ -384,11 +391,10 @@ def check(
         if panel.get("type") == "row":
             continue
         result = results.setdefault(panel["id"], PanelResult(panel["title"]))
-        rng = panel_range(panel, dashboard_range, now_ms)
-        interval = panel_interval(panel, rng)
         for target in panel.get("targets", []):
             try:
-                result.rows += run(render_query(target["query"], defs, values, rng, interval))
+                result.rows += run(_target_query(panel, target, defs, values, dashboard_range,
+                                                 now_ms).influxql)
             except Exception as exc:  # noqa: BLE001 - reported per panel, the check goes on
                 result.error = f"{target.get('refId')}: {exc}"
                 break
