@@ -93,9 +93,9 @@ def test_email(
     """Send one sample alert (a real 2023-03-11 opportunity window) through the configured
     SMTP server, with retries, to check the transport and the rendering. Nothing is logged
     to MongoDB. Exit 1 when it is not delivered."""
+    from alerts.events import parse_event
     from alerts.message import alert_message, build_item
     from alerts.smtp import SmtpError, SmtpTransport
-    from arbstream.schemas import parse_arb_event
 
     settings = settings_or_exit()
     rules = {r.name: r for r in settings.alert_rules}
@@ -109,7 +109,7 @@ def test_email(
         raise typer.Exit(2)
     test_rule = AlertRule(name=f"test-{base.name}" if base else "test", recipients=recipients)
     _logging(False)
-    item = build_item(test_rule, parse_arb_event(SAMPLE_EVENT), None, settings)
+    item = build_item(test_rule, parse_event(SAMPLE_EVENT), None, settings)
     msg = alert_message(item, test_rule, settings)
     msg.replace_header("Subject", "[TEST] " + msg["Subject"])
     try:
@@ -157,17 +157,19 @@ def log_cmd(
 @app.command()
 def rules() -> None:
     """The configured rules, as validated."""
+    from alerts.rules import rule_stage
+
     settings = settings_or_exit()
     if not settings.alert_rules:
         console.print("no alert rules configured (ARB_ALERT_RULES)")
         return
     table = Table("name", "symbols", "buy", "sell", "cross-quote", "min net bps",
-                  "min profit USD", "min duration s", "digest", "recipients")
+                  "min profit USD", "min duration s", "stage", "digest", "recipients")
     for r in settings.alert_rules:
         table.add_row(r.name, ",".join(r.symbols) or "any", ",".join(r.buy_exchanges) or "any",
                       ",".join(r.sell_exchanges) or "any", str(r.cross_quote),
                       f"{r.min_net_bps:g}", f"{r.min_profit_usd:g}", f"{r.min_duration_s:g}",
-                      str(r.digest), ", ".join(r.recipients))
+                      rule_stage(r), str(r.digest), ", ".join(r.recipients))
     console.print(table)
     console.print(f"cooldown {settings.alert_cooldown_seconds:g} s (event time), digest every "
                   f"{settings.alert_digest_seconds:g} s, SMTP {settings.smtp_host}:"

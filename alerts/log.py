@@ -15,10 +15,12 @@
     ``message_id``, ``digest_id`` and ``item`` (the :class:`~alerts.message.AlertItem`).
 ``alerts``  the decision log, one document per (key, decision, reason):
     ``_id`` = ``<key>|<decision>|<reason>``, ``decision`` one of ``sent``, ``queued``
-    (digest), ``suppressed``, ``failed``; ``reason`` (``delivered``, ``digest``,
-    ``duplicate``, ``cooldown``, ``permanent``, ``transient``, ``interrupted``), ``detail``,
-    ``error``, ``rule, episode_id, symbol, sell_symbol, buy_exchange, sell_exchange, event_ms,
-    net_bps, profit_usd, duration_s, recipients, message_id, digest_id, attempts, source``
+    (digest), ``suppressed``, ``failed``, ``retracted`` (a retracted opportunity window);
+    ``reason`` (``delivered``, ``digest``, ``duplicate``, ``cooldown``, ``permanent``,
+    ``transient``, ``interrupted``; retractions: ``alerted``, ``withdrawn``, ``no_alert``),
+    ``detail``, ``error``, ``rule, episode_id, symbol, sell_symbol, buy_exchange,
+    sell_exchange, event_ms, net_bps, profit_usd, duration_s, stage`` (of an opportunity
+    event), ``recipients, message_id, digest_id, attempts, source``
     (topic/partition/offset of the last event), ``count`` (how many times this decision was
     taken), ``first_at``, ``last_at`` (UTC wall clock). Re-taking a decision (a replayed
     event, every later window of an already alerted episode) increments ``count``.
@@ -38,6 +40,7 @@ from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
+from alerts.events import AlertOpportunityEvent
 from alerts.message import AlertItem
 from arbstream.config import Settings
 from arbstream.schemas import OpportunityEvent
@@ -142,6 +145,11 @@ class AlertStore:
         self.claims.update_many({"_id": {"$in": keys}},
                                 {"$set": {"state": state, "updated_at": now, **extra, **fields}})
 
+    def withdraw(self, key: str) -> bool:
+        """Delete the claim of ``key`` if it is still ``queued`` (nothing sent); whether it
+        was."""
+        return self.claims.delete_one({"_id": key, "state": "queued"}).deleted_count == 1
+
     def alerted_nearby(self, item: AlertItem, cooldown_ms: int) -> dict[str, Any] | None:
         """Another alert of ``item``'s rule on the same pair whose event time is less than
         ``cooldown_ms`` away from ``item.event_ms`` (states :data:`ALERTED`), latest first."""
@@ -239,7 +247,7 @@ class AlertStore:
         fields = {k: v for k, v in doc.items()
                   if k not in ("_id", "first_seen_at") and v is not None}
         try:
-            return OpportunityEvent.model_validate(
+            return AlertOpportunityEvent.model_validate(
                 {"type": "opportunity", "opportunity_id": doc["_id"], **fields})
         except ValidationError:
             return None

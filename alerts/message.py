@@ -6,12 +6,18 @@ Every e-mail carries a deterministic ``Message-ID`` derived from its idempotency
 (:func:`message_id`), ``X-Arbstream-Alert-Key`` (one line per alert key),
 ``Auto-Submitted: auto-generated`` (RFC 3834) and a Grafana link to the ``arbstream-monitor``
 dashboard around the episode.
+
+Header values built from event fields (the subject, the alert keys) go through
+:func:`header_text`: events with control characters are rejected before they get here
+(:mod:`alerts.events`), and an item from elsewhere (a claim stored by an older worker) cannot
+add a header line or stop the worker either.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import unicodedata
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 from typing import Any, Literal
@@ -20,6 +26,7 @@ from urllib.parse import quote
 from jinja2 import DictLoader, Environment, StrictUndefined, select_autoescape
 from pydantic import BaseModel, ConfigDict
 
+from alerts.events import FORBIDDEN_CATEGORIES, stage_of
 from alerts.rules import alert_key, figures
 from arbstream.config import AlertRule, Settings
 from arbstream.schemas import EpisodeEvent, OpportunityEvent, episode_start_ms
@@ -42,6 +49,8 @@ class AlertItem(BaseModel):
     rule: str
     episode_id: str
     trigger: Literal["opportunity", "opened", "closed"]
+    #: stage of the triggering opportunity window (``None``: an episode event)
+    stage: Literal["early", "final"] | None = None
     status: Literal["open", "closed"]
     symbol: str
     sell_symbol: str
@@ -125,6 +134,7 @@ def build_item(
         key=alert_key(rule.name, event.episode_id), rule=rule.name,
         episode_id=event.episode_id,
         trigger=event.event if is_episode else "opportunity",
+        stage=None if is_episode else stage_of(event),
         status=event.status if is_episode else "open",
         symbol=event.symbol, sell_symbol=event.sell_symbol, cross_quote=event.cross_quote,
         buy_exchange=event.buy_exchange, sell_exchange=event.sell_exchange,
@@ -207,6 +217,8 @@ def view(item: AlertItem) -> dict[str, Any]:
     rows = [
         ("Rule", item.rule),
         ("Episode", f"{item.episode_id} ({item.status})"),
+        *([("Window stage", "early (provisional: may still change or be retracted)")]
+          if item.stage == "early" else []),
         ("Pair", f"{item.pair_symbol}: buy on {item.buy_exchange}, sell on {item.sell_exchange}"),
         ("Net spread", fmt_bps(item.net_bps)
          + (" (episode peak)" if item.peak_net_bps is not None else "")),
@@ -314,18 +326,25 @@ def digest_id(rule: str, keys: list[str]) -> str:
     return hashlib.sha256("\n".join([rule, *sorted(keys)]).encode()).hexdigest()[:32]
 
 
+def header_text(value: str) -> str:
+    """``value`` with every character that could end or corrupt a header line (control, format
+    and separator characters, lone surrogates) replaced by U+FFFD."""
+    return "".join("\ufffd" if unicodedata.category(ch) in FORBIDDEN_CATEGORIES else ch
+                   for ch in value)
+
+
 def _message(settings: Settings, recipients: list[str], subject: str, intro: str,
              items: list[AlertItem], mid: str, now: dt.datetime | None) -> EmailMessage:
     views = [view(i) for i in items]
     msg = EmailMessage()
     msg["From"] = settings.alert_from
     msg["To"] = ", ".join(recipients)
-    msg["Subject"] = subject
+    msg["Subject"] = header_text(subject)
     msg["Date"] = format_datetime(now or dt.datetime.now(dt.UTC))
     msg["Message-ID"] = mid
     msg["Auto-Submitted"] = "auto-generated"
     for item in items:
-        msg["X-Arbstream-Alert-Key"] = item.key
+        msg["X-Arbstream-Alert-Key"] = header_text(item.key)
     ctx = {"views": views, "intro": intro, "title": subject}
     msg.set_content(_ENV.get_template("page.txt").render(**ctx))
     msg.add_alternative(_ENV.get_template("page.html").render(**ctx), subtype="html")
@@ -338,8 +357,8 @@ def alert_message(item: AlertItem, rule: AlertRule, settings: Settings,
     subject = (f"[arbstream] {rule.name}: {item.pair_symbol} {item.buy_exchange}→"
                f"{item.sell_exchange} {fmt_bps(item.net_bps)}, {fmt_profit(item)}, "
                f"{round(item.duration_s)} s")
-    trigger = ("an opportunity window" if item.trigger == "opportunity"
-               else f"its {item.trigger} event")
+    trigger = (f"an{' early' if item.stage == 'early' else ''} opportunity window"
+               if item.trigger == "opportunity" else f"its {item.trigger} event")
     intro = (f"Arbitrage episode matching rule '{rule.name}' (episode {item.status}, "
              f"triggered by {trigger}).")
     return _message(settings, rule.recipients, subject, intro, [item],

@@ -12,16 +12,28 @@ An episode is alertable under a rule at the first event where every filter match
 figure reaches the rule's minimum; it is alerted at most once per rule (key
 :func:`alert_key`). Profits are compared in USD; an unknown USD profit fails a positive
 ``min_profit_usd``.
+
+Opportunity events carry a ``stage`` (:mod:`alerts.events`). A rule's ``opportunity_stage``
+(:func:`rule_stage`) says which it fires on: ``early`` (the default) fires on the first early
+*or* final window that matches (an early version can be missing or not match while the final
+one does; events of older streams have no stage and count as final), ``final`` only on final
+windows. A ``retracted`` window never fires (:func:`fires_on`); the worker logs it instead.
+Episode events are not staged and fire under every rule.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
+from alerts.events import stage_of
 from arbstream.config import AlertRule
 from arbstream.schemas import EpisodeEvent, OpportunityEvent
 
 Event = OpportunityEvent | EpisodeEvent
+RuleStage = Literal["early", "final"]
+#: ``opportunity_stage`` of a rule that does not set it.
+DEFAULT_RULE_STAGE: RuleStage = "early"
 
 
 @dataclass(frozen=True)
@@ -51,9 +63,32 @@ def pair_label(event: Event) -> str:
     return f"{event.pair_symbol} {event.buy_exchange} → {event.sell_exchange}"
 
 
-def mismatch(rule: AlertRule, event: Event) -> str | None:
-    """Why ``event`` does not make its episode alertable under ``rule``, or ``None`` when it
-    does. Filters first (symbols, exchanges, cross-quote), then the minimums."""
+def rule_stage(rule: AlertRule) -> RuleStage:
+    """Which opportunity events ``rule`` fires on: its ``opportunity_stage`` (``early`` or
+    ``final``), :data:`DEFAULT_RULE_STAGE` when the rule model has no such field.
+
+    Raises:
+        ValueError: any other value.
+    """
+    stage = getattr(rule, "opportunity_stage", None) or DEFAULT_RULE_STAGE
+    if stage not in ("early", "final"):
+        raise ValueError(f"alert rule {rule.name!r}: opportunity_stage must be 'early' or "
+                         f"'final', got {stage!r}")
+    return stage
+
+
+def fires_on(rule: AlertRule, event: Event) -> bool:
+    """Whether ``event``'s stage can fire ``rule`` (figures and filters aside): never a
+    retracted window, an early one only under an ``early`` rule."""
+    stage = stage_of(event)
+    if stage == "retracted":
+        return False
+    return stage == "final" or rule_stage(rule) == "early"
+
+
+def filter_mismatch(rule: AlertRule, event: Event) -> str | None:
+    """Why ``event``'s pair is outside ``rule``'s filters (symbols, exchanges, cross-quote),
+    or ``None`` when the rule watches it."""
     if rule.symbols and event.symbol not in rule.symbols and event.sell_symbol not in rule.symbols:
         return f"symbol {event.pair_symbol} not in {rule.symbols}"
     if rule.buy_exchanges and event.buy_exchange not in rule.buy_exchanges:
@@ -62,6 +97,16 @@ def mismatch(rule: AlertRule, event: Event) -> str | None:
         return f"sell exchange {event.sell_exchange} not in {rule.sell_exchanges}"
     if event.cross_quote and not rule.cross_quote:
         return "cross-quote pairs excluded"
+    return None
+
+
+def mismatch(rule: AlertRule, event: Event) -> str | None:
+    """Why ``event`` does not make its episode alertable under ``rule``, or ``None`` when it
+    does. Filters first (:func:`filter_mismatch`), then the minimums. Stages are not looked at
+    (:func:`fires_on`)."""
+    why = filter_mismatch(rule, event)
+    if why is not None:
+        return why
     f = figures(event)
     if f.net_bps < rule.min_net_bps:
         return f"net {f.net_bps:.2f} bps < {rule.min_net_bps}"
@@ -73,5 +118,6 @@ def mismatch(rule: AlertRule, event: Event) -> str | None:
 
 
 def matching(rules: list[AlertRule], event: Event) -> list[AlertRule]:
-    """The rules under which ``event`` makes its episode alertable, in configuration order."""
-    return [r for r in rules if mismatch(r, event) is None]
+    """The rules that ``event`` fires (its stage, filters and minimums), in configuration
+    order."""
+    return [r for r in rules if fires_on(r, event) and mismatch(r, event) is None]

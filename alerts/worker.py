@@ -2,10 +2,16 @@
 
 For each record (``poll()`` in a consumer group, manual offset commits):
 
-1. validate it (:func:`arbstream.schemas.parse_arb_event`); an invalid one goes to
-   ``ARB_ALERT_DEADLETTER_TOPIC`` with its reason (stage ``alerts``) and the worker goes on;
-2. for each rule the event makes its episode alertable under (:mod:`alerts.rules`), with key
-   ``<rule>|<episode_id>``:
+1. validate it (:func:`alerts.events.parse_event`: the stream's schema, no control
+   characters in any string, optional ``stage``/``emitted_ts``); an invalid one goes to
+   ``ARB_ALERT_DEADLETTER_TOPIC`` with its reason (stage ``alerts``) and the worker goes on. So
+   does a valid one whose handling fails for any reason but MongoDB or Kafka (a bad record
+   never stops the stream);
+2. a ``retracted`` opportunity window alerts nothing: for each rule watching its pair it is
+   logged ``retracted`` (``alerted`` when it had triggered the rule's alert, ``withdrawn`` when
+   that alert was still queued for a digest and is taken out of it, else ``no_alert``);
+3. for each rule the event makes its episode alertable under (:mod:`alerts.rules`: stage,
+   filters, minimums), with key ``<rule>|<episode_id>``:
 
    * already claimed → ``suppressed``/``duplicate`` (at most one alert per rule and episode);
    * another episode of the same pair alerted under the rule within
@@ -16,7 +22,7 @@ For each record (``poll()`` in a consumer group, manual offset commits):
    * otherwise → claim ``sending`` (inserted first, unique ``_id`` = key), send with retries,
      claim ``sent``/``failed``, logged ``sent``/``failed``;
 
-3. store the record's offset; stored offsets are committed (synchronously) after at most 100
+4. store the record's offset; stored offsets are committed (synchronously) after at most 100
    records or 1 s, when the topic goes quiet, on a rebalance and at shutdown: a record's
    offset is committed only after its decisions are logged. ``sent``, ``failed`` and
    ``queued`` decisions are written at once; ``suppressed`` ones (one per later window of an
@@ -40,7 +46,9 @@ from collections import Counter, OrderedDict
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from pymongo.errors import PyMongoError
 
+from alerts.events import parse_event, printable, stage_of
 from alerts.log import AlertStore
 from alerts.message import (
     AlertItem,
@@ -51,10 +59,10 @@ from alerts.message import (
     fmt_time,
     message_id,
 )
-from alerts.rules import Event, alert_key, figures, mismatch
+from alerts.rules import Event, alert_key, figures, filter_mismatch, fires_on, mismatch, rule_stage
 from alerts.smtp import SmtpError, SmtpTransport, send_budget_seconds
 from arbstream.config import AlertRule, Settings
-from arbstream.schemas import DeadLetter, OpportunityEvent, parse_arb_event
+from arbstream.schemas import DeadLetter, OpportunityEvent
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +77,14 @@ def check_settings(settings: Settings) -> None:
     """What ``alerts run`` needs beyond :class:`Settings` validation.
 
     Raises:
-        ValueError: no rule is configured.
+        ValueError: no rule is configured, or a rule's ``opportunity_stage`` is not ``early``
+            or ``final``.
     """
     if not settings.alert_rules:
         raise ValueError("no alert rules configured: set ARB_ALERT_RULES (JSON) or alert_rules "
                          "in the ARB_CONFIG_FILE file (see alerts/README.md)")
+    for rule in settings.alert_rules:
+        rule_stage(rule)
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
@@ -102,13 +113,18 @@ def _context(rule: str, key: str, source: Event | AlertItem) -> dict[str, Any]:
     else:
         f = figures(source)
         net, profit, duration = f.net_bps, f.profit_usd, f.duration_s
-    return {
+    ctx = {
         "key": key, "rule": rule, "episode_id": source.episode_id, "symbol": source.symbol,
         "sell_symbol": source.sell_symbol, "buy_exchange": source.buy_exchange,
         "sell_exchange": source.sell_exchange,
         "event_ms": source.event_ms, "net_bps": net, "profit_usd": profit,
         "duration_s": duration,
     }
+    stage = source.stage if isinstance(source, AlertItem) else (
+        stage_of(source) if isinstance(source, OpportunityEvent) else None)
+    if stage is not None:
+        ctx["stage"] = stage
+    return ctx
 
 
 class AlertWorker:
@@ -178,22 +194,77 @@ class AlertWorker:
         Suppressed decisions are buffered: call :meth:`flush_log` before acknowledging the
         record (:meth:`run` does before every commit).
 
+        An invalid record, or one whose handling fails with anything but a MongoDB or Kafka
+        error, goes to the dead-letter topic with the reason; the next record is handled as
+        usual.
+
         Raises:
             pymongo.errors.PyMongoError, confluent_kafka.KafkaException: infrastructure
                 failures (nothing may be committed).
         """
         source = source or {}
         try:
-            event = parse_arb_event(value if value is not None else b"")
+            event = parse_event(value if value is not None else b"")
         except ValueError as exc:
             self._deadletter(value or b"", str(exc), source)
             return
         self.stats["events"] += 1
+        try:
+            self._handle_event(event, source)
+        except (PyMongoError, KafkaException):
+            raise
+        except Exception as exc:  # a bug or an input the model let through: not a stop
+            log.exception("event at %s not processed", source)
+            self.stats["failed_events"] += 1
+            self._deadletter(value or b"", f"not processed: {type(exc).__name__}: {exc}",
+                             source)
+
+    def _handle_event(self, event: Event, source: dict[str, Any]) -> None:
+        if isinstance(event, OpportunityEvent) and stage_of(event) == "retracted":
+            self._retract(event, source)
+            return
         if isinstance(event, OpportunityEvent):
             self._remember(event)
         for rule in self.rules:
-            if mismatch(rule, event) is None:
+            if fires_on(rule, event) and mismatch(rule, event) is None:
                 self._decide(rule, event, source)
+
+    def _retract(self, event: OpportunityEvent, source: dict[str, Any]) -> None:
+        """A retracted window: never alerted; logged ``retracted`` for each rule watching its
+        pair; a digest alert it triggered that is still queued is withdrawn (claim removed, so
+        a later window of the episode can alert); its prices stop being the episode's legs."""
+        self.stats["retracted"] += 1
+        known = self._legs.get(event.episode_id)
+        if known is not None and known.opportunity_id == event.opportunity_id:
+            del self._legs[event.episode_id]
+        for rule in self.rules:
+            if filter_mismatch(rule, event) is not None:
+                continue
+            key = alert_key(rule.name, event.episode_id)
+            ctx = _context(rule.name, key, event)
+            claim = self.store.claim_of(key)
+            item = (claim or {}).get("item") or {}
+            by_this = (claim is not None and item.get("trigger") == "opportunity"
+                       and item.get("opportunity_id") == event.opportunity_id)
+            if not by_this:
+                detail = ("no alert of this episode under the rule" if claim is None else
+                          f"the rule's alert of this episode ({claim['state']}) was triggered "
+                          f"by another window")
+                self.store.record("retracted", "no_alert", ctx, detail=detail, source=source)
+            elif claim["state"] == "queued" and self.store.withdraw(key):
+                self._digests.get(rule.name, {}).pop(key, None)
+                self._claimed.pop(key, None)
+                pair = self._pair(AlertItem.model_validate(item), rule.name)
+                if self._last_alert.get(pair, {}).get("_id") == key:
+                    del self._last_alert[pair]
+                self.store.record("retracted", "withdrawn", ctx, source=source,
+                                  detail="queued digest alert taken out before it was sent")
+            else:
+                detail = (f"the alert ({claim['state']}) was triggered by this window; an "
+                          f"e-mail is not recalled and the episode is not alerted again")
+                self.store.record("retracted", "alerted", ctx, detail=detail, source=source,
+                                  message_id=claim.get("message_id"))
+        log.info("opportunity window %s retracted", printable(event.opportunity_id))
 
     def _remember(self, event: OpportunityEvent) -> None:
         known = self._legs.get(event.episode_id)
@@ -272,6 +343,8 @@ class AlertWorker:
                 self._suppress("cooldown", ctx, detail, source)
                 return
         mid = None if rule.digest else message_id(key, self.settings)
+        # composed before the claim: a message that cannot be built leaves no claim behind
+        msg = None if rule.digest else alert_message(item, rule, self.settings)
         claimed = self.store.claim(item, "queued" if rule.digest else "sending", mid)
         self._known_claimed(key)
         if not claimed:
@@ -279,13 +352,13 @@ class AlertWorker:
             return
         self._last_alert[self._pair(item, rule.name)] = {
             "_id": key, "episode_id": item.episode_id, "event_ms": item.event_ms}
-        if mid is None:  # digest rule
+        if mid is None or msg is None:  # digest rule
             self._digests.setdefault(rule.name, {})[key] = (item, time.time())
             self.store.record("queued", "digest", ctx, recipients=rule.recipients,
                               source=source)
             self.stats["queued"] += 1
             return
-        self._deliver(rule, [item], alert_message(item, rule, self.settings), mid, None, source)
+        self._deliver(rule, [item], msg, mid, None, source)
 
     def _deliver(self, rule: AlertRule, items: list[AlertItem], msg: Any, mid: str,
                  did: str | None, source: dict[str, Any] | None) -> None:
@@ -370,7 +443,7 @@ class AlertWorker:
                                  f"{self.settings.alert_deadletter_topic}: {errors or left}")
         self.stats["deadletters"] += 1
         log.warning("invalid event at %s sent to %s: %s", source,
-                    self.settings.alert_deadletter_topic, reason)
+                    self.settings.alert_deadletter_topic, printable(reason))
 
     def _commit(self, consumer: Consumer) -> None:
         """Write buffered decisions, then commit the stored offsets (synchronously)."""

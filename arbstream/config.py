@@ -67,6 +67,9 @@ class AlertRule(BaseModel):
     min_duration_s: float = Field(0.0, ge=0, description="Minimum episode duration so far, s")
     recipients: list[str] = Field(min_length=1, description="E-mail addresses")
     digest: bool = Field(False, description="Batch matches into one e-mail per digest interval")
+    opportunity_stage: Literal["early", "final"] = Field(
+        "early", description="Opportunity events the rule fires on: early = the first matching "
+        "early or final window, final = final windows only")
 
     @field_validator("symbols")
     @classmethod
@@ -169,7 +172,24 @@ class Settings(BaseSettings):
     max_offsets_per_trigger: int | None = Field(200_000, ge=1)
     starting_offsets: Literal["earliest", "latest"] = "earliest"
     fail_on_data_loss: bool = True
-    watermark_seconds: float = Field(10.0, ge=0, description="Event-time watermark delay")
+    watermark_seconds: float = Field(
+        10.0, ge=0, description="Allowed lateness behind each exchange's own event-time clock"
+    )
+    idle_timeout_seconds: float = Field(
+        5.0, gt=0, description="An exchange silent this long (processing time) stops holding "
+        "back the combined watermark; when all are, every window closes"
+    )
+    max_clock_skew_seconds: float = Field(
+        10.0, ge=0, description="exchange_ts may lead received_ts (and received_ts the "
+        "processing clock) by this much; more is dead-lettered as future_timestamp"
+    )
+    max_event_time_jump_seconds: float = Field(
+        900.0, gt=0, description="Event time may jump ahead of every exchange clock by this "
+        "much; more is dead-lettered as future_timestamp"
+    )
+    stream_buckets: int = Field(
+        2, ge=1, le=1024, description="Keys of the stateful operator (bases hashed into them)"
+    )
     window_seconds: float = Field(1.0, gt=0, description="Snapshot window W")
     max_quote_age_seconds: float = Field(5.0, gt=0, description="Quote staleness bound")
     min_net: float = Field(0.0, description="Opportunity threshold on net spread, fraction")

@@ -13,10 +13,11 @@ pydantic models and the DDL in step (``tests/test_schemas.py`` checks they agree
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -25,6 +26,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -193,14 +195,28 @@ class Heartbeat(BaseModel):
         return self.model_dump_json().encode()
 
 
+#: Most bytes of the original payload a :class:`DeadLetter` keeps (64 KiB). Longer payloads
+#: keep a prefix (``truncated``), so a letter of even a multi-MB record stays far below
+#: Kafka's/librdkafka's default ``message.max.bytes`` (1 MB): at most ~88 kB of base64, or
+#: this many bytes of text (more once JSON-escaped, at worst 6 characters per byte).
+DEADLETTER_MAX_RAW_BYTES = 64 * 1024
+
+
 class DeadLetter(BaseModel):
-    """A record that failed validation, with why and the payload exactly as received.
+    """A record that failed validation, with why and the payload as received.
 
     ``raw`` is the payload decoded as UTF-8 when it is valid UTF-8, else base64 with
-    ``raw_encoding == "base64"``.
+    ``raw_encoding == "base64"``. It is byte-exact unless ``truncated``: then it holds only
+    a prefix of the payload (see :meth:`of`). ``raw_length`` (bytes) and ``raw_sha256`` (hex)
+    always describe the whole original payload when set (``None`` in letters written
+    before they existed, or by writers that do not fill them, e.g. the Spark stream job).
+    ``reason`` is capped at :attr:`MAX_REASON_CHARS` characters (longer ones end in "…").
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Most characters of ``reason`` kept.
+    MAX_REASON_CHARS: ClassVar[int] = 1000
 
     schema_version: Literal[1] = SCHEMA_VERSION
     type: Literal["deadletter"] = "deadletter"
@@ -211,18 +227,75 @@ class DeadLetter(BaseModel):
     source_offset: int | None = None
     raw: str
     raw_encoding: Literal["utf-8", "base64"] = "utf-8"
+    raw_length: int | None = Field(None, ge=0, description="bytes of the original payload")
+    raw_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the original payload"
+    )
+    truncated: bool = Field(False, description="raw holds only a prefix of the payload")
     rejected_ts: int = Field(default_factory=now_ms, description="UTC ms")
 
+    @field_validator("reason")
     @classmethod
-    def of(cls, raw: bytes | str, reason: str, stage: str, **where: Any) -> DeadLetter:
-        """Wrap a rejected payload, keeping it byte-exact."""
-        if isinstance(raw, str):
-            return cls(raw=raw, reason=reason, stage=stage, **where)
+    def _cap_reason(cls, reason: str) -> str:
+        if len(reason) > cls.MAX_REASON_CHARS:
+            return reason[: cls.MAX_REASON_CHARS - 1] + "…"
+        return reason
+
+    @classmethod
+    def of(
+        cls,
+        raw: bytes | str,
+        reason: str,
+        stage: str,
+        *,
+        max_raw_bytes: int = DEADLETTER_MAX_RAW_BYTES,
+        **where: Any,
+    ) -> DeadLetter:
+        """Wrap a rejected payload, byte-exact when it has at most ``max_raw_bytes`` bytes.
+
+        Args:
+            raw: the payload; a ``str`` stands for its UTF-8 bytes.
+            reason: why it was rejected; cut to :attr:`MAX_REASON_CHARS` characters.
+            stage: who rejected it.
+            max_raw_bytes: most bytes of the payload kept in ``raw``. A longer payload keeps
+                its first ``max_raw_bytes`` bytes, fewer (up to 3) when that would split a
+                UTF-8 character, and ``truncated`` is set. The kept bytes are stored as
+                text when they are valid UTF-8, else as base64 (4/3 of their size).
+            **where: further fields, e.g. ``source_topic``, ``source_partition``,
+                ``source_offset``.
+
+        ``raw_length`` (bytes) and ``raw_sha256`` (hex) are computed on the whole original
+        payload, so a truncated letter can still be matched to its record.
+
+        Raises:
+            ValueError: ``max_raw_bytes`` is negative.
+            pydantic.ValidationError: an unknown or ill-typed field in ``where``.
+        """
+        if max_raw_bytes < 0:
+            raise ValueError(f"max_raw_bytes must be >= 0, got {max_raw_bytes}")
+        data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+        facts: dict[str, Any] = {
+            "reason": reason, "stage": stage, "raw_length": len(data),
+            "raw_sha256": hashlib.sha256(data).hexdigest(), **where,
+        }
+        truncated = len(data) > max_raw_bytes
+        if not truncated and isinstance(raw, str):
+            return cls(raw=raw, **facts)
+        kept = data
+        if truncated:
+            cut = max_raw_bytes
+            # back off over UTF-8 continuation bytes (10xxxxxx) so no character is split
+            for _ in range(3):
+                if cut == 0 or data[cut] & 0xC0 != 0x80:
+                    break
+                cut -= 1
+            kept = data[:cut]
         try:
-            return cls(raw=raw.decode("utf-8"), reason=reason, stage=stage, **where)
+            return cls(raw=kept.decode("utf-8"), truncated=truncated, **facts)
         except UnicodeDecodeError:
-            text = base64.b64encode(raw).decode()
-            return cls(raw=text, raw_encoding="base64", reason=reason, stage=stage, **where)
+            prefix = data[:max_raw_bytes]  # bytes: no character boundary to respect
+            text = base64.b64encode(prefix).decode()
+            return cls(raw=text, raw_encoding="base64", truncated=truncated, **facts)
 
     def to_json(self) -> bytes:
         return self.model_dump_json().encode()

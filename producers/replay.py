@@ -612,18 +612,6 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def end_of_stream_ms(last_ts: int, settings: Settings) -> int:
-    """Event time (UTC ms) of the heartbeat that closes a finite replay whose last quote is at
-    ``last_ts``: the watermark then passes the last window (``max_quote_age + W``), the last
-    episode's gap (``episode_gap_seconds``) and the end of the last hour (hourly spread
-    percentiles), plus ``watermark_seconds`` and one second of margin."""
-    window_ms = int(1000 * (settings.max_quote_age_seconds + settings.window_seconds))
-    last_window = last_ts + window_ms
-    episodes = last_window + int(1000 * settings.episode_gap_seconds)
-    hour = (last_window // 3_600_000 + 1) * 3_600_000
-    return max(episodes, hour) + int(1000 * settings.watermark_seconds) + 1000
-
-
 def publish_quotes(
     quotes: pd.DataFrame | Sequence[Quote] | Iterable[Quote | Trade],
     settings: Settings,
@@ -658,9 +646,10 @@ def publish_quotes(
             bursts of at most 1 ms worth of records). Combines with ``speed`` (both apply).
         progress: show a tqdm progress bar on stderr (only when stderr is a TTY).
         deadletters: rejected input records to publish alongside.
-        heartbeat: end with one :class:`Heartbeat` per exchange at
-            :func:`end_of_stream_ms`, so the stream's watermark passes every window, episode
-            and hour of the replay and all of them are emitted and closed.
+        heartbeat: end with one :class:`Heartbeat` per exchange at the replay's last event
+            time, so that every exchange's event-time clock reaches the end of the replay
+            (never later: the stream closes the remaining windows once the exchanges are
+            idle, and the next replay may start where this one ended).
 
     Returns:
         A :class:`ReplayReport` with acknowledged counts per topic.
@@ -774,9 +763,8 @@ def publish_quotes(
                 pending = 0
         bar.update(pending)
         if heartbeat and last_ts is not None:
-            flush_ts = end_of_stream_ms(last_ts, settings)
             for exchange in sorted(exchanges):
-                beat = Heartbeat(exchange=exchange, exchange_ts=flush_ts, received_ts=now_ms())
+                beat = Heartbeat(exchange=exchange, exchange_ts=last_ts, received_ts=now_ms())
                 send(quotes_topic(exchange), exchange.encode(), beat.to_json(), on_heartbeat)
     except KafkaException as exc:
         producer.flush()

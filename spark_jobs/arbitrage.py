@@ -36,22 +36,20 @@ from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
 
 from arbstream.config import Settings, get_settings
-from arbstream.schemas import SCHEMA_VERSION
 from arbstream.topics import (
     DEADLETTER,
     HEALTH,
-    OPPORTUNITIES,
     book_topic,
     quotes_topic,
     trades_topic,
 )
 from spark_jobs import health as H
-from spark_jobs import tracker
 from spark_jobs import transforms as T
 from spark_jobs.checkpoint import check_queries
 from spark_jobs.checkpoint import verify as verify_checkpoint
 from spark_jobs.kafka_source import FORMAT, end_offsets
-from spark_jobs.sinks import influx, mongo
+from spark_jobs.market import market_stream
+from spark_jobs.sinks import influx, mongo, records
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +79,8 @@ def kafka_options(settings: Settings) -> dict[str, str]:
 def query_topics(settings: Settings) -> dict[str, list[str]]:
     """The topics each streaming query reads."""
     market = [t for e in settings.exchanges for t in (quotes_topic(e), book_topic(e))]
-    return {"ingest": market, "trades": [trades_topic(e) for e in settings.exchanges],
-            "spreads": market, "health": [HEALTH]}
+    return {"market": market, "trades": [trades_topic(e) for e in settings.exchanges],
+            "health": [HEALTH]}
 
 
 def read_records(spark: SparkSession, settings: Settings, topics: list[str]) -> DataFrame:
@@ -119,53 +117,6 @@ def write_kafka(df: DataFrame, topic: str, settings: Settings) -> None:
     )
 
 
-def _events(df: DataFrame, key: str, event_type: str) -> DataFrame:
-    """``key``/``value`` records of ``arb.opportunities``: canonical JSON with
-    ``schema_version`` and ``type`` first, then every column of ``df``."""
-    return df.select(
-        F.col(key).alias("key"),
-        F.to_json(F.struct(
-            F.lit(SCHEMA_VERSION).alias("schema_version"), F.lit(event_type).alias("type"),
-            *[F.col(c) for c in df.columns],
-        )).alias("value"),
-    )
-
-
-#: Writers of each record type of :func:`spark_jobs.tracker.track`, in order (MongoDB before
-#: Kafka, so a consumer of an event finds its documents).
-WRITERS: dict[str, tuple[Callable[[Settings, Any], int], ...]] = {
-    # Every pair and window goes to InfluxDB; MongoDB keeps the pair features of opportunity
-    # windows only (a full pair series there is ~20 documents per quote, too many to upsert).
-    "spread": (influx.write_spreads,),
-    "opportunity": (mongo.upsert_opportunities, mongo.upsert_pair_features),
-    "episode": (mongo.upsert_episodes, influx.write_episodes),
-    "feature": (influx.write_features, mongo.upsert_features),
-    "percentiles": (influx.write_percentiles, mongo.upsert_thresholds),
-}
-
-
-def write_records(settings: Settings, rows: Any) -> dict[str, int]:
-    """Write one partition of tracker output (``Row``s with ``record``) to every sink of its
-    type (:data:`WRITERS`); spread rows with ``is_opportunity`` also as opportunities.
-
-    Returns:
-        Rows written per record type.
-    """
-    by_type: dict[str, list[dict[str, Any]]] = {k: [] for k in WRITERS}
-    for row in rows:
-        d = row.asDict()
-        kind = d.pop("record")
-        fields = {k: d.get(k) for k in tracker.RECORD_FIELDS[kind]}
-        by_type[kind].append(fields)
-        if kind == "spread" and fields["is_opportunity"]:
-            by_type["opportunity"].append(fields)
-    for kind, writers in WRITERS.items():
-        for write in writers:
-            if by_type[kind]:
-                write(settings, by_type[kind])
-    return {k: len(v) for k, v in by_type.items()}
-
-
 def validated_batch(
     settings: Settings,
     valid: Callable[[DataFrame], DataFrame],
@@ -189,26 +140,6 @@ def validated_batch(
     return run
 
 
-def analytics_batch(settings: Settings) -> Callable[[DataFrame, int], None]:
-    """foreachBatch body of the ``spreads`` query (tracker output): every record to InfluxDB
-    and MongoDB in one pass over the partitions, then opportunity and episode events
-    (``opened``/``closed``) to ``arb.opportunities``."""
-
-    def run(batch: DataFrame, batch_id: int) -> None:
-        batch.persist()
-        try:
-            batch.foreachPartition(lambda rows: write_records(settings, rows) and None)
-            opps = tracker.records(batch, "spread").where(F.col("is_opportunity"))
-            events = _events(opps, "opportunity_id", "opportunity").unionByName(
-                _events(tracker.records(batch, "episode"), "episode_id", "episode")
-            )
-            write_kafka(events, OPPORTUNITIES, settings)
-        finally:
-            batch.unpersist()
-
-    return run
-
-
 def prepare_sinks(settings: Settings) -> None:
     """Create the InfluxDB database (v1) and MongoDB indexes; both are idempotent."""
     influx.ensure_database(settings)
@@ -219,8 +150,11 @@ def prepare_sinks(settings: Settings) -> None:
 def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = None) -> list[
     StreamingQuery
 ]:
-    """Start the ``ingest``, ``trades``, ``spreads`` and ``health`` queries; checkpoints under
+    """Start the ``market``, ``trades`` and ``health`` queries; checkpoints under
     ``checkpoint`` (default ``ARB_STATE_DIR/checkpoints``).
+
+    The health query runs in its own FAIR scheduler pool, so a large market backlog never
+    holds its micro-batches back.
 
     Raises:
         spark_jobs.checkpoint.IncompatibleCheckpointError: the checkpoint was written under
@@ -231,17 +165,10 @@ def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = Non
     prepare_sinks(settings)
     topics = query_topics(settings)
     bodies = {
-        "ingest": (T.parse_quotes(read_records(spark, settings, topics["ingest"]),
-                                  settings.taker_fees),
-                   validated_batch(settings, T.valid_quotes, influx.write_quotes)),
+        "market": (market_stream(read_records(spark, settings, topics["market"]), settings),
+                   records.write_batch(settings)),
         "trades": (T.parse_trades(read_records(spark, settings, topics["trades"])),
                    validated_batch(settings, T.valid_trades, influx.write_trades)),
-        "spreads": (tracker.track(T.spread_stream(
-            read_records(spark, settings, topics["spreads"]), settings.taker_fees,
-            settings.watermark_seconds, settings.window_seconds, settings.max_quote_age_seconds,
-            settings.usd_quotes, (settings.slippage_bps + settings.latency_haircut_bps) / T.BPS,
-            settings.notional_usd,
-        ), settings), analytics_batch(settings)),
         "health": (H.health_stream(T.parse_health(read_records(spark, settings,
                                                                  topics["health"])), settings),
                    validated_batch(settings, lambda b: b.where(F.col("error").isNull()),
@@ -251,15 +178,20 @@ def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = Non
     # once per producer health interval, not every ARB_TRIGGER_SECONDS.
     every = {name: settings.trigger_seconds for name in bodies}
     every["health"] = max(settings.trigger_seconds, settings.health_interval_seconds)
-    return [
-        df.writeStream.queryName(name)
-        .outputMode("append")
-        .foreachBatch(body)
-        .option("checkpointLocation", str(root / name))
-        .trigger(processingTime=f"{int(every[name] * 1000)} milliseconds")
-        .start()
-        for name, (df, body) in bodies.items()
-    ]
+    queries = []
+    for name, (df, body) in bodies.items():
+        # Streaming queries inherit the starting thread's local properties: one pool each.
+        spark.sparkContext.setLocalProperty("spark.scheduler.pool", name)
+        queries.append(
+            df.writeStream.queryName(name)
+            .outputMode("append")
+            .foreachBatch(body)
+            .option("checkpointLocation", str(root / name))
+            .trigger(processingTime=f"{int(every[name] * 1000)} milliseconds")
+            .start()
+        )
+    spark.sparkContext.setLocalProperty("spark.scheduler.pool", None)
+    return queries
 
 
 def processed_offsets(query: StreamingQuery) -> dict[str, dict[str, int]]:
@@ -291,6 +223,7 @@ def wait_drained(
     targets = end_offsets(settings.kafka_client_config(), topics)
     deadline = time.monotonic() + timeout
     idle_rounds = 0
+    idle_since = time.monotonic()
     while time.monotonic() < deadline:
         for q in queries:
             if q.exception():
@@ -311,8 +244,13 @@ def wait_drained(
             for q in queries
         )
         idle_rounds = idle_rounds + 1 if caught_up and idle else 0
-        if idle_rounds >= 3:
+        # The market query closes its last windows on a processing-time timer once every
+        # exchange has been idle for ARB_IDLE_TIMEOUT_SECONDS: wait that long, plus the batch.
+        if idle_rounds >= 3 and time.monotonic() - idle_since >= settings.idle_timeout_seconds \
+                + 3 * settings.trigger_seconds:
             return targets
+        if idle_rounds == 1:
+            idle_since = time.monotonic()
         time.sleep(max(settings.trigger_seconds, 0.5))
     raise TimeoutError(f"stream did not drain {targets} within {timeout:.0f}s")
 

@@ -45,6 +45,9 @@ def build_session(
         # per stateful operator and micro-batch (bench/stream_bench.py).
         .config("spark.sql.streaming.stateStore.rocksdb.changelogCheckpointing.enabled", "true")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        # One FAIR pool per query (spark_jobs.arbitrage.start): a long market micro-batch
+        # does not hold the health query's tasks back.
+        .config("spark.scheduler.mode", "FAIR")
         .getOrCreate()
     )
     session.sparkContext.setLogLevel("WARN")

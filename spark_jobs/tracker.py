@@ -196,7 +196,7 @@ def pair_key(row: dict[str, Any]) -> str:
     return f"{symbol}|{row['buy_exchange']}|{row['sell_exchange']}"
 
 
-def _episode_record(ep: dict[str, Any], event: str, cfg: TrackerConfig) -> dict[str, Any]:
+def episode_record(ep: dict[str, Any], event: str, cfg: TrackerConfig) -> dict[str, Any]:
     return {
         "record": "episode", "episode_id": ep["id"], "event": event,
         "status": "open" if event == "opened" else "closed",
@@ -209,7 +209,7 @@ def _episode_record(ep: dict[str, Any], event: str, cfg: TrackerConfig) -> dict[
     }
 
 
-def _percentile_record(leg: dict[str, Any], key: str, hour: int, values: list[float]
+def percentile_record(leg: dict[str, Any], key: str, hour: int, values: list[float]
                        ) -> dict[str, Any]:
     arr = np.asarray(values, dtype=np.float64)
     p50, p75, p95 = (float(x) for x in np.percentile(arr, [50, 75, 95]))
@@ -298,14 +298,14 @@ def track_pair(
         # hourly distribution
         hour = (t - 1) // HOUR_MS * HOUR_MS
         if st["hour"] is not None and hour != st["hour"] and st["vals"]:
-            out.append(_percentile_record(st["leg"], key, st["hour"], st["vals"]))
+            out.append(percentile_record(st["leg"], key, st["hour"], st["vals"]))
             st["vals"] = []
         st["hour"] = hour
         st["vals"].append(net_bps)
         # episodes
         ep = st["ep"]
         if ep is not None and t - ep["end"] > cfg.gap_ms:
-            out.append(_episode_record(ep, "closed", cfg))
+            out.append(episode_record(ep, "closed", cfg))
             ep = st["ep"] = None
         is_opp = float(row["net"]) > cfg.min_net
         episode_id = None
@@ -316,7 +316,7 @@ def track_pair(
                     "id": f"{key}|{_iso(start)}", "start": start, "end": t, "windows": 1,
                     "peak": net_bps, "sum": net_bps, "best": _best(row), **st["leg"],
                 }
-                out.append(_episode_record(ep, "opened", cfg))
+                out.append(episode_record(ep, "opened", cfg))
             else:
                 ep["end"] = t
                 ep["windows"] += 1
@@ -341,10 +341,10 @@ def _on_watermark(
     if watermark_ms is not None and watermark_ms >= 0:
         ep = st["ep"]
         if ep is not None and watermark_ms > ep["end"] + cfg.gap_ms:
-            out.append(_episode_record(ep, "closed", cfg))
+            out.append(episode_record(ep, "closed", cfg))
             st["ep"] = None
         if st["hour"] is not None and st["vals"] and watermark_ms > st["hour"] + HOUR_MS:
-            out.append(_percentile_record(st["leg"], st["key"], st["hour"], st["vals"]))
+            out.append(percentile_record(st["leg"], st["key"], st["hour"], st["vals"]))
             st["vals"] = []
     deadlines = []
     if st["ep"] is not None:

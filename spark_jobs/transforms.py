@@ -73,7 +73,7 @@ def _payload(raw: DataFrame, ddl: str) -> DataFrame:
     utf8 = F.is_valid_utf8(text)
     return raw.select(
         utf8.alias("_utf8"),
-        "topic", "partition", "offset",
+        "value", "topic", "partition", "offset",
         F.when(utf8, text).otherwise(F.base64(F.col("value"))).alias("raw"),
         F.when(utf8, F.lit("utf-8")).otherwise(F.lit("base64")).alias("raw_encoding"),
         F.when(utf8, F.try_parse_json(text)).isNotNull().alias("_json_ok"),
@@ -115,13 +115,38 @@ def _identity_checks(topic_kinds: str, has_symbol: Column) -> list[tuple[Column,
     ]
 
 
+#: Sane range of event and receive times, UTC ms: [2009-01-01, 2100-01-01).
+MIN_TS_MS = 1_230_768_000_000
+MAX_TS_MS = 4_102_444_800_000
+#: ASCII control characters (CR, LF, NUL, ...): never allowed in ids.
+CONTROL_CHARS_RE = r"[\x00-\x1f\x7f]"
+
+
 def _time_checks() -> list[tuple[Column, Column]]:
     """Checks of a market-data record's event and receive times and its dedupe key."""
     return [
         _positive("exchange_ts"),
         _positive("received_ts"),
+        *[(~_in_range(name), F.concat(
+            F.lit(f"timestamp_out_of_range: {name} "), F.col(name).cast("string"),
+            F.lit(" ms is outside 2009-01-01..2100-01-01"))) for name in ("exchange_ts",
+                                                                          "received_ts")],
         (F.coalesce(F.length("dedupe_key"), F.lit(0)) == 0, F.lit("dedupe_key missing")),
+        (F.col("dedupe_key").rlike(CONTROL_CHARS_RE),
+         F.lit("dedupe_key contains control characters (CR, LF, ...)")),
     ]
+
+
+def _in_range(name: str) -> Column:
+    """``name`` (UTC ms) within [:data:`MIN_TS_MS`, :data:`MAX_TS_MS`); false for null."""
+    col = F.col(name)
+    return F.coalesce((col >= MIN_TS_MS) & (col < MAX_TS_MS), F.lit(False))
+
+
+def event_ts(name: str = "exchange_ts") -> Column:
+    """Timestamp of the UTC-ms column ``name``, null outside the sane range (so that a value
+    beyond year 294,247 never overflows ``timestamp_millis``)."""
+    return F.when(_in_range(name), F.timestamp_millis(F.col(name).cast("long")))
 
 
 def _positive(name: str, when: Column | None = None) -> tuple[Column, Column]:
@@ -158,7 +183,14 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
         return (F.size(name) > 0) & F.forall(
             name, lambda lv: (F.size(lv) == 2) & (lv[0] > 0) & (lv[1] > 0)
             & ~F.isnan(lv[0]) & ~F.isnan(lv[1]) & (lv[0] < F.lit(float("inf")))
+            & (lv[1] < F.lit(float("inf")))
         )
+
+    def levels_sorted(name: str, best_first_desc: bool) -> Column:
+        """Prices strictly ordered best first: bids descending, asks ascending."""
+        prices = F.transform(name, lambda lv: lv[0])
+        return (F.sort_array(prices, asc=not best_first_desc) == prices) & (
+            F.size(F.array_distinct(prices)) == F.size(prices))
 
     checks: list[tuple[Column, Column]] = [
         *_payload_checks(),
@@ -172,11 +204,17 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
             F.lit("book levels missing or not [positive price, positive size] pairs"),
         ),
         (
+            is_book & ~(levels_sorted("bids", True) & levels_sorted("asks", False)),
+            F.lit("book levels not sorted best first (bids descending, asks ascending)"),
+        ),
+        (
             is_book & (F.col("bids")[0][0] > F.col("asks")[0][0]),
             F.lit("crossed book: best bid > best ask"),
         ),
         _positive("bid", is_quote),
         _positive("ask", is_quote),
+        *[(F.isnan(F.col(n)) | (F.abs(F.col(n)) == F.lit(float("inf"))),
+           F.lit(f"{n} is not a finite number")) for n in ("bid_size", "ask_size")],
         (
             F.col("bid") > F.col("ask"),
             F.concat(F.lit("crossed quote: bid "), F.col("bid").cast("string"),
@@ -193,8 +231,8 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float]) -> DataFrame:
     return parsed.select(
         *QUOTE_COLUMNS,
         "type",
-        F.timestamp_millis("exchange_ts").alias("ts"),
-        "raw", "raw_encoding", "topic", "partition", "offset",
+        event_ts().alias("ts"),
+        "raw", "raw_encoding", "value", "topic", "partition", "offset",
         _first_error(checks).alias("error"),
     )
 
@@ -223,7 +261,7 @@ def parse_trades(raw: DataFrame) -> DataFrame:
     ]
     return parsed.select(
         *TRADE_COLUMNS,
-        F.timestamp_millis("exchange_ts").alias("ts"),
+        event_ts().alias("ts"),
         "raw", "raw_encoding", "topic", "partition", "offset",
         _first_error(checks).alias("error"),
     )
@@ -249,11 +287,13 @@ def parse_health(raw: DataFrame) -> DataFrame:
             F.lit("exchange missing or not a lower-case id"),
         ),
         (F.coalesce(F.col("q.ts"), F.lit(0)) <= 0, F.lit("ts missing or not positive")),
+        (~F.coalesce((F.col("q.ts") >= MIN_TS_MS) & (F.col("q.ts") < MAX_TS_MS), F.lit(True)),
+         F.lit("timestamp_out_of_range: ts is outside 2009-01-01..2100-01-01")),
     ]
     error = _first_error(checks)
     return parsed.select(
         *[F.col(f"q.{c}").alias(c) for c in HEALTH_FIELDS],
-        F.timestamp_millis(F.col("q.ts")).alias("time"),
+        F.when(error.isNull(), F.timestamp_millis(F.col("q.ts"))).alias("time"),
         "raw", "raw_encoding", "topic", "partition", "offset", error.alias("error"),
     )
 

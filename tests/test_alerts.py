@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -41,10 +41,11 @@ from typer.testing import CliRunner
 
 from alerts import message as M
 from alerts.cli import app as alerts_app
+from alerts.events import AlertOpportunityEvent, forbidden_char, parse_event, printable
 from alerts.log import ALERTS, CLAIMS, AlertStore
-from alerts.rules import alert_key, mismatch
+from alerts.rules import alert_key, fires_on, mismatch, rule_stage
 from alerts.smtp import PermanentSmtpError, SmtpTransport, TransientSmtpError
-from alerts.worker import AlertWorker
+from alerts.worker import AlertWorker, check_settings
 from arbstream.config import AlertRule, Settings
 from arbstream.schemas import (
     EpisodeEvent,
@@ -294,6 +295,9 @@ def test_events_contract(spark: Any, data_dir: Path, tmp_path: Path) -> None:
         _events(tracker.records(output, "episode"), "episode_id", "episode")).collect()
 
     models = [parse_arb_event(r["value"]) for r in out]  # every event validates
+    # ... with the alert worker's model too, as final events
+    assert [parse_event(r["value"]).model_dump(exclude={"stage", "emitted_ts"})
+            for r in out] == [m.model_dump() for m in models]
     kinds = Counter((m.type, getattr(m, "event", None)) for m in models)
     assert kinds[("opportunity", None)] > 100 and kinds[("episode", "closed")] > 5
     assert kinds[("episode", "opened")] == kinds[("episode", "closed")]
@@ -844,3 +848,277 @@ def test_cli_test_email_and_rules(
     assert shown.exit_code == 0 and "usdc-depeg" in shown.output
     assert missing.exit_code == 2
     assert down.exit_code == 1 and "transient" in down.output
+
+
+# --- hostile input ---------------------------------------------------------------------------
+
+#: Each (field, value) makes a valid event invalid: line breaks would end an e-mail header or a
+#: log line, the others corrupt a log line or a MongoDB key, or do not encode.
+HOSTILE = [
+    ("episode_id", SAME + "\r\nBcc: attacker@evil.example\r\nX-Y: |2023-03-11T04:49:59.000Z"),
+    ("episode_id", SAME + "\n2023-03-11T04:49:59.000Z"),
+    ("episode_id", SAME.replace("|", "|\x00", 1) + "2023-03-11T04:49:59.000Z"),
+    ("episode_id", SAME + "\u2028|2023-03-11T04:49:59.000Z"),
+    ("opportunity_id", "BTC-USDC|\r\n2023-03-11T04:50:00.000Z|binance|kraken"),
+    ("profit_currency", "USDC\r\nBcc: attacker@evil.example"),
+    ("conversion_exchange", "kraken\x1b[2J"),
+    ("conversion_symbol", "USDC-USD\x85"),
+    ("opportunity_id", "BTC-USDC\u202e|2023-03-11T04:50:00.000Z"),  # bidi override
+    ("opportunity_id", "BTC-USDC\ud800"),  # lone surrogate: no UTF-8, no BSON
+]
+
+
+def hostile_records(events: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The first window of LATER that matches :func:`rule`, once per :data:`HOSTILE` field,
+    and LATER's closed episode event with a CR/LF episode id: each would alert if valid."""
+    good = parsed(of_episode(events, LATER))
+    first = next(json.loads(v) for (_, v), e in zip(of_episode(events, LATER), good, strict=True)
+                 if isinstance(e, OpportunityEvent) and mismatch(rule(), e) is None)
+    closed = next(json.loads(v) for _, v in of_episode(events, LATER)
+                  if json.loads(v).get("event") == "closed")
+    out = [{**first, name: value} for name, value in HOSTILE]
+    out.append({**closed, "episode_id": HOSTILE[0][1]})
+    return [(b"bad", json.dumps(o).encode()) for o in out]
+
+
+def test_control_characters_are_dead_lettered_and_the_stream_goes_on(
+    settings: Settings, tmp_path: Path, smtp: Any, events: list[tuple[bytes, bytes]],
+) -> None:
+    """Bug: an episode_id with CR/LF passed the schema, its alert's headers could not be built
+    and the worker died (after claiming the alert). Now every event with a control character in
+    any string field is dead-lettered with the field named, and the records behind it are
+    alerted as usual, with no injected header."""
+    inbox, port = smtp()
+    conf = alert_settings(settings, tmp_path, port)
+    make_topics(conf, conf.alert_topic, conf.alert_deadletter_topic, partitions=1)
+    bad = hostile_records(events)
+    records = of_episode(events, LATER)
+    publish(conf, bad + records)
+    worker = AlertWorker(conf)
+    with running(worker) as errors:
+        wait_for(lambda: errors or worker.stats["events"] == len(records), what="every event")
+        wait_for(lambda: errors or inbox.messages, what="the alert e-mail")
+    assert not errors, errors
+    assert worker.stats["deadletters"] == len(bad)
+    [msg] = inbox.messages
+    assert inbox.keys() == [alert_key("usdc-depeg", LATER)]
+    assert msg["Bcc"] is None and msg["X-Y"] is None
+    assert [env[1] for env in inbox.envelopes] == [["desk@example.com"]]
+    assert list(claims(conf)) == [alert_key("usdc-depeg", LATER)]
+    letters = [json.loads(m.value()) for m in consume(conf, conf.alert_deadletter_topic)]
+    assert sorted(d["raw"] for d in letters) == sorted(v.decode() for _, v in bad)
+    for letter in letters:
+        field, value = next((name, value) for name, value in HOSTILE
+                            if json.loads(letter["raw"]).get(name) == value)
+        index, code, _ = forbidden_char(value)
+        assert f"{field} contains a" in letter["reason"], letter["reason"]
+        assert f"({code}) at index {index}" in letter["reason"]
+        assert letter["stage"] == "alerts" and letter["source_topic"] == conf.alert_topic
+
+
+def test_alert_event_model_rejects_control_characters_with_a_clear_reason(
+    events: list[tuple[bytes, bytes]],
+) -> None:
+    # every event the stream publishes today is accepted, unchanged, as a final one
+    for _, value in events:
+        event, plain = parse_event(value), parse_arb_event(value)
+        assert isinstance(event, type(plain))
+        assert event.model_dump(exclude={"stage", "emitted_ts"}) == plain.model_dump()
+        assert getattr(event, "stage", "final") == "final"
+    for _, value in hostile_records(events):
+        with pytest.raises(ValueError) as info:
+            parse_event(value)
+        reason = str(info.value)
+        assert " contains a " in reason and "not allowed in ids, e-mail headers" in reason
+        assert not any(c in reason for c in "\r\n\x00\x1b\x85\u2028\u202e")
+        assert "attacker" not in reason  # the value itself is never quoted
+    # an unknown key is named in the reason, escaped
+    opp = json.loads(next(v for _, v in events if json.loads(v)["type"] == "opportunity"))
+    with pytest.raises(ValueError) as info:
+        parse_event(json.dumps({**opp, "x\r\nBcc: a@b.c": 1}))
+    assert "x\\r\\nBcc" in str(info.value) and "\n" not in str(info.value)
+    assert printable("a\r\nb\u2028c\x00") == "a\\r\\nb\\u2028c\\x00"
+    assert printable("BTC-USDC/BTC-USD → ok") == "BTC-USDC/BTC-USD → ok"
+
+
+def test_headers_built_from_event_fields_cannot_be_injected(
+    settings: Settings, tmp_path: Path, smtp: Any, events: list[tuple[bytes, bytes]],
+) -> None:
+    """The model keeps control characters out; an AlertItem from elsewhere (a claim stored by
+    an older worker) still cannot add header lines or recipients, single or digest."""
+    inbox, port = smtp()
+    conf = alert_settings(settings, tmp_path, port)
+    r = conf.alert_rules[0]
+    item = M.build_item(r, parse_event(of_episode(events, LATER)[-1][1]), None, conf)
+    evil = item.model_copy(update={
+        "profit_currency": "USDC\r\nBcc: attacker@evil.example",
+        "expected_profit_usd": None, "key": "usdc-depeg|x\nX-Injected: 1|2023-03-11",
+        "symbol": "BTC-USDC", "sell_symbol": "BTC-USDC"})
+    for msg in (M.alert_message(evil, r, conf), M.digest_message([evil, item], r, conf)):
+        SmtpTransport(conf).send(msg)
+    assert len(inbox.messages) == 2
+    for got in inbox.messages:
+        assert got["Bcc"] is None and got["X-Injected"] is None
+        assert all(k.lower() != "bcc" for k in got)
+    single = inbox.messages[0]
+    assert "USDC\ufffd\ufffdBcc: attacker@evil.example" in single["Subject"]
+    assert inbox.keys()[0] == "usdc-depeg|x\ufffdX-Injected: 1|2023-03-11"
+    assert [env[1] for env in inbox.envelopes] == [["desk@example.com"]] * 2
+
+
+# --- stages of opportunity events ------------------------------------------------------------
+
+class StagedRule(AlertRule):
+    """:class:`AlertRule` with the ``opportunity_stage`` field the config model is to get."""
+
+    opportunity_stage: Literal["early", "final"] = "early"
+
+
+def staged_rule(stage: str, **fields: Any) -> AlertRule:
+    """:func:`rule` firing on ``stage`` opportunity events (with the config model's own field
+    when it has one)."""
+    values = {**rule(**fields).model_dump(), "opportunity_stage": stage}
+    if "opportunity_stage" in AlertRule.model_fields:
+        return AlertRule(**values)
+    return StagedRule(**values)
+
+
+def test_stage_fields_are_optional_and_checked(events: list[tuple[bytes, bytes]]) -> None:
+    opp = json.loads(next(v for _, v in events if json.loads(v)["type"] == "opportunity"))
+    ep = json.loads(next(v for _, v in events if json.loads(v)["type"] == "episode"))
+    assert parse_event(json.dumps(opp)).stage == "final"  # older events: final
+    assert parse_event(json.dumps(opp)).emitted_ts is None
+    for stage in ("early", "final", "retracted"):
+        event = parse_event(json.dumps({**opp, "stage": stage, "emitted_ts": 1678507200123}))
+        assert isinstance(event, AlertOpportunityEvent)
+        assert (event.stage, event.emitted_ts) == (stage, 1678507200123)
+
+    def reason(obj: dict[str, Any]) -> str:
+        with pytest.raises(ValueError) as info:
+            parse_event(json.dumps(obj))
+        return str(info.value)
+
+    assert "stage" in reason({**opp, "stage": "late"})
+    for bad in ("1678507200123", 0, -5, 1.5, True):
+        assert "emitted_ts" in reason({**opp, "emitted_ts": bad})
+    # episode events stay as they are
+    assert "extra" in reason({**ep, "stage": "final"}).lower()
+    # rules: early (default) fires on early and final windows, final only on final ones,
+    # nothing fires on a retracted one
+    early, final = rule(), staged_rule("final")
+    assert rule_stage(early) == "early" and rule_stage(final) == "final"
+    by_stage = {s: parse_event(json.dumps({**opp, "stage": s}))
+                for s in ("early", "final", "retracted")}
+    assert [fires_on(early, by_stage[s]) for s in by_stage] == [True, True, False]
+    assert [fires_on(final, by_stage[s]) for s in by_stage] == [False, True, False]
+    assert fires_on(final, parse_event(json.dumps(ep)))
+
+    class LooseRule(AlertRule):
+        opportunity_stage: str = "early"
+
+    with pytest.raises(ValueError, match="opportunity_stage"):
+        check_settings(Settings(alert_rules=[LooseRule(name="x", recipients=["a@b.cd"],
+                                                       opportunity_stage="late")]))
+
+
+def staged_episode(events: list[tuple[bytes, bytes]], retract: str
+                   ) -> list[tuple[bytes, bytes]]:
+    """LATER as a staged stream publishes it: each opportunity window early (emitted at its
+    opening quote) then final, except ``retract``, early then retracted; episode events
+    as they are."""
+    out = []
+    for key, value in of_episode(events, LATER):
+        obj = json.loads(value)
+        if obj["type"] != "opportunity":
+            out.append((key, value))
+            continue
+        end_ms = parse_event(value).event_ms
+        late = "retracted" if obj["opportunity_id"] == retract else "final"
+        out += [(key, json.dumps({**obj, "stage": "early", "emitted_ts": end_ms - 900}).encode()),
+                (key, json.dumps({**obj, "stage": late, "emitted_ts": end_ms + 10_500}).encode())]
+    return out
+
+
+def test_rules_fire_on_their_stage_and_retractions_alert_nothing(
+    settings: Settings, tmp_path: Path, smtp: Any, events: list[tuple[bytes, bytes]],
+) -> None:
+    """The first matching window of LATER (W1) is emitted early, then retracted; the others
+    early then final. An ``early`` rule alerts at W1's early version (and logs the retraction
+    against its sent alert); a ``final`` rule at the next matching window (W2), final; an early
+    digest rule queues W1, withdraws it on the retraction and queues W2 instead."""
+    windows = [e for e in parsed(of_episode(events, LATER))
+               if isinstance(e, OpportunityEvent) and mismatch(rule(), e) is None]
+    w1, w2 = windows[0].opportunity_id, windows[1].opportunity_id
+    inbox, port = smtp()
+    rules = [rule(name="early"), staged_rule("final", name="final"),
+             rule(name="digest", digest=True, recipients=["research@example.com"])]
+    conf = alert_settings(settings, tmp_path, port, alert_rules=rules,
+                          alert_digest_seconds=3600.0)
+    make_topics(conf, conf.alert_topic, conf.alert_deadletter_topic, partitions=1)
+    records = staged_episode(events, retract=w1)
+    publish(conf, records)
+    worker = AlertWorker(conf)
+    with running(worker) as errors:
+        wait_for(lambda: errors or worker.stats["events"] == len(records), what="every event")
+        wait_for(lambda: errors or len(inbox.messages) == 2, what="the two alert e-mails")
+    assert not errors, errors
+    assert worker.stats["deadletters"] == 0 and worker.stats["retracted"] == 1
+    # three e-mails: one per rule (the digest at the worker's stop); none from the retraction
+    assert sorted(inbox.keys()) == sorted(alert_key(n, LATER) for n in ("early", "final",
+                                                                         "digest"))
+    state = claims(conf)
+    fired = {name: (state[alert_key(name, LATER)]["item"]["opportunity_id"],
+                    state[alert_key(name, LATER)]["item"]["stage"])
+             for name in ("early", "final", "digest")}
+    assert fired == {"early": (w1, "early"), "final": (w2, "final"), "digest": (w2, "early")}
+    assert {c["state"] for c in state.values()} == {"sent"}
+    early_msg = next(m for m in inbox.messages if "early" in str(m["X-Arbstream-Alert-Key"]))
+    text, _ = parts(early_msg)
+    assert "triggered by an early opportunity window" in text and "Window stage" in text
+    digest_msg = next(m for m in inbox.messages if m["X-Arbstream-Digest-Id"])
+    assert M.fmt_time(windows[1].event_ms) in parts(digest_msg)[0]
+    # the decision log: the retraction once per rule, with what it did
+    retracted = {d["rule"]: d for d in log_docs(conf, decision="retracted")}
+    assert {r: d["reason"] for r, d in retracted.items()} == {
+        "early": "alerted", "final": "no_alert", "digest": "withdrawn"}
+    assert all(d["count"] == 1 and d["stage"] == "retracted" and d["episode_id"] == LATER
+               for d in retracted.values())
+    assert retracted["early"]["message_id"] == M.message_id(alert_key("early", LATER), conf)
+    [queued] = log_docs(conf, decision="queued")
+    assert queued["count"] == 2  # W1, withdrawn, then W2
+    sent = {d["rule"]: d for d in log_docs(conf, decision="sent")}
+    assert sent["early"]["stage"] == "early" and sent["final"]["stage"] == "final"
+
+
+def test_a_record_whose_handling_fails_is_dead_lettered_and_the_stream_goes_on(
+    settings: Settings, tmp_path: Path, smtp: Any, events: list[tuple[bytes, bytes]],
+) -> None:
+    """Any failure but MongoDB's or Kafka's while handling one valid record (here a transport
+    bug on the first e-mail) dead-letters that record; the worker goes on with the next."""
+    inbox, port = smtp()
+    wide = rule(name="wide", symbols=[], buy_exchanges=[], sell_exchanges=[], cross_quote=True)
+    conf = alert_settings(settings, tmp_path, port, alert_rules=[wide])
+    make_topics(conf, conf.alert_topic, conf.alert_deadletter_topic, partitions=1)
+
+    class Buggy(SmtpTransport):
+        calls = 0
+
+        def send(self, msg: EmailMessage) -> Any:
+            Buggy.calls += 1
+            if Buggy.calls == 1:
+                raise RuntimeError("transport bug")
+            return super().send(msg)
+
+    records = of_episode(events, LATER, OTHER)
+    publish(conf, records)
+    worker = AlertWorker(conf, transport=Buggy(conf))
+    with running(worker) as errors:
+        wait_for(lambda: errors or worker.stats["events"] == len(records), what="every event")
+        wait_for(lambda: errors or inbox.messages, what="the second alert")
+    assert not errors, errors
+    assert worker.stats["failed_events"] == 1 and len(inbox.messages) == 1
+    [letter] = [json.loads(m.value()) for m in consume(conf, conf.alert_deadletter_topic)]
+    assert letter["reason"] == "not processed: RuntimeError: transport bug"
+    first = parse_event(letter["raw"])
+    assert mismatch(wide, first) is None
+    assert inbox.keys() == [alert_key("wide", OTHER if first.episode_id == LATER else LATER)]

@@ -324,15 +324,12 @@ def without_heartbeat(
     settings: Settings, records: list[Message], exchange: str, last_ts: int
 ) -> list[Message]:
     """The quote records, after checking the replay's closing heartbeat for ``exchange``:
-    exactly one, past the last window, the episode gap and the hour (+ watermark + 1 s)."""
+    exactly one, at the replay's last event time (never in the future)."""
     beats = [m for m in records if json.loads(m.value())["type"] == "heartbeat"]
     assert len(beats) == 1
     beat = Heartbeat.model_validate_json(beats[0].value())
-    last_window = last_ts + int(1000 * (settings.max_quote_age_seconds + settings.window_seconds))
-    closes = max(last_window + int(1000 * settings.episode_gap_seconds),
-                 (last_window // 3_600_000 + 1) * 3_600_000)
     assert beat.exchange == exchange
-    assert beat.exchange_ts == closes + int(1000 * settings.watermark_seconds) + 1000
+    assert beat.exchange_ts == last_ts
     return [m for m in records if m is not beats[0]]
 
 

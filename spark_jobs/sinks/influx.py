@@ -41,6 +41,14 @@ is a property of the bucket: every measurement is written to the one bucket
 ``settings.influx_db`` and ``rp`` is ignored (use separate buckets and DBRP mappings if raw data
 must expire sooner).
 
+Refused points: when InfluxDB answers a write with a 4xx that concerns its points (unparseable
+line protocol, a timestamp outside its range of 1677-09-21..2262-04-11 UTC, a field type
+conflict, a too-large body), :class:`InfluxWriter` bisects the batch down to the refused lines,
+stores the rest and records each refused line with its reason in
+:attr:`InfluxWriter.rejected` instead of failing the whole write; :func:`write_lines_with_rejects`
+hands them back so a caller can dead-letter them. Auth errors (401/403), a missing database
+(404) and 5xx/connection errors still raise.
+
 Writes are idempotent: InfluxDB keeps one point per (measurement, tag set, timestamp) and a
 rewrite replaces its fields, so replaying a micro-batch does not add points. (Two different
 quotes of one exchange and symbol with the same ``exchange_ts`` millisecond collapse into the
@@ -95,6 +103,12 @@ PERCENTILE_FIELDS = (
     "moderate_bps", "conservative_bps",
 )
 _BEYOND_RETENTION = re.compile(r"^partial write: points beyond retention policy dropped=(\d+)$")
+#: Most characters of a refused line's reason kept in :attr:`InfluxWriter.rejected`.
+REJECT_REASON_CHARS = 500
+#: 4xx statuses that are about the request, not its points: raised, never bisected.
+_REQUEST_STATUSES = frozenset({401, 403, 404})
+#: 400 bodies about the request, not its points (InfluxDB 1.x): raised, never bisected.
+_REQUEST_ERRORS = re.compile(r"^(database is required|invalid precision)")
 
 
 class InfluxError(RuntimeError):
@@ -275,6 +289,27 @@ def percentile_point(row: Mapping[str, Any]) -> Point:
     return point.time(to_epoch_ms(row["hour_start"]), WritePrecision.MS)
 
 
+#: Counter fields of ``stream`` points (records per exchange and market micro-batch).
+STREAM_FIELDS = ("received", "duplicates", "late", "future")
+
+
+def stream_point(row: Mapping[str, Any]) -> Point:
+    """The ``stream`` point (default RP) of one exchange's counters in one market micro-batch
+    of one stream bucket: tags ``exchange``; fields ``received``, ``duplicates``, ``late``,
+    ``future`` (records, floats; 0 when absent) and ``watermark_ms`` (the combined watermark,
+    UTC ms); time = ``emitted_ts`` (UTC ms, processing time). Sum the counters over time.
+
+    Raises:
+        KeyError: ``exchange`` or ``emitted_ts`` is missing.
+    """
+    point = Point("stream").tag("exchange", row["exchange"])
+    for name in STREAM_FIELDS:
+        point.field(name, float(row.get(name) or 0))
+    if row.get("watermark_ms") is not None:
+        point.field("watermark_ms", float(row["watermark_ms"]))
+    return point.time(int(row["emitted_ts"]), WritePrecision.MS)
+
+
 def feature_point(row: Mapping[str, Any]) -> Point:
     """The ``features`` point (RP ``features``) of one per-exchange feature row: tags
     ``symbol``, ``exchange``; the non-``None`` of :data:`FEATURE_FIELDS` as floats
@@ -408,7 +443,9 @@ class InfluxWriter:
         timeout: seconds per HTTP request.
 
     Use as a context manager (or call :meth:`close`) to release the v2 client.
-    :attr:`dropped` counts the points InfluxDB dropped as older than their retention policy.
+    :attr:`dropped` counts the points InfluxDB dropped as older than their retention policy;
+    :attr:`rejected` lists ``(line, reason)`` for every line InfluxDB refused (see
+    :meth:`write_lines`), across calls, oldest first.
     """
 
     def __init__(
@@ -428,6 +465,7 @@ class InfluxWriter:
         self._v2_client: Any = None
         self._v2_write: Any = None
         self.dropped = 0
+        self.rejected: list[tuple[str, str]] = []
 
     def __enter__(self) -> InfluxWriter:
         return self
@@ -446,42 +484,94 @@ class InfluxWriter:
     ) -> int:
         """Write line protocol, ``batch_lines`` per request; empty lines are skipped.
 
+        A batch InfluxDB refuses with a 4xx about its points (unparseable line, timestamp
+        outside InfluxDB's range, field type conflict, body too large...) is split in halves
+        and each half sent again, recursively, until the refused lines are alone: the other
+        lines are stored, and each refused line is appended to :attr:`rejected` as
+        ``(line, "HTTP <status>: <InfluxDB's error>")``, the reason cut to
+        :data:`REJECT_REASON_CHARS` characters, and logged. That costs about
+        ``2 * log2(batch_lines)`` extra requests per refused line. Lines of a 1.x "partial
+        write" that were stored are sent again, which is harmless: rewriting a point replaces
+        it with itself.
+
         Args:
             lines: line protocol, one point each, timestamps in ``precision`` units.
             rp: v1 retention policy to write into (``None``: the database's default); ignored
                 by v2, where retention is a property of the bucket.
+            precision: unit of the timestamps, ``"ms"`` or ``"ns"``.
 
         Returns:
-            Number of lines stored: those sent minus any InfluxDB dropped as older than the
-            retention policy (added to :attr:`dropped` and logged, not raised).
+            Number of lines stored: those sent minus the refused ones and any InfluxDB
+            dropped as older than the retention policy (added to :attr:`dropped` and logged,
+            not raised). Caveat of InfluxDB 1.x: when a batch has points beyond retention,
+            its answer reports only those, so an unparseable line in that same batch is
+            neither stored nor reported (counted as stored).
 
         Raises:
-            InfluxError: HTTP 4xx with InfluxDB's message (bad line protocol, field type
-                conflict, unknown database or retention policy, auth); never retried. In v1 a
-                400 "partial write" means the valid lines of that batch were stored.
+            InfluxError: HTTP 401/403 (authentication or authorization), 404 (unknown
+                database or bucket), a v1 "retention policy not found"; never retried.
             InfluxUnavailableError: 5xx or connection errors after every retry.
         """
+        send = self._send_v2 if self.settings.influx_api == "v2" else self._send_v1
         total = 0
         for batch in _batches(lines, self.batch_lines):
-            body = "\n".join(batch).encode("utf-8")
-            send = self._send_v2 if self.settings.influx_api == "v2" else self._send_v1
-            dropped = _retrying(
-                lambda body=body, send=send: send(body, rp, precision),
-                self.retries,
-                self.backoff,
-                "InfluxDB write",
-            )
-            if dropped:
-                self.dropped += dropped
+            refused = len(self.rejected)
+            total += self._write_batch(batch, send, rp, precision)
+            if len(self.rejected) > refused:
+                line, reason = self.rejected[refused]
                 log.warning(
-                    "InfluxDB dropped %d of %d points older than retention policy %s",
-                    dropped, len(batch), rp or "(default)",
+                    "InfluxDB refused %d of %d lines (rp %s); first: %.200s -- %s",
+                    len(self.rejected) - refused, len(batch), rp or "(default)", line, reason,
                 )
-            total += len(batch) - dropped
         return total
 
+    def _write_batch(
+        self,
+        batch: list[str],
+        send: Callable[[bytes, str | None, Precision], int],
+        rp: str | None,
+        precision: Precision,
+    ) -> int:
+        """Send ``batch`` (retrying 5xx), bisecting on a point-level 4xx; returns lines stored.
+
+        Raises:
+            InfluxError: a 4xx about the request (see :func:`_refuses_points`).
+            InfluxUnavailableError: as :func:`_retrying`.
+        """
+        body = "\n".join(batch).encode("utf-8")
+        try:
+            dropped = _retrying(
+                lambda: send(body, rp, precision), self.retries, self.backoff, "InfluxDB write"
+            )
+        except InfluxUnavailableError:
+            raise
+        except InfluxError as exc:
+            if not _refuses_points(exc):
+                raise
+            if len(batch) == 1:
+                reason = f"HTTP {exc.status}: {exc.body}"[:REJECT_REASON_CHARS]
+                self.rejected.append((batch[0], reason))
+                return 0
+            half = len(batch) // 2
+            return (self._write_batch(batch[:half], send, rp, precision)
+                    + self._write_batch(batch[half:], send, rp, precision))
+        if dropped:
+            self.dropped += dropped
+            log.warning(
+                "InfluxDB dropped %d of %d points older than retention policy %s",
+                dropped, len(batch), rp or "(default)",
+            )
+        return len(batch) - dropped
+
     def _send_v1(self, body: bytes, rp: str | None, precision: Precision) -> int:
-        """POST ``/write``; returns how many points were dropped as beyond retention."""
+        """POST ``/write``; returns how many points were dropped as beyond retention.
+
+        Raises:
+            InfluxError: any other 4xx (status and InfluxDB's message in ``status``/``body``;
+                a 400 "partial write" means the other points were stored), or a 500
+                "retention policy not found".
+            _Retryable: other 5xx and connection errors.
+        """
         params = {"db": self.settings.influx_db, "precision": precision}
         if rp:
             params["rp"] = rp
@@ -547,6 +637,16 @@ class InfluxWriter:
         return 0
 
 
+def _refuses_points(exc: InfluxError) -> bool:
+    """Whether a write error is InfluxDB refusing some of the points (a 4xx other than
+    401/403/404 and request-level 400s), which bisecting the batch can isolate."""
+    if exc.status is None or not 400 <= exc.status < 500:
+        return False
+    if exc.status in _REQUEST_STATUSES:
+        return False
+    return not _REQUEST_ERRORS.match(exc.body)
+
+
 def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
     batch: list[str] = []
     for item in items:
@@ -563,11 +663,41 @@ def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
 # --- convenience for foreachPartition ---------------------------------------------------------
 
 
+def write_lines_with_rejects(
+    settings: Settings, measurement: str, lines: Iterable[str], precision: Precision = "ms"
+) -> tuple[int, list[tuple[str, str]]]:
+    """Write line protocol of ``measurement`` into its retention policy
+    (:data:`MEASUREMENT_RP`, default RP when not listed), keeping the lines InfluxDB refuses.
+
+    Args:
+        settings: the InfluxDB connection (see :class:`InfluxWriter`).
+        measurement: measurement of every line; picks the retention policy.
+        lines: line protocol, timestamps in ``precision`` units; empty lines are skipped.
+        precision: ``"ms"`` or ``"ns"``.
+
+    Returns:
+        ``(stored, rejected)``: the number of points stored, and ``(line, reason)`` for each
+        line InfluxDB refused (reason: ``"HTTP <status>: <InfluxDB's error>"``, at most
+        :data:`REJECT_REASON_CHARS` characters), e.g. to publish as dead letters.
+
+    Raises:
+        InfluxError, InfluxUnavailableError: as :meth:`InfluxWriter.write_lines`.
+    """
+    with InfluxWriter(settings) as writer:
+        stored = writer.write_lines(lines, rp=MEASUREMENT_RP.get(measurement),
+                                    precision=precision)
+        return stored, writer.rejected
+
+
 def _write(settings: Settings, measurement: str, lines: Iterable[str],
            precision: Precision = "ms") -> int:
-    """Write ``lines`` into the retention policy of ``measurement`` (:data:`MEASUREMENT_RP`)."""
-    with InfluxWriter(settings) as writer:
-        return writer.write_lines(lines, rp=MEASUREMENT_RP.get(measurement), precision=precision)
+    """Write ``lines`` into the retention policy of ``measurement`` (:data:`MEASUREMENT_RP`);
+    refused lines are logged and left out (see :func:`write_lines_with_rejects`).
+
+    Returns:
+        Number of points stored.
+    """
+    return write_lines_with_rejects(settings, measurement, lines, precision)[0]
 
 
 def write_quotes(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -592,9 +722,12 @@ def write_trades(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:
 
 
 def write_health(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:
-    """Write producer health rows (see :func:`health_point`) as ``health`` points."""
-    with InfluxWriter(settings) as writer:
-        return writer.write_lines(health_point(row).to_line_protocol() for row in rows)
+    """Write producer health rows (see :func:`health_point`) as ``health`` points.
+
+    Returns:
+        Number of points stored. Raises as :meth:`InfluxWriter.write_lines`.
+    """
+    return _write(settings, "health", (health_point(row).to_line_protocol() for row in rows))
 
 
 def write_spreads(settings: Settings, rows: Iterable[Mapping[str, Any]]) -> int:

@@ -272,17 +272,53 @@ def _upsert(
     first = next(chunks, None)
     if first is None:
         return 0  # empty partition: no connection at all
-    with connect(settings) as client:
-        ttl = ttl_seconds(settings)
-        key = (settings.mongo_uri.get_secret_value(), settings.mongo_db, ttl)
-        if key not in _ensured:
-            ensure_indexes(client[settings.mongo_db], ttl_seconds=ttl)
-            _ensured.add(key)
-        coll = client[settings.mongo_db][collection]
-        total = _bulk(coll, first)
-        for ops in chunks:
-            total += _bulk(coll, ops)
+    coll = _collection(settings, collection)
+    total = _bulk(coll, first)
+    for ops in chunks:
+        total += _bulk(coll, ops)
     return total
+
+
+_clients: dict[str, MongoClient] = {}
+
+
+def cached_client(settings: Settings) -> MongoClient:
+    """One MongoClient per URI and process (executors' Python workers are reused across
+    micro-batches, and a client is a connection pool: do not close it). Thread-safe."""
+    uri = settings.mongo_uri.get_secret_value()
+    client = _clients.get(uri)
+    if client is None:
+        client = _clients[uri] = connect(settings)
+    return client
+
+
+def _collection(settings: Settings, collection: str) -> Collection:
+    """``collection`` of ``settings.mongo_db`` on the cached client, indexes ensured once per
+    process and database."""
+    client = cached_client(settings)
+    ttl = ttl_seconds(settings)
+    key = (settings.mongo_uri.get_secret_value(), settings.mongo_db, ttl)
+    if key not in _ensured:
+        ensure_indexes(client[settings.mongo_db], ttl_seconds=ttl)
+        _ensured.add(key)
+    return client[settings.mongo_db][collection]
+
+
+def delete_opportunities(settings: Settings, ids: Iterable[str]) -> int:
+    """Delete retracted opportunities (and their pair feature documents) by id.
+
+    Returns:
+        Number of opportunity documents deleted (0 when none was stored).
+
+    Raises:
+        pymongo.errors.PyMongoError: connection or server errors.
+    """
+    ids = list(ids)
+    if not ids:
+        return 0
+    deleted = _collection(settings, OPPORTUNITIES).delete_many({"_id": {"$in": ids}})
+    _collection(settings, FEATURES).delete_many({"_id": {"$in": ids}})
+    return deleted.deleted_count
 
 
 def _opportunity_op(row: Mapping[str, Any], now: dt.datetime) -> UpdateOne:

@@ -1,0 +1,147 @@
+"""The market query: every quote and book record read once, parsed once, one stateful operator.
+
+``raw Kafka records → parse_quotes (from_json + validation, Spark operators) → keyed by bucket
+→ transformWithStateInPandas(MarketProcessor) → foreachBatch → sinks``.
+
+Keying: a record's bucket is ``pmod(xxhash64(base), ARB_STREAM_BUCKETS)``, so that every
+symbol of one base (same-quote and cross-quote pairs) lands on one key. Stablecoin-rate
+markets (base and quote both USD-like, e.g. USDC-USD) are the conversion legs of every base:
+they are copied to every bucket, with ``home`` true only in their own. Heartbeats advance the
+clock of their exchange in every bucket. Invalid records go to one bucket, to come out as dead
+letters. The processor runs in processing-time mode and owns event time itself
+(:mod:`spark_jobs.engine`): Spark's own watermark is not used, so one record cannot move it.
+
+Engine callbacks (``StatefulProcessor``): ``init`` opens one value state per key (the pickled
+:class:`~spark_jobs.engine.Engine`); ``handleInputRows`` loads it, runs
+:meth:`~spark_jobs.engine.Engine.process` over the key's rows of the micro-batch, saves it and
+registers a processing-time timer ``ARB_IDLE_TIMEOUT_SECONDS`` ahead (replacing the previous
+one); ``handleExpiredTimer`` runs the same step without input, so windows close once every
+exchange has gone idle (end of a replay, a quiet market) without any future-dated record.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+from typing import Any
+
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql.streaming.stateful_processor import (
+    ExpiredTimerInfo,
+    StatefulProcessor,
+    StatefulProcessorHandle,
+    TimerValues,
+)
+
+from arbstream.config import Settings
+from spark_jobs import tracker
+from spark_jobs import transforms as T
+from spark_jobs.engine import INPUT_COLUMNS, Engine, EngineConfig
+
+#: Columns of the processor's output: ``record`` says which are meaningful (see
+#: :meth:`spark_jobs.engine.Engine.process`): the tracker's records, plus ``stage`` and
+#: ``emitted_ts`` (UTC ms) of opportunities, the quote fields of ``quote`` points, the
+#: dead-letter fields, and the per-exchange counters of ``stream`` records.
+OUTPUT_FIELDS: dict[str, str] = {
+    **tracker.OUTPUT_FIELDS,
+    "stage": "string", "emitted_ts": "bigint", "bid": "double", "ask": "double",
+    "bid_size": "double", "ask_size": "double", "exchange_ts": "bigint", "reason": "string",
+    "value": "binary", "source_topic": "string", "source_partition": "int",
+    "source_offset": "bigint", "received": "bigint", "duplicates": "bigint", "late": "bigint",
+    "future": "bigint", "watermark_ms": "bigint",
+}
+OUTPUT_DDL = ", ".join(f"`{k}` {v}" for k, v in OUTPUT_FIELDS.items())
+STATE_DDL = "engine binary"
+
+
+def market_input(raw: DataFrame, settings: Settings) -> DataFrame:
+    """Kafka records of the quote and book topics → the engine's input columns plus
+    ``bucket`` (one row per bucket a record goes to).
+
+    Output: :data:`spark_jobs.engine.INPUT_COLUMNS` and ``bucket`` (int). Times are UTC ms.
+    """
+    k = settings.stream_buckets
+    parsed = T.parse_quotes(raw, settings.taker_fees)
+    ok = F.col("error").isNull()
+    parts = F.split(F.col("symbol"), "-")
+    usd = F.array(*[F.lit(q) for q in settings.usd_quotes])
+    is_rate = F.array_contains(usd, parts[0]) & F.array_contains(usd, parts[1])
+    own = F.when(~ok, F.pmod(F.col("offset"), F.lit(k))).when(
+        F.col("type") == "heartbeat", F.pmod(F.xxhash64("exchange"), F.lit(k))
+    ).otherwise(F.pmod(F.xxhash64(parts[0]), F.lit(k))).cast("int")
+    fan_out = ok & (is_rate | (F.col("type") == "heartbeat"))
+    buckets = F.when(fan_out, F.sequence(F.lit(0), F.lit(k - 1))).otherwise(F.array(own))
+    return parsed.select(
+        F.when(ok, F.col("type")).alias("kind"),
+        "exchange", "symbol", "bid", "ask", "bid_size", "ask_size", "exchange_ts",
+        "received_ts", "dedupe_key",
+        F.xxhash64("dedupe_key").alias("dedupe_hash"),
+        F.when(ok, F.col("bids")).alias("bids"), F.when(ok, F.col("asks")).alias("asks"),
+        "error", F.when(~ok, F.col("value")).alias("value"),
+        "topic", "partition", "offset",
+        own.alias("_own"), F.explode(buckets).alias("bucket"),
+    ).withColumn("home", F.col("bucket") == F.col("_own")).drop("_own")
+
+
+def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Records as a frame of :data:`OUTPUT_FIELDS`: float64 doubles, UTC datetimes, object
+    columns with ``None`` (not NaN) for the rest, which Arrow converts to the declared types."""
+    frame = pd.DataFrame.from_records(records, columns=list(OUTPUT_FIELDS))
+    for name, dtype in OUTPUT_FIELDS.items():
+        col = frame[name]
+        if dtype == "timestamp":
+            frame[name] = pd.to_datetime(col, utc=True)
+        elif dtype == "double":
+            frame[name] = pd.to_numeric(col, errors="raise").astype("float64")
+        else:
+            frame[name] = col.astype(object).where(col.notna(), None)
+    return frame
+
+
+class MarketProcessor(StatefulProcessor):
+    """The ``transformWithStateInPandas`` processor of the market query, key ``bucket``; see
+    the module docstring for its callbacks."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+
+    def init(self, handle: StatefulProcessorHandle) -> None:
+        self.handle = handle
+        self.state = handle.getValueState("engine", STATE_DDL)
+
+    def _step(self, frame: pd.DataFrame, now_ms: int) -> Iterator[pd.DataFrame]:
+        engine = pickle.loads(self.state.get()[0]) if self.state.exists() else Engine()
+        records = engine.process(frame, now_ms, self.cfg)
+        self.state.update((pickle.dumps(engine, protocol=5),))
+        for old in self.handle.listTimers():
+            self.handle.deleteTimer(old)
+        if engine.clocks and not engine.flushed:
+            self.handle.registerTimer(now_ms + self.cfg.idle_ms + 1)
+        if records:
+            yield _frame(records)
+
+    def handleInputRows(
+        self, key: Any, rows: Iterator[pd.DataFrame], timerValues: TimerValues
+    ) -> Iterator[pd.DataFrame]:
+        frames = list(rows)
+        frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        yield from self._step(frame, timerValues.getCurrentProcessingTimeInMs())
+
+    def handleExpiredTimer(
+        self, key: Any, timerValues: TimerValues, expiredTimerInfo: ExpiredTimerInfo
+    ) -> Iterator[pd.DataFrame]:
+        empty = pd.DataFrame(columns=INPUT_COLUMNS)
+        yield from self._step(empty, timerValues.getCurrentProcessingTimeInMs())
+
+    def close(self) -> None:
+        pass
+
+
+def market_stream(raw: DataFrame, settings: Settings) -> DataFrame:
+    """The market query's output: :data:`OUTPUT_FIELDS` rows, ``record`` per row."""
+    keyed = market_input(raw, settings).groupBy("bucket")
+    return keyed.transformWithStateInPandas(
+        MarketProcessor(EngineConfig.of(settings)), OUTPUT_DDL, "Append", "ProcessingTime",
+    )

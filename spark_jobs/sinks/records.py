@@ -1,0 +1,193 @@
+"""Write the market query's records to every sink, from Arrow batches on the executors.
+
+The foreachBatch body (:func:`write_batch`) runs :func:`write_partition` through
+``DataFrame.mapInArrow``: each executor task converts its Arrow batches to dicts once, groups
+them by ``record`` and writes them with clients cached per Python worker (one MongoDB client,
+one Kafka producer), in this order, so that a consumer of an event finds its documents:
+
+1. MongoDB: opportunities (the last version of each id in the partition: ``early`` then
+   ``final`` upserts, ``retracted`` deletes), pair features of final opportunities, episodes,
+   exchange features, hourly thresholds;
+2. InfluxDB: quotes, spreads (every final pair), closed episodes, features, percentiles,
+   per-exchange stream counters; a point InfluxDB refuses becomes a dead letter;
+3. Kafka: dead letters to ``md.deadletter``, opportunity events (every stage, in order) and
+   episode events to ``arb.opportunities``; flushed before the task ends, and a failed
+   delivery fails the task (the micro-batch is retried; every sink is idempotent).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+from pyspark.sql import DataFrame
+
+from arbstream.config import Settings
+from arbstream.schemas import SCHEMA_VERSION, DeadLetter
+from arbstream.topics import DEADLETTER, OPPORTUNITIES
+from spark_jobs import tracker
+from spark_jobs.sinks import influx, mongo
+
+log = logging.getLogger(__name__)
+
+#: Fields of an ``opportunity`` record: a spread row plus its stage and emission time.
+OPPORTUNITY_FIELDS = [*tracker.SPREAD_FIELDS, "stage", "emitted_ts"]
+QUOTE_FIELDS = ["exchange", "symbol", "bid", "ask", "bid_size", "ask_size", "exchange_ts"]
+STREAM_FIELDS = ["exchange", "received", "duplicates", "late", "future", "watermark_ms",
+                 "emitted_ts"]
+FIELDS: dict[str, list[str]] = {
+    "opportunity": OPPORTUNITY_FIELDS, "quote": QUOTE_FIELDS, "stream": STREAM_FIELDS,
+    "deadletter": ["reason", "value", "source_topic", "source_partition", "source_offset"],
+    **{kind: list(fields) for kind, fields in tracker.RECORD_FIELDS.items()},
+}
+COUNT_SCHEMA = "record string, n bigint"
+
+#: InfluxDB measurement and line-protocol function of each record type (closed episodes only).
+INFLUX_LINES: dict[str, tuple[str, Any]] = {
+    "quote": ("quote", influx.quote_line),
+    "spread": ("spread", influx.spread_line),
+    "episode": ("episode", lambda r: influx.episode_point(r).to_line_protocol()),
+    "feature": ("features", lambda r: influx.feature_point(r).to_line_protocol()),
+    "percentiles": ("spread_percentiles",
+                    lambda r: influx.percentile_point(r).to_line_protocol()),
+    "stream": ("stream", lambda r: influx.stream_point(r).to_line_protocol()),
+}
+
+_producers: dict[str, Any] = {}
+
+
+def producer(settings: Settings) -> Any:
+    """One idempotent Kafka producer per bootstrap address and Python worker."""
+    from confluent_kafka import Producer
+
+    key = settings.kafka_bootstrap
+    if key not in _producers:
+        _producers[key] = Producer({
+            **settings.kafka_client_config(),
+            "enable.idempotence": True,  # no duplicates or reordering on internal retries
+            "acks": "all",  # a record counts as delivered once every replica has it
+            "linger.ms": 5,  # batch records for at most 5 ms: latency matters here
+            "compression.type": "lz4",  # cheap CPU, ~3x smaller JSON on the wire
+        })
+    return _producers[key]
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        value = value.astimezone(dt.UTC)
+        return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    return value
+
+
+def event_json(event_type: str, row: dict[str, Any]) -> bytes:
+    """An ``arb.opportunities`` event: ``schema_version``, ``type``, then the row's non-null
+    fields, times as ISO-8601 UTC with ms (``2023-03-11T04:00:01.000Z``)."""
+    body = {"schema_version": SCHEMA_VERSION, "type": event_type}
+    body.update({k: _json_value(v) for k, v in row.items() if v is not None})
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _produce(prod: Any, topic: str, key: str | None, value: bytes, errors: list[str]) -> None:
+    def on_delivery(err: Any, _msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    while True:
+        try:
+            prod.produce(topic, key=key.encode() if key else None, value=value,
+                         on_delivery=on_delivery)
+            return
+        except BufferError:
+            prod.poll(0.05)
+
+
+def write_records(settings: Settings, by_type: dict[str, list[dict[str, Any]]]) -> None:
+    """Write one partition's records (grouped by ``record``) to every sink; see the module
+    docstring for the order.
+
+    Raises:
+        RuntimeError: a Kafka delivery failed (after all were attempted).
+        pymongo.errors.PyMongoError, spark_jobs.sinks.influx.InfluxError: a sink failed.
+    """
+    opps = by_type.get("opportunity", [])
+    last: dict[str, dict[str, Any]] = {}
+    for row in opps:
+        last[row["opportunity_id"]] = row
+    live = [r for r in last.values() if r["stage"] != "retracted"]
+    if live:
+        mongo.upsert_opportunities(settings, live)
+    mongo.delete_opportunities(settings, [i for i, r in last.items()
+                                          if r["stage"] == "retracted"])
+    final = [r for r in live if r["stage"] == "final"]
+    if final:
+        mongo.upsert_pair_features(settings, final)
+    for kind, write in (("episode", mongo.upsert_episodes), ("feature", mongo.upsert_features),
+                        ("percentiles", mongo.upsert_thresholds)):
+        if by_type.get(kind):
+            write(settings, by_type[kind])
+    rejected: list[tuple[str, str]] = []
+    for kind, (measurement, line) in INFLUX_LINES.items():
+        rows = by_type.get(kind)
+        if rows:
+            lines = (line(r) for r in rows if kind != "episode" or r.get("event") == "closed")
+            rejected += influx.write_lines_with_rejects(settings, measurement, lines)[1]
+    prod = producer(settings)
+    errors: list[str] = []
+    for line, reason in rejected:
+        letter = DeadLetter.of(line, f"sink_rejected: InfluxDB refused the point: {reason}",
+                               "stream")
+        _produce(prod, DEADLETTER, "influx", letter.to_json(), errors)
+    for row in by_type.get("deadletter", []):
+        letter = DeadLetter.of(row["value"] or b"", row["reason"], "stream",
+                               source_topic=row["source_topic"],
+                               source_partition=row["source_partition"],
+                               source_offset=row["source_offset"])
+        _produce(prod, DEADLETTER, row["source_topic"], letter.to_json(), errors)
+    for row in opps:
+        _produce(prod, OPPORTUNITIES, row["opportunity_id"], event_json("opportunity", row),
+                 errors)
+    for row in by_type.get("episode", []):
+        _produce(prod, OPPORTUNITIES, row["episode_id"], event_json("episode", row), errors)
+    remaining = prod.flush(60)
+    if remaining or errors:
+        raise RuntimeError(f"{len(errors)} Kafka deliveries failed, {remaining} undelivered: "
+                           f"{errors[:1]}")
+
+
+def write_partition(settings: Settings, batches: Iterator[pa.RecordBatch]
+                    ) -> Iterator[pa.RecordBatch]:
+    """``mapInArrow`` body: group the partition's rows by ``record`` and write them
+    (:func:`write_records`); yield one row of counts per record type."""
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for batch in batches:
+        kinds = batch.column("record").to_pylist()
+        for kind in set(kinds):
+            names = FIELDS[kind]
+            mask = pa.array([k == kind for k in kinds])
+            sub = batch.filter(mask).select(names)
+            by_type.setdefault(kind, []).extend(sub.to_pylist())
+    if by_type:
+        write_records(settings, by_type)
+    kinds = sorted(by_type)
+    yield pa.RecordBatch.from_pydict({
+        "record": pa.array(kinds, pa.string()),
+        "n": pa.array([len(by_type[k]) for k in kinds], pa.int64()),
+    })
+
+
+def write_batch(settings: Settings) -> Any:
+    """The market query's ``foreachBatch`` body; logs the records written per type."""
+
+    def run(batch: DataFrame, batch_id: int) -> None:
+        counts: dict[str, int] = {}
+        for row in batch.mapInArrow(lambda it: write_partition(settings, it),
+                                    COUNT_SCHEMA).collect():
+            counts[row["record"]] = counts.get(row["record"], 0) + row["n"]
+        if counts:
+            log.info("market batch %d: %s", batch_id, counts)
+
+    return run
