@@ -75,6 +75,8 @@ INPUT_COLUMNS = [
 ]
 
 
+#: Columns of ``quote`` points (UTC ms ``exchange_ts``).
+QUOTE_FIELDS = ["exchange", "symbol", "bid", "ask", "bid_size", "ask_size", "exchange_ts"]
 #: Fields of a retracted opportunity besides its id: which pair and window it was.
 IDENTITY = ("symbol", "sell_symbol", "cross_quote", "buy_exchange", "sell_exchange",
             "window_start", "window_end")
@@ -151,7 +153,8 @@ class Engine:
 
     # --- the batch step ---------------------------------------------------------------------
 
-    def process(self, frame: pd.DataFrame, now_ms: int, cfg: EngineConfig) -> list[dict]:
+    def process(self, frame: pd.DataFrame, now_ms: int, cfg: EngineConfig,
+                quotes: list[pd.DataFrame] | None = None) -> list[dict]:
         """Advance over one micro-batch; return the records to write (dicts with ``record``:
         ``deadletter``, ``quote``, ``opportunity``, ``spread``, ``episode``, ``feature``,
         ``percentiles``, ``stream``).
@@ -160,6 +163,8 @@ class Engine:
             frame: rows of :data:`INPUT_COLUMNS` (any order; may be empty).
             now_ms: the processing clock, UTC ms (idleness and the received-time check).
             cfg: the engine's parameters.
+            quotes: when given, ``quote`` points are appended to it as frames of
+                :data:`QUOTE_FIELDS` (float64 sizes, NaN when unknown) instead of records.
         """
         out: list[dict] = []
         stats: dict[str, dict[str, int]] = {}
@@ -169,7 +174,7 @@ class Engine:
             valid = self._check_times(valid, now_ms, cfg, out, stats)
             valid = self._dedupe(valid, cfg, stats)
             self._advance_clocks(valid, now_ms)
-            self._add(valid, cfg, out)
+            self._add(valid, cfg, out, quotes)
             self._fire_early(valid, now_ms, cfg, out)
         self._finalize(now_ms, cfg, out)
         for exchange, counts in sorted(stats.items()):
@@ -268,35 +273,59 @@ class Engine:
 
     # --- snapshots --------------------------------------------------------------------------
 
-    def _add(self, df: pd.DataFrame, cfg: EngineConfig, out: list[dict]) -> None:
-        """Merge quotes and books into their slots; home quotes also go out as ``quote``."""
+    def _add(self, df: pd.DataFrame, cfg: EngineConfig, out: list[dict],
+             quotes: list[pd.DataFrame] | None) -> None:
+        """Merge quotes and books into their slots (vectorized per slot); home quotes go out
+        as ``quote`` records, or as frames of :data:`QUOTE_FIELDS` appended to ``quotes``."""
         data = df[df["kind"].isin(["quote", "book"])]
         if data.empty:
             return
+        home = data["home"].to_numpy(dtype=bool)
+        self.home_symbols.update(data.loc[home, "symbol"].unique().tolist())
         data = data.sort_values(["exchange_ts", "received_ts", "dedupe_key"], kind="stable")
-        for row in data.itertuples(index=False):
-            ts, recv = int(row.exchange_ts), int(row.received_ts)
-            key = (row.symbol, row.exchange, -(-ts // cfg.w))
+        data = data.assign(k=-(-data["exchange_ts"].to_numpy(dtype=np.int64) // cfg.w))
+        qs = data[data["kind"] == "quote"]
+        if not qs.empty:
+            qs = qs.assign(lat=qs["received_ts"].to_numpy(dtype=np.int64)
+                           - qs["exchange_ts"].to_numpy(dtype=np.int64))
+            groups = qs.groupby(["symbol", "exchange", "k"], sort=False)
+            n, lat, last = groups.size(), groups["lat"].sum(), groups.tail(1)
+            for row in last.itertuples(index=False):
+                key = (row.symbol, row.exchange, int(row.k))
+                slot = self.slots.get(key)
+                if slot is None:
+                    slot = self.slots[key] = Slot()
+                q = (int(row.exchange_ts), int(row.received_ts), row.dedupe_key,
+                     float(row.bid), float(row.ask), _opt(row.bid_size), _opt(row.ask_size))
+                slot.n += int(n[key])
+                slot.lat += int(lat[key])
+                if slot.quote is None or q[:3] > slot.quote[:3]:
+                    slot.quote = q
+            mine = qs[qs["home"].to_numpy(dtype=bool)]
+            points = pd.DataFrame({
+                "exchange": mine["exchange"], "symbol": mine["symbol"],
+                "bid": mine["bid"].astype("float64"), "ask": mine["ask"].astype("float64"),
+                "bid_size": pd.to_numeric(mine["bid_size"]).astype("float64"),
+                "ask_size": pd.to_numeric(mine["ask_size"]).astype("float64"),
+                "exchange_ts": mine["exchange_ts"].astype("int64"),
+            })
+            if quotes is not None:
+                quotes.append(points)
+            else:
+                for p in points.to_dict("records"):
+                    p["bid_size"], p["ask_size"] = _opt(p["bid_size"]), _opt(p["ask_size"])
+                    out.append({"record": "quote", **p})
+        books = data[data["kind"] == "book"]
+        for row in books.groupby(["symbol", "exchange", "k"], sort=False).tail(1).itertuples(
+                index=False):
+            key = (row.symbol, row.exchange, int(row.k))
             slot = self.slots.get(key)
             if slot is None:
                 slot = self.slots[key] = Slot()
-            if row.home:
-                self.home_symbols.add(row.symbol)
-            if row.kind == "book":
-                book = (ts, recv, row.dedupe_key, _levels(row.bids), _levels(row.asks))
-                if slot.book is None or book[:3] > slot.book[:3]:
-                    slot.book = book
-                continue
-            q = (ts, recv, row.dedupe_key, float(row.bid), float(row.ask),
-                 _opt(row.bid_size), _opt(row.ask_size))
-            slot.n += 1
-            slot.lat += recv - ts
-            if slot.quote is None or q[:3] > slot.quote[:3]:
-                slot.quote = q
-            if row.home:
-                out.append({"record": "quote", "exchange": row.exchange, "symbol": row.symbol,
-                            "bid": q[3], "ask": q[4], "bid_size": q[5], "ask_size": q[6],
-                            "exchange_ts": ts})
+            book = (int(row.exchange_ts), int(row.received_ts), row.dedupe_key,
+                    _levels(row.bids), _levels(row.asks))
+            if slot.book is None or book[:3] > slot.book[:3]:
+                slot.book = book
 
     def snapshot(self, e: int, cfg: EngineConfig, by_k: dict | None = None
                  ) -> dict[tuple[str, str], dict]:

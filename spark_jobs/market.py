@@ -25,6 +25,7 @@ import pickle
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -100,6 +101,24 @@ def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return frame
 
 
+def _quote_frame(points: pd.DataFrame) -> pd.DataFrame:
+    """``quote`` points (:data:`spark_jobs.engine.QUOTE_FIELDS`) as a frame of
+    :data:`OUTPUT_FIELDS`, built column-wise (the per-quote path: no dicts)."""
+    n = len(points)
+    cols: dict[str, Any] = {}
+    for name, dtype in OUTPUT_FIELDS.items():
+        if name in points.columns:
+            cols[name] = points[name].to_numpy()
+        elif dtype == "double":
+            cols[name] = np.full(n, np.nan)
+        elif dtype == "timestamp":
+            cols[name] = pd.Series(pd.NaT, index=range(n), dtype="datetime64[us, UTC]")
+        else:
+            cols[name] = np.full(n, None, dtype=object)
+    cols["record"] = np.full(n, "quote", dtype=object)
+    return pd.DataFrame(cols)
+
+
 class MarketProcessor(StatefulProcessor):
     """The ``transformWithStateInPandas`` processor of the market query, key ``bucket``; see
     the module docstring for its callbacks."""
@@ -113,7 +132,8 @@ class MarketProcessor(StatefulProcessor):
 
     def _step(self, frame: pd.DataFrame, now_ms: int) -> Iterator[pd.DataFrame]:
         engine = pickle.loads(self.state.get()[0]) if self.state.exists() else Engine()
-        records = engine.process(frame, now_ms, self.cfg)
+        quotes: list[pd.DataFrame] = []
+        records = engine.process(frame, now_ms, self.cfg, quotes)
         self.state.update((pickle.dumps(engine, protocol=5),))
         for old in self.handle.listTimers():
             self.handle.deleteTimer(old)
@@ -121,6 +141,9 @@ class MarketProcessor(StatefulProcessor):
             self.handle.registerTimer(now_ms + self.cfg.idle_ms + 1)
         if records:
             yield _frame(records)
+        for points in quotes:
+            if len(points):
+                yield _quote_frame(points)
 
     def handleInputRows(
         self, key: Any, rows: Iterator[pd.DataFrame], timerValues: TimerValues

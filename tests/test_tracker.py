@@ -1,29 +1,31 @@
 """The stateful tracker: episodes, rolling statistics, percentiles and features.
 
-The pure functions are checked on hand-made rows with hand-computed figures; then the real
-Spark processor (``transformWithStateInPandas``) runs over real IAQF quotes split into several
-micro-batches and must give exactly what one call of the pure functions gives on all rows at
-once: results do not depend on micro-batch boundaries.
+The pure functions are checked on hand-made rows with hand-computed figures. Then the stream
+engine (:class:`spark_jobs.engine.Engine`) runs over real IAQF quotes: its episode, feature,
+percentile and spread records must be what the pure functions give when fed, window by window,
+the rows of the independent pandas reference (tests/reference.py); and its final records must
+not depend on how the input is split into micro-batches.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import SparkSession
+from reference import OUTPUT_COLUMNS, reference_spreads
+from test_engine_scenarios import config, engine_frame, quotes_frame, run
 
 from arbstream.config import Settings
-from arbstream.schemas import Heartbeat, Quote
+from arbstream.schemas import Book, Quote
 from producers.replay import load_iaqf_quotes
 from spark_jobs import tracker
-from spark_jobs import transforms as T
+from spark_jobs.depth import size_from_books
+from spark_jobs.engine import EngineConfig
 
 CFG = tracker.TrackerConfig(min_net=0.0, window_ms=1000, age_ms=5000, gap_ms=3000,
                             horizon_ms=60_000, sigma=3.0)
@@ -125,91 +127,169 @@ def test_exchange_features() -> None:
     assert a["feature_id"] == "BTC-USD|kraken|2023-03-11T04:00:01.000Z"
 
 
-def test_spark_processor_equals_pure_functions(
-    spark: SparkSession, data_dir: Path, tmp_path: Path
-) -> None:
-    settings = Settings(state_dir=tmp_path, episode_gap_seconds=120, stats_horizon_seconds=600)
-    bars = load_iaqf_quotes(data_dir, datetime(2023, 3, 11, 4, tzinfo=UTC),
-                            datetime(2023, 3, 11, 4, 30, tzinfo=UTC))
-    values = [
-        Quote(exchange=r.exchange, symbol=r.symbol, exchange_ts=int(r.exchange_ts),
-              received_ts=int(r.exchange_ts), bid=float(r.bid), ask=float(r.ask),
-              dedupe_key=f"{r.exchange}:{r.symbol}:{r.exchange_ts}").to_json().decode()
-        for r in bars.itertuples(index=False)
-    ]
-    last = int(bars["exchange_ts"].max())
-    values += [Heartbeat(exchange=e, exchange_ts=last + 3_700_000, received_ts=last)
-               .to_json().decode() for e in sorted(set(bars["exchange"]))]
-    topics = [f"md.{json.loads(v)['exchange']}.quotes" for v in values]
-    inbox = tmp_path / "in"
-    inbox.mkdir()
-    for k, chunk in enumerate(np.array_split(np.arange(len(values)), 4)):
-        path = inbox / f"{k}.json"
-        path.write_text("\n".join(
-            json.dumps({"value": values[i], "topic": topics[i], "partition": 0, "offset": int(i)})
-            for i in chunk))
-        # the file source orders files by modification time (ms) and ties by directory order:
-        # files written within one ms could be read out of order and their rows be late
-        os.utime(path, (1_700_000_000 + k, 1_700_000_000 + k))
-    raw = (spark.readStream.schema("value string, topic string, partition int, offset long")
-           .option("maxFilesPerTrigger", 1).json(str(inbox)))
-    fees, haircut = settings.taker_fees, 2e-4
-    rows = T.spread_stream(raw, fees, 10, 1, 5, settings.usd_quotes, haircut)
-    got: list[dict[str, Any]] = []
-    query = (tracker.track(rows, settings).writeStream
-             .foreachBatch(lambda b, _: got.extend(r.asDict() for r in b.collect()))
-             .option("checkpointLocation", str(tmp_path / "ckpt"))
-             .trigger(availableNow=True).start())
-    query.awaitTermination()
-    assert sum(1 for p in query.recentProgress if p["numInputRows"] > 0) >= 4
+# --- the engine against the pure functions ----------------------------------------------------
 
-    static = spark.read.schema("value string, topic string, partition int, offset long").json(
-        str(inbox))
-    all_rows = [r.asDict() for r in T.spread_stream(
-        static, fees, 10, 1, 5, settings.usd_quotes, haircut).collect()]
-    cfg = tracker.TrackerConfig.of(settings)
+
+def iaqf(data_dir: Path, start_hour: int, end_hour: int) -> pd.DataFrame:
+    """Real IAQF quotes of 2023-03-11 ``[start_hour, end_hour)`` UTC, received when stamped."""
+    q = load_iaqf_quotes(data_dir, datetime(2023, 3, 11, start_hour, tzinfo=UTC),
+                         datetime(2023, 3, 11, end_hour, tzinfo=UTC))
+    q["received_ts"] = q["exchange_ts"]
+    q["dedupe_key"] = q["exchange"] + ":" + q["symbol"] + ":q:" + q["exchange_ts"].astype(str)
+    return q
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-able value: NaN -> None, numpy scalars -> Python, timestamps -> ISO (UTC)."""
+    if value is None or value is pd.NaT:
+        return None
+    if isinstance(value, pd.Timestamp):
+        assert value.tzinfo is not None
+        return value.isoformat()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def canon(records: list[dict[str, Any]], kind: str, stage: str | None = None,
+          fields: list[str] | None = None) -> list[str]:
+    """Records of one kind (and stage) as sorted JSON texts of ``fields`` (default: all but
+    ``emitted_ts``); floats keep every bit (``repr``)."""
+    out = []
+    for r in records:
+        if r["record"] != kind or (stage is not None and r.get("stage") != stage):
+            continue
+        keys = fields if fields is not None else [k for k in r if k != "emitted_ts"]
+        out.append(json.dumps({k: _plain(r.get(k)) for k in keys}, sort_keys=True))
+    return sorted(out)
+
+
+def reference_pair_rows(quotes: pd.DataFrame, cfg: EngineConfig) -> list[dict[str, Any]]:
+    """The reference's spread rows with the fields it leaves implicit: no sizes in these
+    quotes, so ``size_source = "notional"``, and profits in the buy leg's quote currency."""
+    ref = reference_spreads(quotes, cfg.fees, cfg.w / 1000, cfg.age / 1000, cfg.haircut,
+                            cfg.tracker.notional_usd)
+    rows = ref.to_dict("records")
+    for r in rows:
+        r.update(size_source="notional", profit_currency=r["symbol"].split("-", 1)[1],
+                 buy_ask_size=None, sell_bid_size=None)
+    return rows
+
+
+def reference_exchange_rows(quotes: pd.DataFrame, cfg: EngineConfig) -> list[dict[str, Any]]:
+    """Each (symbol, exchange, window) snapshot, computed here with pandas: the latest quote
+    by (exchange_ts, received_ts, dedupe_key) with ``exchange_ts`` in ``(e - age, e]``, the
+    number of quotes there and their mean ``received_ts - exchange_ts``."""
+    w, age = cfg.w, cfg.age
+    q = quotes.drop_duplicates("dedupe_key", keep="first").reset_index(drop=True)
+    ts = q["exchange_ts"].to_numpy(dtype=np.int64)
+    first = -(-ts // w) * w
+    ends = first[:, None] + np.arange(age // w + 1, dtype=np.int64)[None, :] * w
+    row, col = np.nonzero(ends < (ts + age)[:, None])
+    x = q.iloc[row].reset_index(drop=True)
+    x["window_end_ms"] = ends[row, col]
+    x["lat"] = x["received_ts"] - x["exchange_ts"]
+    keys = ["symbol", "exchange", "window_end_ms"]
+    x = x.sort_values([*keys, "exchange_ts", "received_ts", "dedupe_key"], kind="stable")
+    agg = x.groupby(keys)["lat"].agg(["size", "sum"])
+    latest = x.drop_duplicates(keys, keep="last").set_index(keys).join(agg)
+    return [{
+        "symbol": symbol, "exchange": exchange,
+        "window_end": pd.Timestamp(end, unit="ms", tz="UTC"),
+        "bid": r.bid, "ask": r.ask, "bid_size": None, "ask_size": None,
+        "quote_ts": pd.Timestamp(r.exchange_ts, unit="ms", tz="UTC"),
+        "messages": int(r.size), "latency_ms": int(r.sum) / int(r.size),
+        "book_bids": None, "book_asks": None,
+    } for (symbol, exchange, end), r in zip(latest.index, latest.itertuples(index=False),
+                                             strict=True)]
+
+
+def test_engine_equals_pure_functions_on_reference_rows(data_dir: Path) -> None:
+    settings = Settings(episode_gap_seconds=120, stats_horizon_seconds=600)
+    cfg = EngineConfig.of(settings)
+    quotes = iaqf(data_dir, 4, 5)
+    # latencies of 0..249 ms, so that latency_ms says something
+    quotes["received_ts"] += (np.arange(len(quotes)) * 37) % 250
+    got = run(quotes_frame(quotes), cfg, chunks=7)
+    assert not [r for r in got if r["record"] == "deadletter"]
+
+    # The pure functions over the reference's rows, one window at a time, then a watermark
+    # beyond everything (the end of the input).
     want: list[dict[str, Any]] = []
-    for kind in ("pair", "exchange"):
-        keyed: dict[str, list] = {}
-        for r in all_rows:
-            if r["kind"] == kind:
-                k = tracker.pair_key(r) if kind == "pair" else f"{r['symbol']}|{r['exchange']}"
-                keyed.setdefault(k, []).append(r)
-        for group in keyed.values():
-            if kind == "pair":
-                _, out, _ = tracker.track_pair(None, group, 10**15, cfg)
-            else:
-                _, out = tracker.track_exchange(None, group, cfg)
-            want += out
+    pair_rows = sorted(reference_pair_rows(quotes, cfg), key=lambda r: r["window_end"])
+    pairs: dict[str, Any] = {}
+    for r in pair_rows:
+        key = tracker.pair_key(r)
+        pairs[key], out, _ = tracker.track_pair(pairs.get(key), [r], None, cfg.tracker)
+        want += out
+    for key, state in pairs.items():
+        pairs[key], out, _ = tracker.track_pair(state, [], 10**15, cfg.tracker)
+        want += out
+    exchanges: dict[str, Any] = {}
+    for r in sorted(reference_exchange_rows(quotes, cfg), key=lambda r: r["window_end"]):
+        key = f"{r['symbol']}|{r['exchange']}"
+        exchanges[key], out = tracker.track_exchange(exchanges.get(key), [r], cfg.tracker)
+        want += out
 
-    def canon(records: list[dict[str, Any]]) -> list[tuple]:
-        frame = tracker._frame(records)
-        return sorted(
-            tuple(None if (isinstance(v, float) and v != v) or v is pd.NaT else
-                  (pd.Timestamp(v).tz_localize("UTC") if isinstance(v, datetime) and v.tzinfo
-                   is None else pd.Timestamp(v) if isinstance(v, datetime) else v)
-                  for v in row)
-            for row in frame.itertuples(index=False)
-        )
-
-    assert len(of(want, "episode")) > 4 and len(of(want, "percentiles")) > 0
-    g, w = canon(got), canon(want)
-    fields = list(tracker._frame(got[:1] or want[:1]).columns)
-
-    def show(rows: list[tuple]) -> str:
-        return "; ".join(str({f: v for f, v in zip(fields, r, strict=True) if v is not None})
-                         for r in rows[:2])
-
-    only_got = [x for x in g if x not in w]
-    only_want = [x for x in w if x not in g]
-    assert g == w, (f"got {len(g)}, want {len(w)}; only got ({len(only_got)}): "
-                    f"{show(only_got)}; only want ({len(only_want)}): {show(only_want)}")
+    assert len([r for r in want if r["record"] == "episode"]) > 4
+    assert len([r for r in want if r["record"] == "percentiles"]) > 4
+    assert any(r["record"] == "spread" and r["anomaly"] for r in want)
+    for kind, fields in tracker.RECORD_FIELDS.items():
+        g, w = canon(got, kind, fields=list(fields)), canon(want, kind, fields=list(fields))
+        only_got, only_want = sorted(set(g) - set(w)), sorted(set(w) - set(g))
+        assert g == w, (kind, len(g), len(w), only_got[:2], only_want[:2])
+    features = [r for r in got if r["record"] == "feature"]
+    assert len({r["latency_ms"] for r in features}) > 10
 
 
-def test_books_give_depth_aware_size_and_imbalance(spark: SparkSession) -> None:
-    from arbstream.schemas import Book
-    from spark_jobs.depth import size_from_books
+FLOAT_COLUMNS = [
+    "buy_ask", "sell_bid", "buy_fee", "sell_fee", "conversion_rate", "conversion_fee",
+    "haircut", "gross", "net", "gross_bps", "net_bps", "usd_rate", "size_base",
+    "expected_profit", "expected_profit_usd",
+]
 
+
+def test_final_records_do_not_depend_on_micro_batches(data_dir: Path) -> None:
+    cfg = EngineConfig.of(Settings())
+    quotes = iaqf(data_dir, 4, 6)
+    frame = quotes_frame(quotes)
+    runs = {n: run(frame, cfg, chunks=n) for n in (1, 7, 50)}
+    finals = [("spread", None), ("episode", None), ("feature", None), ("percentiles", None),
+              ("opportunity", "final")]
+    one = {k: canon(runs[1], *k) for k in finals}
+    assert all(one.values())
+    assert len(one[("episode", None)]) > 10 and len(one[("opportunity", "final")]) > 100
+    for n in (7, 50):
+        for k in finals:
+            assert canon(runs[n], *k) == one[k], (n, k)
+    for records in runs.values():
+        assert not [r for r in records if r["record"] == "deadletter"]
+        assert not [r for r in records if r["record"] == "stream"
+                    and (r.get("late") or r.get("future") or r.get("duplicates"))]
+        assert sum(r.get("received", 0) for r in records if r["record"] == "stream") == len(
+            quotes)
+
+    # The final spreads are the reference's, every number bit for bit.
+    got = pd.DataFrame([r for r in runs[50] if r["record"] == "spread"])
+    got = got.sort_values("opportunity_id", kind="stable").reset_index(drop=True)
+    want = reference_spreads(quotes, cfg.fees, cfg.w / 1000, cfg.age / 1000, cfg.haircut,
+                             cfg.tracker.notional_usd)
+    assert len(got) == len(want) > 10_000
+    assert got["opportunity_id"].tolist() == want["opportunity_id"].tolist()
+    for c in OUTPUT_COLUMNS:
+        if c in FLOAT_COLUMNS:
+            a = np.array([np.nan if v is None else v for v in got[c]], dtype=np.float64)
+            b = want[c].to_numpy(dtype=np.float64)
+            assert (np.isnan(a) == np.isnan(b)).all(), c
+            ok = ~np.isnan(a)
+            assert (a[ok].view(np.int64) == b[ok].view(np.int64)).all(), c
+        else:
+            assert [_plain(v) for v in got[c]] == [_plain(v) for v in want[c]], c
+
+
+def test_books_give_depth_aware_size_and_imbalance() -> None:
     t = 1_678_507_200_000  # 2023-03-11T04:00:00Z
     asks = [[100.0, 1.0], [101.0, 2.0]]
     bids = [[102.0, 1.5], [100.5, 1.0]]
@@ -223,30 +303,16 @@ def test_books_give_depth_aware_size_and_imbalance(spark: SparkSession) -> None:
         Book(exchange="coinbase", symbol="BTC-USD", exchange_ts=t - 250, received_ts=t - 200,
              depth=2, bids=bids, asks=[[103.0, 2.0], [104.0, 1.0]], dedupe_key="c:b"),
     ]
-    bad = b'{"schema_version":1,"type":"book","exchange":"kraken","symbol":"BTC-USD",' \
-          b'"exchange_ts":1678507199000,"received_ts":1678507199000,"dedupe_key":"x",' \
-          b'"bids":[[101.0,1.0]],"asks":[[100.0,1.0]]}'
-    topic = {"book": "book", "quote": "quotes"}
-    rows = [(i.symbol.encode(), i.to_json(), f"md.{i.exchange}.{topic[i.type]}", 0, n)
-            for n, i in enumerate(items)] + [(None, bad, "md.kraken.book", 0, 9)]
-    raw = spark.createDataFrame(rows, "key binary, value binary, topic string, partition int, "
-                                "offset long")
-    errors = {r["error"] for r in T.parse_quotes(raw, {"kraken": 0.0026, "coinbase": 0.006})
-              .collect()}
-    assert errors == {None, "crossed book: best bid > best ask"}
     fees = {"kraken": 0.0026, "coinbase": 0.006}
-    out = [r.asDict() for r in T.spread_stream(raw, fees, 10, 1, 5, haircut=2e-4).collect()]
-    end = pd.Timestamp(t, unit="ms")
-    [pair] = [r for r in out if r["kind"] == "pair" and r["buy_exchange"] == "kraken"
-              and pd.Timestamp(r["window_end"]) == end]
+    out = run(engine_frame(items), config(fees, haircut=2e-4, notional_usd=150.5))
+    end = pd.Timestamp(t, unit="ms", tz="UTC")
+    [pair] = [r for r in out if r["record"] == "spread" and r["buy_exchange"] == "kraken"
+              and r["window_end"] == end]
     assert pair["buy_asks"] == asks and pair["sell_bids"] == bids
-    cfg = tracker.TrackerConfig(0.0, 1000, 5000, 10_000, 60_000, 3.0, notional_usd=150.5)
-    sized = tracker.with_depth(pair, cfg)
     want = size_from_books(asks, bids, 0.0026 + 0.006 + 2e-4, 0.0, 1.0, 150.5)
-    assert sized["size_source"] == "book" and sized["size_base"] == want.max_size
-    assert sized["expected_profit"] == want.profit and sized["buy_vwap"] == want.buy_vwap
+    assert pair["size_source"] == "book" and pair["size_base"] == want.max_size
+    assert pair["expected_profit"] == want.profit and pair["buy_vwap"] == want.buy_vwap
     assert want.max_size > 0
-    [snap] = [r for r in out if r["kind"] == "exchange" and r["exchange"] == "kraken"
-              and pd.Timestamp(r["window_end"]) == end]
-    _, [feature] = tracker.track_exchange(None, [snap], cfg)
+    [feature] = [r for r in out if r["record"] == "feature" and r["exchange"] == "kraken"
+                 and r["window_end"] == end]
     assert feature["imbalance"] == (5.0 - 3.0) / (5.0 + 3.0)  # top-2 depth, not top of book

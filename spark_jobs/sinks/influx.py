@@ -365,6 +365,26 @@ def quote_line(row: Mapping[str, Any]) -> str:
     return quote_point(row).to_line_protocol()
 
 
+def quote_lines(exchange: list[str], symbol: list[str], bid: list[float], ask: list[float],
+                bid_size: list[float | None], ask_size: list[float | None],
+                exchange_ts: list[int]) -> list[str]:
+    """Line protocol (ms precision) of many quotes, column-wise: the same points as
+    :func:`quote_line` without building a ``Point`` per quote (the stream's hot path).
+
+    ``exchange`` and ``symbol`` must be validated ids (lower-case exchange, ``BASE-QUOTE``),
+    which need no escaping; sizes that are ``None`` or NaN are left out.
+    """
+    def size(name: str, value: float | None) -> str:
+        return f",{name}={float(value)!r}" if value is not None and value == value else ""
+
+    return [
+        f"quote,exchange={e},symbol={s} bid={float(b)!r},ask={float(a)!r}"
+        f"{size('bid_size', bs)}{size('ask_size', az)} {int(t)}"
+        for e, s, b, a, bs, az, t in zip(exchange, symbol, bid, ask, bid_size, ask_size,
+                                         exchange_ts, strict=True)
+    ]
+
+
 def spread_line(row: Mapping[str, Any]) -> str:
     """Line protocol (ms precision) of one spread row; ``""`` when it has no finite field."""
     return spread_point(row).to_line_protocol()

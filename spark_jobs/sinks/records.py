@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 
 from arbstream.config import Settings
@@ -48,7 +49,7 @@ COUNT_SCHEMA = "record string, n bigint"
 
 #: InfluxDB measurement and line-protocol function of each record type (closed episodes only).
 INFLUX_LINES: dict[str, tuple[str, Any]] = {
-    "quote": ("quote", influx.quote_line),
+    "quote": ("quote", lambda r: r["line"]),  # built column-wise in write_partition
     "spread": ("spread", influx.spread_line),
     "episode": ("episode", lambda r: influx.episode_point(r).to_line_protocol()),
     "feature": ("features", lambda r: influx.feature_point(r).to_line_protocol()),
@@ -163,13 +164,18 @@ def write_partition(settings: Settings, batches: Iterator[pa.RecordBatch]
     """``mapInArrow`` body: group the partition's rows by ``record`` and write them
     (:func:`write_records`); yield one row of counts per record type."""
     by_type: dict[str, list[dict[str, Any]]] = {}
+    quote_lines: list[str] = []
     for batch in batches:
-        kinds = batch.column("record").to_pylist()
-        for kind in set(kinds):
-            names = FIELDS[kind]
-            mask = pa.array([k == kind for k in kinds])
-            sub = batch.filter(mask).select(names)
-            by_type.setdefault(kind, []).extend(sub.to_pylist())
+        record = batch.column("record")
+        for kind in pc.unique(record).to_pylist():
+            sub = batch.filter(pc.equal(record, kind)).select(FIELDS[kind])
+            if kind == "quote":  # the per-quote path: columns straight to line protocol
+                quote_lines += influx.quote_lines(*[sub.column(n).to_pylist()
+                                                    for n in QUOTE_FIELDS])
+            else:
+                by_type.setdefault(kind, []).extend(sub.to_pylist())
+    if quote_lines:
+        by_type["quote"] = [{"line": line} for line in quote_lines]
     if by_type:
         write_records(settings, by_type)
     kinds = sorted(by_type)
