@@ -187,6 +187,9 @@ class Settings(BaseSettings):
         900.0, gt=0, description="Event time may jump ahead of every exchange clock by this "
         "much; more is dead-lettered as future_timestamp"
     )
+    max_record_bytes: int = Field(
+        262_144, ge=1024, description="Larger market-data records are dead-lettered"
+    )
     stream_buckets: int = Field(
         2, ge=1, le=1024, description="Keys of the stateful operator (bases hashed into them)"
     )

@@ -351,6 +351,9 @@ def episode_start_ms(episode_id: str) -> int:
     return round(start.timestamp() * 1000)
 
 
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
 class _ArbEvent(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -368,6 +371,9 @@ class _ArbEvent(BaseModel):
 
     @model_validator(mode="after")
     def _legs(self) -> _ArbEvent:
+        for name, value in self:
+            if isinstance(value, str) and _CONTROL_RE.search(value):
+                raise ValueError(f"{name} contains control characters (CR, LF, ...)")
         if self.cross_quote != (self.symbol != self.sell_symbol):
             raise ValueError(f"cross_quote={self.cross_quote} but symbols {self.symbol} and "
                              f"{self.sell_symbol}")
@@ -427,7 +433,14 @@ class OpportunityEvent(_ArbEvent):
     buy_vwap: float | None = None
     sell_vwap: float | None = None
     is_opportunity: Literal[True] = True
-    episode_id: str = Field(pattern=_ISO_MS_RE.pattern)
+    episode_id: str = Field(pattern=_ISO_MS_RE.pattern, description="final: the episode; "
+                            "early: the episode it is expected to belong to")
+    stage: Literal["early", "final", "retracted"] = Field(
+        "final", description="early: emitted in the micro-batch of the quote that opened it, "
+        "may change; final: event time has passed the window; retracted: an early version "
+        "that is no opportunity in the final state (its last early fields are repeated)")
+    emitted_ts: int | None = Field(None, ge=0, description="when the stream emitted this "
+                                   "version, UTC ms (processing time)")
     spread_mean_bps: float | None = None
     spread_std_bps: float | None = None
     spread_z: float | None = None

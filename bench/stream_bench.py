@@ -187,7 +187,7 @@ class CpuSampler(threading.Thread):
 
 class Publisher:
     """``bench/publisher_proc.py`` in a subprocess (see its docstring for the protocol): it
-    loads the input as soon as it is started, publishes on :meth:`go`."""
+    loads the input as soon as it is started and publishes when :meth:`send` tells it to."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.proc = subprocess.Popen(

@@ -77,11 +77,6 @@ INPUT_COLUMNS = [
 
 #: Columns of ``quote`` points (UTC ms ``exchange_ts``).
 QUOTE_FIELDS = ["exchange", "symbol", "bid", "ask", "bid_size", "ask_size", "exchange_ts"]
-#: Fields of a retracted opportunity besides its id: which pair and window it was.
-IDENTITY = ("symbol", "sell_symbol", "cross_quote", "buy_exchange", "sell_exchange",
-            "window_start", "window_end")
-
-
 @dataclass(frozen=True)
 class EngineConfig:
     """Parameters of the engine; ``*_ms`` are milliseconds, fees and ``haircut`` fractions.
@@ -142,8 +137,10 @@ class Engine:
     watermark: int = -1
     slots: dict[tuple[str, str, int], Slot] = field(default_factory=dict)
     hashes: dict[int, np.ndarray] = field(default_factory=dict)  # k -> sorted int64
-    #: early opportunities of non-final windows: id -> (signature, identity fields)
+    #: early opportunities of non-final windows: id -> (signature, last early record)
     early: dict[str, tuple] = field(default_factory=dict)
+    #: pair key -> (expected episode id, latest early window end) of early opportunities
+    early_episodes: dict[str, tuple[str, int]] = field(default_factory=dict)
     pair_states: dict[str, dict] = field(default_factory=dict)
     exchange_states: dict[str, dict] = field(default_factory=dict)
     home_symbols: set[str] = field(default_factory=set)
@@ -379,6 +376,9 @@ class Engine:
         conv = _conversions(rates, cfg)
         usd_rate = _usd_rates(rates, usd)
         rows = []
+        times = {"iso": _iso(e), "start": _ts(e - cfg.age), "end": _ts(e)}
+        for leg in legs:
+            leg["ts"] = _ts(leg["quote_ts"])
         for a in legs:
             if symbols is not None and a["symbol"] not in symbols:
                 continue
@@ -391,7 +391,7 @@ class Engine:
                 c = conv.get((a["quote"], b["quote"])) if cross else None
                 if not (same or (cross and c is not None)):
                     continue
-                rows.append(_spread_row(a, b, c, usd_rate.get(a["quote"]), e, cfg))
+                rows.append(_spread_row(a, b, c, usd_rate.get(a["quote"]), times, cfg))
         return rows
 
     # --- early firing -----------------------------------------------------------------------
@@ -419,8 +419,29 @@ class Engine:
                 known = self.early.get(row["opportunity_id"])
                 if known is not None and known[0] == sig:
                     continue
-                self.early[row["opportunity_id"]] = (sig, {k: row[k] for k in IDENTITY})
-                out.append(_opportunity(tracker.with_depth(row, cfg.tracker), "early", now_ms))
+                row = tracker.with_depth(row, cfg.tracker)
+                row["episode_id"] = self._expected_episode(row, e, cfg)
+                rec = _opportunity(row, "early", now_ms)
+                self.early[row["opportunity_id"]] = (sig, rec)
+                out.append(rec)
+
+    def _expected_episode(self, row: dict, e: int, cfg: EngineConfig) -> str:
+        """The episode an early opportunity of window ``e`` is expected to belong to: the
+        pair's open episode, or the one of its latest early window, when within the episode
+        gap; else a new one starting at ``e - W``. The final version carries the real one."""
+        key = tracker.pair_key(row)
+        state = self.pair_states.get(key) or {}
+        ep = state.get("ep")
+        last = self.early_episodes.get(key)
+        gap = cfg.tracker.gap_ms
+        if last is not None and 0 <= e - last[1] <= gap:
+            episode = last[0]
+        elif ep is not None and e - ep["end"] <= gap:
+            episode = ep["id"]
+        else:
+            episode = f"{key}|{_iso(e - cfg.w)}"
+        self.early_episodes[key] = (episode, max(e, last[1]) if last else e)
+        return episode
 
     # --- finalization -----------------------------------------------------------------------
 
@@ -475,8 +496,7 @@ class Engine:
             out.extend(records)
         for oid in [i for i in self.early if _window_of(i) <= last]:
             if oid not in final_ids:
-                out.append({"record": "opportunity", "stage": "retracted", "opportunity_id": oid,
-                            **self.early[oid][1], "emitted_ts": now_ms})
+                out.append({**self.early[oid][1], "stage": "retracted", "emitted_ts": now_ms})
             del self.early[oid]
         self.finalized = max(self.finalized, last)
         self._prune(cfg)
@@ -511,6 +531,8 @@ class Engine:
         """Forget buckets no non-final window can use, and their dedupe hashes."""
         keep_from = (self.finalized + cfg.w) // cfg.w - cfg.age // cfg.w + 1
         self.slots = {key: s for key, s in self.slots.items() if key[2] >= keep_from}
+        self.early_episodes = {k: v for k, v in self.early_episodes.items()
+                               if v[1] + cfg.tracker.gap_ms > self.finalized}
         hash_from = -(-(self.watermark + 1) // cfg.w)
         self.hashes = {k: h for k, h in self.hashes.items() if k >= hash_from}
 
@@ -531,12 +553,8 @@ def _levels(value: Any) -> list[list[float]] | None:
     return [[float(x) for x in lv] for lv in value]
 
 
-def _ts(ms: int) -> pd.Timestamp:
-    return pd.Timestamp(ms, unit="ms", tz="UTC")
-
-
-def _iso(ms: int) -> str:
-    return _ts(ms).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+_ts = tracker._ts  # UTC ms -> aware datetime
+_iso = tracker._iso  # UTC ms -> 2023-03-11T04:00:01.000Z
 
 
 def _is_rate(symbol: str, usd: tuple[str, ...]) -> bool:
@@ -586,10 +604,11 @@ def _usd_rates(rates: list[dict], usd: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
-def _spread_row(a: dict, b: dict, c: dict | None, usd_rate: float | None, e: int,
+def _spread_row(a: dict, b: dict, c: dict | None, usd_rate: float | None, times: dict,
                 cfg: EngineConfig) -> dict:
-    """One pair's spread row, in exactly the float operation order of
-    :func:`spark_jobs.transforms.spreads` (and the reference)."""
+    """One pair's spread row, in exactly the float operation order of the reference
+    (``tests/reference.py``); ``times`` holds the window's ``iso`` end, ``start`` and ``end``
+    datetimes, legs their quote time ``ts``."""
     buy_fee, sell_fee = cfg.fees[a["exchange"]], cfg.fees[b["exchange"]]
     cross = c is not None
     rate = c["rate"] if cross else None
@@ -603,12 +622,12 @@ def _spread_row(a: dict, b: dict, c: dict | None, usd_rate: float | None, e: int
     profit = net * size * a["ask"]
     key = f"{a['symbol']}/{b['symbol']}" if cross else a["symbol"]
     return {
-        "opportunity_id": f"{key}|{_iso(e)}|{a['exchange']}|{b['exchange']}",
+        "opportunity_id": f"{key}|{times['iso']}|{a['exchange']}|{b['exchange']}",
         "symbol": a["symbol"], "sell_symbol": b["symbol"], "cross_quote": cross,
-        "window_start": _ts(e - cfg.age), "window_end": _ts(e),
+        "window_start": times["start"], "window_end": times["end"],
         "buy_exchange": a["exchange"], "buy_ask": a["ask"], "buy_ask_size": a["ask_size"],
-        "buy_ts": _ts(a["quote_ts"]), "sell_exchange": b["exchange"], "sell_bid": b["bid"],
-        "sell_bid_size": b["bid_size"], "sell_ts": _ts(b["quote_ts"]),
+        "buy_ts": a["ts"], "sell_exchange": b["exchange"], "sell_bid": b["bid"],
+        "sell_bid_size": b["bid_size"], "sell_ts": b["ts"],
         "conversion_symbol": c["symbol"] if cross else None,
         "conversion_exchange": c["exchange"] if cross else None,
         "conversion_rate": rate, "conversion_fee": c["fee"] if cross else None,

@@ -64,7 +64,7 @@ def market_input(raw: DataFrame, settings: Settings) -> DataFrame:
     Output: :data:`spark_jobs.engine.INPUT_COLUMNS` and ``bucket`` (int). Times are UTC ms.
     """
     k = settings.stream_buckets
-    parsed = T.parse_quotes(raw, settings.taker_fees)
+    parsed = T.parse_quotes(raw, settings.taker_fees, settings.max_record_bytes)
     ok = F.col("error").isNull()
     parts = F.split(F.col("symbol"), "-")
     usd = F.array(*[F.lit(q) for q in settings.usd_quotes])
@@ -96,6 +96,9 @@ def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             frame[name] = pd.to_datetime(col, utc=True)
         elif dtype == "double":
             frame[name] = pd.to_numeric(col, errors="raise").astype("float64")
+        elif dtype in ("bigint", "int"):  # from_records made ints with gaps floats
+            ints = pd.array(col, dtype="Int64")
+            frame[name] = pd.Series(ints, dtype=object).where(~ints.isna(), None)
         else:
             frame[name] = col.astype(object).where(col.notna(), None)
     return frame

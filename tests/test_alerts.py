@@ -261,54 +261,54 @@ def parts(msg: EmailMessage) -> tuple[str, str]:
 
 # --- the event contract ----------------------------------------------------------------------
 
-def test_events_contract(spark: Any, data_dir: Path, tmp_path: Path) -> None:
-    """The real ``_events`` over real tracker output (a static DataFrame) validates with the
-    models, and equals what tests/alert_events.py publishes for the same quotes."""
-    from pyspark.sql import functions as F
+def test_events_contract(data_dir: Path, tmp_path: Path) -> None:
+    """The stream's real event writer (:func:`spark_jobs.sinks.records.event_json`) over the
+    real engine's records for real quotes, converted through Arrow as the sink receives them,
+    validates with the models and equals what tests/alert_events.py publishes for the same
+    quotes (an independent path: pandas reference spreads and the pure tracker)."""
+    import pyarrow as pa
 
-    from spark_jobs import tracker
-    from spark_jobs import transforms as T
-    from spark_jobs.arbitrage import _events
+    from spark_jobs.engine import INPUT_COLUMNS, Engine, EngineConfig
+    from spark_jobs.market import _frame
+    from spark_jobs.sinks.records import FIELDS, event_json
 
     conf = Settings(state_dir=tmp_path, episode_gap_seconds=GAP)
     start, end = START, datetime(2023, 3, 11, 4, 8, tzinfo=UTC)
     quotes = iaqf_quotes(data_dir, start, end)
-    raw = spark.createDataFrame(
-        [(q.symbol.encode(), Quote(exchange=q.exchange, symbol=q.symbol,
-                                   exchange_ts=int(q.exchange_ts), received_ts=int(q.exchange_ts),
-                                   bid=float(q.bid), ask=float(q.ask),
-                                   dedupe_key=q.dedupe_key).to_json(),
-          f"md.{q.exchange}.quotes", 0, i)
-         for i, q in enumerate(quotes.itertuples(index=False))],
-        "key binary, value binary, topic string, partition int, offset long",
-    )
-    haircut = (conf.slippage_bps + conf.latency_haircut_bps) / 10_000.0
-    pair_rows = [r.asDict() for r in T.spread_stream(
-        raw, conf.taker_fees, conf.watermark_seconds, conf.window_seconds,
-        conf.max_quote_age_seconds, conf.usd_quotes, haircut, conf.notional_usd,
-    ).where(F.col("kind") == "pair").collect()]
-    records = tracker_records(pair_rows, conf)
-    output = spark.createDataFrame(tracker._frame(records), tracker.OUTPUT_DDL)
-    # exactly the composition of spark_jobs.arbitrage.analytics_batch
-    opps = tracker.records(output, "spread").where(F.col("is_opportunity"))
-    out = _events(opps, "opportunity_id", "opportunity").unionByName(
-        _events(tracker.records(output, "episode"), "episode_id", "episode")).collect()
+    frame = quotes.assign(
+        kind="quote", bid_size=None, ask_size=None, bids=None, asks=None, error=None,
+        value=None, topic="md.x.quotes", partition=0, offset=0, home=True,
+        dedupe_hash=[hash(k) for k in quotes["dedupe_key"]])[INPUT_COLUMNS]
+    cfg, engine = EngineConfig.of(conf), Engine()
+    now = 1_800_000_000_000
+    records = engine.process(frame, now, cfg)
+    for step in range(1, 4):  # idle: every window closes and open episodes are flushed
+        records += engine.process(frame.iloc[:0], now + step * (cfg.idle_ms + 1), cfg)
+    table = pa.Table.from_pandas(_frame(records), preserve_index=False)
+    rows = table.to_pylist()
+    out = [(r["opportunity_id"], event_json("opportunity", {k: r[k] for k in
+                                                            FIELDS["opportunity"]}))
+           for r in rows if r["record"] == "opportunity"]
+    out += [(r["episode_id"], event_json("episode", {k: r[k] for k in FIELDS["episode"]}))
+            for r in rows if r["record"] == "episode"]
 
-    models = [parse_arb_event(r["value"]) for r in out]  # every event validates
-    # ... with the alert worker's model too, as final events
-    assert [parse_event(r["value"]).model_dump(exclude={"stage", "emitted_ts"})
-            for r in out] == [m.model_dump() for m in models]
+    models = [parse_arb_event(v) for _, v in out]  # every event validates
+    # ... with the alert worker's model too
+    assert [parse_event(v).model_dump() for _, v in out] == [m.model_dump() for m in models]
     kinds = Counter((m.type, getattr(m, "event", None)) for m in models)
     assert kinds[("opportunity", None)] > 100 and kinds[("episode", "closed")] > 5
     assert kinds[("episode", "opened")] == kinds[("episode", "closed")]
-    assert all(r["key"] == (m.opportunity_id if m.type == "opportunity" else m.episode_id)
-               for r, m in zip(out, models, strict=True))
-    production = sorted((json.loads(r["value"]) for r in out), key=json.dumps)
-    # tests/alert_events.py writes these same records byte-for-byte as to_json does ...
-    assert sorted((event_dict(r) for r in records), key=json.dumps) == production
-    # ... and its Spark-free spread rows give exactly the same events
+    assert all(k == (m.opportunity_id if m.type == "opportunity" else m.episode_id)
+               for (k, _), m in zip(out, models, strict=True))
+    stages = Counter(json.loads(v).get("stage") for _, v in out)
+    assert stages["early"] > 0 and stages["final"] > 0
+    final = sorted((
+        {k: v for k, v in json.loads(value).items() if k not in ("stage", "emitted_ts")}
+        for _, value in out if json.loads(value).get("stage") in ("final", None)
+    ), key=json.dumps)
+    # the independent path: reference spread rows through the pure tracker
     reference = [event_dict(r) for r in tracker_records(reference_rows(quotes, conf), conf)]
-    assert sorted(reference, key=json.dumps) == production
+    assert sorted(reference, key=json.dumps) == final
 
 
 def test_event_models_reject_what_the_stream_never_sends(
@@ -923,7 +923,8 @@ def test_alert_event_model_rejects_control_characters_with_a_clear_reason(
     for _, value in events:
         event, plain = parse_event(value), parse_arb_event(value)
         assert isinstance(event, type(plain))
-        assert event.model_dump(exclude={"stage", "emitted_ts"}) == plain.model_dump()
+        volatile = {"stage", "emitted_ts"}
+        assert event.model_dump(exclude=volatile) == plain.model_dump(exclude=volatile)
         assert getattr(event, "stage", "final") == "final"
     for _, value in hostile_records(events):
         with pytest.raises(ValueError) as info:

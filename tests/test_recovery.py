@@ -1,8 +1,8 @@
 """Exactly-once recovery: SIGKILL the stream job mid-replay, restart it from its checkpoint, and
 MongoDB and InfluxDB must end up identical to an uninterrupted run.
 
-Real data (IAQF bars, 2023-03-11 04:00–05:30 UTC, with the closing heartbeats) is replayed once
-into the quote topics. The job then runs as a real ``arbstream stream`` subprocess (its own
+Real data (IAQF bars, 2023-03-11 04:00–05:30 UTC, with the replay's closing heartbeats) is
+replayed once into the quote topics. The job then runs as a real ``arbstream stream`` subprocess (its own
 Spark JVM), from ``earliest``:
 
 * run A, uninterrupted, with the default ``ARB_MAX_OFFSETS_PER_TRIGGER`` (the slice in one
@@ -53,13 +53,19 @@ END = datetime(2023, 3, 11, 5, 30, tzinfo=UTC)
 RENAMED = {"binance": "rec_binance", "coinbase": "rec_coinbase", "kraken": "rec_kraken"}
 EXCHANGES = sorted(RENAMED.values())
 FEES = {RENAMED[e]: f for e, f in DEFAULT_TAKER_FEES.items() if e in RENAMED}
-QUERIES = ("ingest", "spreads", "health")  # at least these; others are found on disk
+QUERIES = ("market", "trades", "health")  # at least these; others are found on disk
 BATCHES = 4  # run B's micro-batches over this test's topics
 TRIGGER_SECONDS = 0.5
-IDLE_SECONDS = 6.0  # drained = caught up, offsets and watermark still for this long
+#: The job's ARB_IDLE_TIMEOUT_SECONDS: once every exchange has been silent this long, a
+#: processing-time timer closes the last windows (a no-data micro-batch).
+JOB_IDLE_SECONDS = 2.0
+#: drained = caught up, offsets and watermark still for this long (past the idle timer)
+IDLE_SECONDS = JOB_IDLE_SECONDS + 5.0
 RUN_TIMEOUT = 900.0  # generous: CI machines have 2 cores
 #: Fields holding wall-clock time of the write, which legitimately differ between runs.
-WALL_CLOCK_FIELDS = {"first_seen_at"}
+WALL_CLOCK_FIELDS = {"first_seen_at", "emitted_ts"}
+#: Measurements stamped with processing time (per-batch stream counters): not content.
+PROCESSING_TIME_MEASUREMENTS = {"stream"}
 
 Offsets = dict[str, dict[str, int]]
 
@@ -87,6 +93,7 @@ def job_env(conf: Settings, db: str, state: Path, max_offsets: int | None) -> di
         "ARB_SPARK_SHUFFLE_PARTITIONS": str(conf.spark_shuffle_partitions),
         "ARB_STARTING_OFFSETS": "earliest",
         "ARB_TRIGGER_SECONDS": str(TRIGGER_SECONDS),
+        "ARB_IDLE_TIMEOUT_SECONDS": str(JOB_IDLE_SECONDS),
         # keep 2023 data: a finite retention would drop it on write, in both runs alike
         "ARB_INFLUX_RAW_RETENTION": "INF",
         "ARB_INFLUX_FEATURES_RETENTION": "INF",
@@ -318,7 +325,8 @@ def influx_contents(conf: Settings, db: str) -> dict[str, list[dict[str, Any]]]:
     no ``max-row-limit``, so one SELECT returns every point.)"""
     at = conf.model_copy(update={"influx_db": db})
     policies = [r["name"] for r in influx.query(at, f"SHOW RETENTION POLICIES ON {_ident(db)}")]
-    measurements = [r["name"] for r in influx.query(at, "SHOW MEASUREMENTS")]
+    measurements = [r["name"] for r in influx.query(at, "SHOW MEASUREMENTS")
+                    if r["name"] not in PROCESSING_TIME_MEASUREMENTS]
     out: dict[str, list[dict[str, Any]]] = {}
     for rp in policies:
         for m in measurements:
@@ -367,7 +375,7 @@ def _doc_count(client: Any, db: str) -> int:
 
 
 def kill_mid_batch(job: Job, conf: Settings, db: str, ends: Offsets) -> int:
-    """SIGKILL ``job`` once a ``spreads`` micro-batch after the first committed one is in
+    """SIGKILL ``job`` once a ``market`` micro-batch after the first committed one is in
     flight and has already written part of its output to MongoDB.
 
     Returns:
@@ -379,10 +387,10 @@ def kill_mid_batch(job: Job, conf: Settings, db: str, ends: Offsets) -> int:
         while True:
             job.assert_alive()
             assert time.monotonic() < deadline, f"no partial batch to kill\n{job.tail()}"
-            assert not caught_up(job.checkpoints, "spreads", ends), (
+            assert not caught_up(job.checkpoints, "market", ends), (
                 "drained before a batch was caught mid-write: raise BATCHES"
             )
-            offset_id, commit_id = log_state(job.checkpoints, "spreads")
+            offset_id, commit_id = log_state(job.checkpoints, "market")
             count = _doc_count(client, db)
             if commit_id < 0 or offset_id <= commit_id:
                 in_flight = -1
@@ -411,9 +419,9 @@ def test_sigkill_and_restart_equals_uninterrupted_run(
         in_flight = kill_mid_batch(job, settings, "recovery_b", ends)
     finally:
         job.stop()
-    spreads = job.checkpoints / "spreads"
+    spreads = job.checkpoints / "market"
     logged = (spreads / "offsets" / str(in_flight)).read_text()
-    assert log_state(job.checkpoints, "spreads")[1] < in_flight, "committed before the kill"
+    assert log_state(job.checkpoints, "market")[1] < in_flight, "committed before the kill"
     restarted = Job(settings, "recovery_b", state_b, log_b, max_offsets)
     try:
         wait_drained(restarted, ends)

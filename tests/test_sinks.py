@@ -348,18 +348,20 @@ def test_rewrite_does_not_add_points(isettings: Settings) -> None:
     assert influx.query(isettings, "SELECT count(net_bps) FROM spread")[0]["count"] == 20
 
 
-def test_bad_line_protocol_is_a_clear_error_not_retried(isettings: Settings) -> None:
+def test_refused_lines_are_reported_not_retried(isettings: Settings) -> None:
+    """A line InfluxDB refuses (4xx) is reported in ``rejected`` with the server's reason,
+    never retried and never raised: the caller dead-letters it (spark_jobs.sinks.records)."""
     writer = influx.InfluxWriter(isettings, retries=3, backoff=5.0)
     started = time.monotonic()
-    with pytest.raises(influx.InfluxError, match="HTTP 400.*unable to parse") as err:
-        writer.write_lines(["quote,exchange=kraken bid= 1678507205000"])
+    assert writer.write_lines(["quote,exchange=kraken bid= 1678507205000"]) == 0
     assert time.monotonic() - started < 2.0  # a 4xx is never retried
-    assert not isinstance(err.value, influx.InfluxUnavailableError)
-    assert err.value.status == 400 and "missing field value" in err.value.body
+    line, reason = writer.rejected[-1]
+    assert line == "quote,exchange=kraken bid= 1678507205000"
+    assert reason.startswith("HTTP 400: unable to parse") and "missing field value" in reason
 
     assert influx.write_quotes(isettings, [quote()]) == 1  # bid is a float field now
-    with pytest.raises(influx.InfluxError, match="field type conflict"):
-        writer.write_lines([f'quote,exchange=kraken bid="x" {T0_MS}'], rp="raw")
+    assert writer.write_lines([f'quote,exchange=kraken bid="x" {T0_MS}'], rp="raw") == 0
+    assert "field type conflict" in writer.rejected[-1][1]
     with pytest.raises(influx.InfluxError, match="error parsing query"):
         influx.query(isettings, "SELEC bid FROM quote")
 
