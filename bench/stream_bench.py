@@ -498,6 +498,8 @@ def run_live(spark: Any, settings: Settings, checkpoint: Path, timeout: float,
             "batches": {q.name: batch_summary([p for p in data_batches(q)
                                                if _ts(p) >= t_go]) for q in queries},
             "all_batches": {q.name: all_batches(q, t_go) for q in queries},
+            "all_detail": {q.name: batch_summary([p for p in q.recentProgress
+                                                  if _ts(p) >= t_go]) for q in queries},
         }
     finally:
         for q in queries:
@@ -798,7 +800,8 @@ def report(args: argparse.Namespace, results: dict[str, Any], ready: dict[str, A
     print_batches("live run", live["batches"], args.details)
     print("  all micro-batches incl. no-data and timer ones, live run: " + ", ".join(
         f"{name} {k} ({busy:.1f} s busy)" for name, (k, busy) in live["all_batches"].items()))
-    summary["batches"] = {"live": live["batches"], "live_all": live["all_batches"]}
+    summary["batches"] = {"live": live["batches"], "live_all": live["all_batches"],
+                          "live_all_detail": live["all_detail"]}
     for name in ("source", "backlog"):
         if name in results:
             print_batches({"source": "source alone", "backlog": "backlog"}[name],

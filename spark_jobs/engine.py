@@ -28,7 +28,9 @@ arriving afterwards is late. It never moves back.
 * ``future_timestamp``: ``exchange_ts`` more than ``max_skew`` ahead of the record's own
   ``received_ts``, ``received_ts`` more than ``max_skew`` ahead of the processing clock, or an
   event time more than ``max_jump`` ahead of every clock seen so far (checked in event-time
-  order within a batch; after all exchanges were idle, the first record re-anchors time);
+  order within a batch, and all later records of the batch with it). After every exchange
+  has gone idle, a jump is accepted (time re-anchors, e.g. a replay of a later day) when the
+  records after it come from at least two exchanges;
 * ``late``: ``exchange_ts`` at or behind the combined watermark.
 
 Duplicates (``dedupe_key`` seen, as a 64-bit hash, within the non-final buckets) are dropped
@@ -211,15 +213,22 @@ class Engine:
         ok = np.flatnonzero(reason == None)  # noqa: E711
         if len(ok):
             order = ok[np.argsort(ts[ok], kind="stable")]
-            active = self._active(now_ms, cfg)
-            anchor = max((self.clocks[e] for e in active), default=None)
+            anchor = max(self.clocks.values(), default=None)
             prev = np.concatenate([[ts[order[0]] if anchor is None else anchor], ts[order[:-1]]])
             prev = np.maximum.accumulate(prev)
             jumps = np.flatnonzero(ts[order] - prev > cfg.max_jump_ms)
             if len(jumps):
-                reason[order[jumps[0]:]] = (
-                    "future_timestamp: event time jumps ahead of every exchange clock by more "
-                    "than the allowed jump")
+                tail = order[jumps[0]:]
+                exchanges_in_tail = set(df["exchange"].to_numpy(dtype=object)[tail].tolist())
+                # After every exchange went idle, a new replay of a later period may start:
+                # time re-anchors if at least two exchanges agree on it (one record or one
+                # skewed producer cannot), and the tail has no further jump.
+                reanchor = (self.clocks and not self._active(now_ms, cfg)
+                            and len(exchanges_in_tail) >= 2 and len(jumps) == 1)
+                if not reanchor:
+                    reason[tail] = (
+                        "future_timestamp: event time jumps ahead of every exchange clock by "
+                        "more than the allowed jump")
         late = (ts <= self.watermark) & (reason == None)  # noqa: E711
         reason[late] = f"late: exchange_ts at or behind the watermark {self.watermark} ms"
         home = df["home"].to_numpy(dtype=bool)

@@ -204,3 +204,16 @@ def test_idle_close_then_resume_continues_the_same_episode() -> None:
              if e["buy_exchange"] == "coinbase" and e["event"] == "closed"]
     assert ep2["episode_id"] == episode["episode_id"]
     assert ep2["windows"] == 10
+
+
+def test_after_idleness_one_exchange_cannot_reanchor_time_but_two_can() -> None:
+    c, eng = cfg(), Engine()
+    run(eng, [quote("coinbase", T0, 99.9, 100.0), quote("kraken", T0, 99.9, 100.0)], c)
+    run(eng, [], c, NOW + 6000)  # all idle
+    day = 24 * 3_600_000
+    lone = run(eng, [quote("kraken", T0 + day, 99.9, 100.0)], c, NOW + 7000)
+    assert [d["reason"][:16] for d in of(lone, "deadletter")] == ["future_timestamp"]
+    replay = run(eng, [quote("coinbase", T0 + day + 1, 99.9, 100.0),
+                       quote("kraken", T0 + day + 2, 99.9, 100.0)], c, NOW + 8000)
+    assert not of(replay, "deadletter")
+    assert eng.clocks == {"coinbase": T0 + day + 1, "kraken": T0 + day + 2}

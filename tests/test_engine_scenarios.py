@@ -140,14 +140,16 @@ def of(records: list[dict[str, Any]], kind: str, stage: str | None = None
 
 
 def ms_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records with every timestamp as integer UTC ms (checked to be whole ms)."""
+    """Records with every timestamp (``datetime``, or ``pd.Timestamp``) as integer UTC ms
+    (checked to be aware and whole ms)."""
     out = []
     for r in records:
         d = dict(r)
         for k, v in d.items():
-            if isinstance(v, pd.Timestamp):
-                assert v.tzinfo is not None and v.value % 1_000_000 == 0, (k, d)
-                d[k] = v.value // 1_000_000
+            if isinstance(v, datetime):  # pd.Timestamp is a datetime too
+                ms = tracker._ms(v)
+                assert v.tzinfo is not None and v == tracker._ts(ms), (k, d)
+                d[k] = ms
         out.append(d)
     return out
 

@@ -52,7 +52,7 @@ HOUR = 3_600_000
 def conf(settings: Settings) -> Settings:
     out = settings.model_copy(update={
         "exchanges": sorted(RENAMED.values()), "fees": FEES, "starting_offsets": "latest",
-        "trigger_seconds": 0.5, "idle_timeout_seconds": 2.0, "health_interval_seconds": 1.0,
+        "trigger_seconds": 0.5, "idle_timeout_seconds": 6.0, "health_interval_seconds": 1.0,
         "influx_raw_retention": "INF", "influx_features_retention": "INF",
         "episode_gap_seconds": 120.0,
     })
@@ -113,7 +113,7 @@ def hostile_records(last_ts: int) -> list[tuple[str, bytes, str]]:
 
     def beat(ts: int) -> dict[str, Any]:
         return {"schema_version": 1, "type": "heartbeat", "exchange": cb, "exchange_ts": ts,
-                "received_ts": ts}
+                "received_ts": ts, "dedupe_key": f"{cb}:hb:{ts}"}
 
     def j(doc: dict[str, Any]) -> bytes:
         return json.dumps(doc).encode()
