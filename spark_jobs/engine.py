@@ -69,7 +69,7 @@ MAX_TS_MS = 4_102_444_800_000
 #: ``heartbeat`` or null (invalid: ``error`` says why); times are UTC ms (int64);
 #: ``dedupe_hash`` is a 64-bit hash of ``dedupe_key``; ``home`` is false for a copy of a
 #: stablecoin-rate quote sent to this bucket only for conversions; ``value`` is the original
-#: payload (invalid records only).
+#: payload (bytes).
 INPUT_COLUMNS = [
     "kind", "exchange", "symbol", "bid", "ask", "bid_size", "ask_size", "exchange_ts",
     "received_ts", "dedupe_key", "dedupe_hash", "bids", "asks", "error", "value", "topic",

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.streaming.stateful_processor import (
@@ -53,8 +55,54 @@ OUTPUT_FIELDS: dict[str, str] = {
     "source_offset": "bigint", "received": "bigint", "duplicates": "bigint", "late": "bigint",
     "future": "bigint", "watermark_ms": "bigint",
 }
-OUTPUT_DDL = ", ".join(f"`{k}` {v}" for k, v in OUTPUT_FIELDS.items())
+_ARROW_TYPES = {
+    "string": pa.string(), "double": pa.float64(), "bigint": pa.int64(), "int": pa.int32(),
+    "boolean": pa.bool_(), "timestamp": pa.timestamp("us", tz="UTC"), "binary": pa.binary(),
+}
+OUTPUT_SCHEMA = pa.schema([(k, _ARROW_TYPES[v]) for k, v in OUTPUT_FIELDS.items()])
+QUOTE_SCHEMA = pa.schema([
+    ("exchange", pa.string()), ("symbol", pa.string()), ("bid", pa.float64()),
+    ("ask", pa.float64()), ("bid_size", pa.float64()), ("ask_size", pa.float64()),
+    ("exchange_ts", pa.int64()),
+])
+#: Rows between the stages of the market query: one Arrow IPC stream (``payload``) holding
+#: many records, so Spark moves a few large rows instead of one row per quote (PySpark's
+#: ``transformWithStateInPandas`` regroups its input row by row in Python).
+PACKED_DDL = "bucket int, kind string, rows bigint, payload binary"
+#: The processor's output rows: ``kind`` "records" (a packed table of :data:`OUTPUT_SCHEMA`)
+#: or "quotes" (:data:`QUOTE_SCHEMA`), ``rows`` in it, ``payload`` (:func:`pack`).
+OUTPUT_DDL = "kind string, rows bigint, payload binary"
 STATE_DDL = "engine binary"
+
+
+def pack(table: pa.Table | pa.RecordBatch) -> bytes:
+    """Arrow IPC stream bytes of ``table``."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write(table)
+    return sink.getvalue().to_pybytes()
+
+
+def unpack(payload: bytes) -> pa.Table:
+    """The table of :func:`pack` bytes."""
+    return pa.ipc.open_stream(pa.py_buffer(payload)).read_all()
+
+
+def pack_by_bucket(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """``mapInArrow`` body before the shuffle: each input batch's rows split by ``bucket``,
+    one packed row (:data:`PACKED_DDL`, ``kind`` "input") per bucket."""
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        bucket = batch.column("bucket")
+        data = batch.drop_columns(["bucket"])
+        for b in pc.unique(bucket).to_pylist():
+            sub = data.filter(pc.equal(bucket, b))
+            yield pa.RecordBatch.from_pydict({
+                "bucket": pa.array([b], pa.int32()), "kind": pa.array(["input"]),
+                "rows": pa.array([sub.num_rows], pa.int64()),
+                "payload": pa.array([pack(sub)], pa.binary()),
+            })
 
 
 def market_input(raw: DataFrame, settings: Settings) -> DataFrame:
@@ -80,7 +128,9 @@ def market_input(raw: DataFrame, settings: Settings) -> DataFrame:
         "received_ts", "dedupe_key",
         F.xxhash64("dedupe_key").alias("dedupe_hash"),
         F.when(ok, F.col("bids")).alias("bids"), F.when(ok, F.col("asks")).alias("asks"),
-        "error", F.when(~ok, F.col("value")).alias("value"),
+        # the payload goes along for every record: the engine may still dead-letter a valid
+        # one (future_timestamp, late), and a dead letter keeps the bytes as received
+        "error", "value",
         "topic", "partition", "offset",
         own.alias("_own"), F.explode(buckets).alias("bucket"),
     ).withColumn("home", F.col("bucket") == F.col("_own")).drop("_own")
@@ -133,33 +183,44 @@ class MarketProcessor(StatefulProcessor):
         self.handle = handle
         self.state = handle.getValueState("engine", STATE_DDL)
 
-    def _step(self, frame: pd.DataFrame, now_ms: int) -> Iterator[pd.DataFrame]:
+    def _step(self, frame: pd.DataFrame, now_ms: int,
+              expired: int | None = None) -> Iterator[pd.DataFrame]:
         engine = pickle.loads(self.state.get()[0]) if self.state.exists() else Engine()
         quotes: list[pd.DataFrame] = []
         records = engine.process(frame, now_ms, self.cfg, quotes)
         self.state.update((pickle.dumps(engine, protocol=5),))
         for old in self.handle.listTimers():
-            self.handle.deleteTimer(old)
+            if old != expired:  # the expired timer is gone already
+                self.handle.deleteTimer(old)
         if engine.clocks and not engine.flushed:
             self.handle.registerTimer(now_ms + self.cfg.idle_ms + 1)
+        out = []
         if records:
-            yield _frame(records)
-        for points in quotes:
-            if len(points):
-                yield _quote_frame(points)
+            table = pa.Table.from_pandas(_frame(records), schema=OUTPUT_SCHEMA,
+                                         preserve_index=False)
+            out.append(("records", table.num_rows, pack(table)))
+        points = [q for q in quotes if len(q)]
+        if points:
+            table = pa.Table.from_pandas(pd.concat(points, ignore_index=True),
+                                         schema=QUOTE_SCHEMA, preserve_index=False)
+            out.append(("quotes", table.num_rows, pack(table)))
+        if out:
+            yield pd.DataFrame(out, columns=["kind", "rows", "payload"])
 
     def handleInputRows(
         self, key: Any, rows: Iterator[pd.DataFrame], timerValues: TimerValues
     ) -> Iterator[pd.DataFrame]:
-        frames = list(rows)
-        frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        tables = [unpack(p) for f in rows for p in f["payload"]]
+        frame = pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame(
+            columns=INPUT_COLUMNS)
         yield from self._step(frame, timerValues.getCurrentProcessingTimeInMs())
 
     def handleExpiredTimer(
         self, key: Any, timerValues: TimerValues, expiredTimerInfo: ExpiredTimerInfo
     ) -> Iterator[pd.DataFrame]:
         empty = pd.DataFrame(columns=INPUT_COLUMNS)
-        yield from self._step(empty, timerValues.getCurrentProcessingTimeInMs())
+        yield from self._step(empty, timerValues.getCurrentProcessingTimeInMs(),
+                              expiredTimerInfo.getExpiryTimeInMs())
 
     def close(self) -> None:
         pass
@@ -167,7 +228,7 @@ class MarketProcessor(StatefulProcessor):
 
 def market_stream(raw: DataFrame, settings: Settings) -> DataFrame:
     """The market query's output: :data:`OUTPUT_FIELDS` rows, ``record`` per row."""
-    keyed = market_input(raw, settings).groupBy("bucket")
-    return keyed.transformWithStateInPandas(
+    packed = market_input(raw, settings).mapInArrow(pack_by_bucket, PACKED_DDL)
+    return packed.groupBy("bucket").transformWithStateInPandas(
         MarketProcessor(EngineConfig.of(settings)), OUTPUT_DDL, "Append", "ProcessingTime",
     )

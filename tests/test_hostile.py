@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -216,22 +217,26 @@ def test_consecutive_replays_give_the_union(spark: Any, conf: Settings, tmp_path
 def test_health_rows_flow_while_a_market_backlog_is_processed(
     spark: Any, conf: Settings, tmp_path
 ) -> None:
-    """A backlog of three weeks of bars is one long market micro-batch after another; the
+    """A day of bars (~14k quotes) read 4,000 records per market micro-batch; the
     health query (its own FAIR pool) keeps writing its rows meanwhile."""
     busy = conf.model_copy(update={"mongo_db": "backlog", "influx_db": "backlog",
                                    "max_offsets_per_trigger": 4_000})
     backlog = load_iaqf_quotes(conf.data_dir, datetime(2023, 3, 1, tzinfo=UTC),
                                datetime(2023, 3, 2, tzinfo=UTC))
     backlog["exchange"] = backlog["exchange"].map(RENAMED)
-    publish_quotes(backlog, busy, progress=False)
     influx.ensure_database(busy)
     producer = Producer(busy.kafka_client_config())
     queries = arbitrage.start(spark, busy, tmp_path / "ckpt")
     seen: list[float] = []
+    publisher = threading.Thread(target=publish_quotes, args=(backlog, busy),
+                                 kwargs={"progress": False})
     try:
         market = next(q for q in queries if q.name == "market")
+        while market.lastProgress is None:
+            time.sleep(0.5)
+        publisher.start()
         started = time.monotonic()
-        while time.monotonic() - started < 60:
+        while time.monotonic() - started < 90:
             ts = int(time.time() * 1000)
             producer.produce(HEALTH, key=b"hx_kraken", value=json.dumps({
                 "schema_version": 1, "type": "health", "exchange": "hx_kraken", "ts": ts,
@@ -242,14 +247,14 @@ def test_health_rows_flow_while_a_market_backlog_is_processed(
             rows = influx.query(busy, "SELECT count(queue_depth) FROM health WHERE "
                                 "exchange = 'hx_kraken'")
             seen.append(rows[0]["count"] if rows else 0)
-            progress = market.recentProgress
-            done = sum(p["numInputRows"] for p in progress)
+            done = sum(p["numInputRows"] for p in market.recentProgress)
             if done >= len(backlog) and len(seen) > 10:
                 break
             time.sleep(1.0)
         busy_batches = [p for p in market.recentProgress if p["numInputRows"] > 0]
         assert len(busy_batches) >= 3, "the backlog was not processed in several batches"
     finally:
+        publisher.join()
         for q in queries:
             q.stop()
     # health rows arrived all along, not only after the backlog: the count kept growing

@@ -1,7 +1,9 @@
 """Write the market query's records to every sink, from Arrow batches on the executors.
 
 The foreachBatch body (:func:`write_batch`) runs :func:`write_partition` through
-``DataFrame.mapInArrow``: each executor task converts its Arrow batches to dicts once, groups
+``DataFrame.mapInArrow``: each executor task unpacks the market query's packed tables
+(:func:`spark_jobs.market.pack`), converts them to dicts once (quotes: straight to line
+protocol, column-wise), groups
 them by ``record`` and writes them with clients cached per Python worker (one MongoDB client,
 one Kafka producer), in this order, so that a consumer of an event finds its documents:
 
@@ -31,6 +33,7 @@ from arbstream.config import Settings
 from arbstream.schemas import SCHEMA_VERSION, DeadLetter
 from arbstream.topics import DEADLETTER, OPPORTUNITIES
 from spark_jobs import tracker
+from spark_jobs.market import unpack
 from spark_jobs.sinks import influx, mongo
 
 log = logging.getLogger(__name__)
@@ -165,15 +168,18 @@ def write_partition(settings: Settings, batches: Iterator[pa.RecordBatch]
     (:func:`write_records`); yield one row of counts per record type."""
     by_type: dict[str, list[dict[str, Any]]] = {}
     quote_lines: list[str] = []
-    for batch in batches:
-        record = batch.column("record")
-        for kind in pc.unique(record).to_pylist():
-            sub = batch.filter(pc.equal(record, kind)).select(FIELDS[kind])
-            if kind == "quote":  # the per-quote path: columns straight to line protocol
-                quote_lines += influx.quote_lines(*[sub.column(n).to_pylist()
+    for packed in batches:
+        for kind, payload in zip(packed.column("kind").to_pylist(),
+                                 packed.column("payload").to_pylist(), strict=True):
+            table = unpack(payload)
+            if kind == "quotes":  # the per-quote path: columns straight to line protocol
+                quote_lines += influx.quote_lines(*[table.column(n).to_pylist()
                                                     for n in QUOTE_FIELDS])
-            else:
-                by_type.setdefault(kind, []).extend(sub.to_pylist())
+                continue
+            record = table.column("record")
+            for name in pc.unique(record).to_pylist():
+                sub = table.filter(pc.equal(record, name)).select(FIELDS[name])
+                by_type.setdefault(name, []).extend(sub.to_pylist())
     if quote_lines:
         by_type["quote"] = [{"line": line} for line in quote_lines]
     if by_type:
