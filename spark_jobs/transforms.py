@@ -86,8 +86,13 @@ def _payload_checks() -> list[tuple[Column, Column]]:
 
 def _identity_checks(topic_kinds: str, has_symbol: Column) -> list[tuple[Column, Column]]:
     """Checks of a market-data record's exchange id, its topic ``md.<exchange>.<kind>``
-    (``topic_kinds`` a regex alternation) and, where ``has_symbol``, its canonical symbol."""
-    topic_exchange = F.regexp_extract("topic", rf"^md\.([^.]+)\.({topic_kinds})$", 1)
+    (``topic_kinds`` kinds joined by ``|``) and, where ``has_symbol``, its canonical symbol."""
+    # md.<exchange>.<kind> by splitting, not a regex per row; "" when the topic has no such form
+    parts = F.split(F.col("topic"), r"\.")
+    kinds = F.array(*[F.lit(k) for k in topic_kinds.split("|")])
+    topic_exchange = F.when(
+        (F.size(parts) == 3) & (parts[0] == "md") & F.array_contains(kinds, parts[2]), parts[1]
+    ).otherwise(F.lit(""))
     return [
         (
             ~F.coalesce(F.col("exchange").rlike(EXCHANGE_JAVA_RE), F.lit(False)),
@@ -168,7 +173,7 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float],
     parsed = _payload(raw, QUOTE_DDL).select(
         "*", *[F.col(f"q.{c}").alias(c) for c in QUOTE_COLUMNS + ["schema_version", "type"]]
     )
-    fee = _fee_map(fees)[F.col("exchange")]
+    has_fee = F.col("exchange").isin(*sorted(fees))  # a hash-set lookup, not a map per row
 
     is_quote = F.col("type") == "quote"
     is_book = F.col("type") == "book"
@@ -224,7 +229,7 @@ def parse_quotes(raw: DataFrame, fees: Mapping[str, float],
         (F.col("ask_size") < 0, F.lit("ask_size is negative")),
         *_time_checks(),
         (
-            fee.isNull(),
+            ~F.coalesce(has_fee, F.lit(False)),
             F.concat(F.lit("no taker fee configured for exchange "), F.col("exchange")),
         ),
     ]
