@@ -167,8 +167,11 @@ class Settings(BaseSettings):
     # --- Spark job -----------------------------------------------------------------------
     spark_master: str = "local[2]"
     spark_kafka_source: Literal["python", "builtin"] = "python"
-    spark_shuffle_partitions: int = Field(4, ge=1)
-    trigger_seconds: float = Field(1.0, gt=0, description="Micro-batch trigger interval")
+    spark_shuffle_partitions: int = Field(
+        2, ge=1, description="Shuffle partitions: the cores (measured on local[2]: 4 -> 2 took "
+        "early-event latency at 10k quotes/s from p50 4.2 s to 2.5 s)"
+    )
+    trigger_seconds: float = Field(0.5, gt=0, description="Micro-batch trigger interval")
     max_offsets_per_trigger: int | None = Field(200_000, ge=1)
     starting_offsets: Literal["earliest", "latest"] = "earliest"
     fail_on_data_loss: bool = True

@@ -140,7 +140,7 @@ def test_env_vars_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ARB_KAFKA_BOOTSTRAP", "kafka:9092")
     monkeypatch.setenv("ARB_KAFKA_PARTITIONS", "6")
     monkeypatch.setenv("ARB_FAIL_ON_DATA_LOSS", "false")
-    monkeypatch.setenv("ARB_TRIGGER_SECONDS", "0.5")
+    monkeypatch.setenv("ARB_TRIGGER_SECONDS", "0.75")
     monkeypatch.setenv("ARB_STATE_DIR", "/state")
     monkeypatch.setenv("ARB_INFLUX_API", "v2")
     monkeypatch.setenv("ARB_MIN_NET", "-0.001")
@@ -150,7 +150,7 @@ def test_env_vars_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.kafka_bootstrap == "kafka:9092"
     assert s.kafka_partitions == 6
     assert s.fail_on_data_loss is False
-    assert s.trigger_seconds == 0.5
+    assert s.trigger_seconds == 0.75
     assert s.checkpoint_dir == Path("/state/checkpoints")
     assert s.influx_api == "v2"
     assert s.min_net == -0.001
