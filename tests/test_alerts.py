@@ -50,7 +50,6 @@ from arbstream.config import AlertRule, Settings
 from arbstream.schemas import (
     EpisodeEvent,
     OpportunityEvent,
-    Quote,
     episode_start_ms,
     parse_arb_event,
 )

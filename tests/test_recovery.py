@@ -2,8 +2,8 @@
 MongoDB and InfluxDB must end up identical to an uninterrupted run.
 
 Real data (IAQF bars, 2023-03-11 04:00–05:30 UTC, with the replay's closing heartbeats) is
-replayed once into the quote topics. The job then runs as a real ``arbstream stream`` subprocess (its own
-Spark JVM), from ``earliest``:
+replayed once into the quote topics. The job then runs as a real ``arbstream stream``
+subprocess (its own Spark JVM), from ``earliest``:
 
 * run A, uninterrupted, with the default ``ARB_MAX_OFFSETS_PER_TRIGGER`` (the slice in one
   micro-batch), into MongoDB/InfluxDB databases ``recovery_a``;
