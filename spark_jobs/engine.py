@@ -15,9 +15,11 @@ message count, latency sum, latest book), so the work per window is independent 
 message rate: ``max_quote_age / W`` buckets are merged instead of exploding every quote into
 ``max_quote_age / W`` sliding windows.
 
-**Event time per exchange** (Flink's per-partition watermarks with idleness): each exchange
-has its own clock (max accepted ``exchange_ts``). The combined watermark is the minimum over
-exchanges active in the last ``idle_timeout`` of processing time of ``clock - watermark``;
+**Event time per exchange and partition** (Flink's per-partition watermarks with idleness):
+each source partition of each exchange's topics has its own clock (max accepted
+``exchange_ts``): a symbol on a partition that is read behind the others (a backlog split over
+partitions) is not made late by them. The combined watermark is the minimum over partitions
+active in the last ``idle_timeout`` of processing time of ``clock - watermark``;
 when every exchange is idle it is the maximum clock (a finite replay closes its windows
 without any record stamped into the future): it then moves to the last clock +
 ``max_quote_age`` - 1 ms, so every window holding a quote closes, and a record of that span
@@ -29,8 +31,9 @@ arriving afterwards is late. It never moves back.
   ``received_ts``, ``received_ts`` more than ``max_skew`` ahead of the processing clock, or an
   event time more than ``max_jump`` ahead of every clock seen so far (checked in event-time
   order within a batch, and all later records of the batch with it). After every exchange
-  has gone idle, a jump is accepted (time re-anchors, e.g. a replay of a later day) when the
-  records after it come from at least two exchanges;
+  has gone idle, a jump is accepted (time re-anchors: a replay of a later day, or live feeds
+  after a replay) when the records after it come from at least two exchanges or were all
+  received within ``max_skew`` of the processing clock;
 * ``late``: ``exchange_ts`` at or behind the combined watermark.
 
 Duplicates (``dedupe_key`` seen, as a 64-bit hash, within the non-final buckets) are dropped
@@ -134,8 +137,10 @@ class Slot:
 class Engine:
     """State of one key of the market query and the batch step; see the module docstring."""
 
+    #: event-time clock (max accepted exchange_ts, UTC ms) per source partition
+    #: ``<topic>|<partition>``: one exchange's topic partitions, one clock each
     clocks: dict[str, int] = field(default_factory=dict)
-    seen_at: dict[str, int] = field(default_factory=dict)  # exchange -> processing ms
+    seen_at: dict[str, int] = field(default_factory=dict)  # partition -> processing ms
     watermark: int = -1
     slots: dict[tuple[str, str, int], Slot] = field(default_factory=dict)
     hashes: dict[int, np.ndarray] = field(default_factory=dict)  # k -> sorted int64
@@ -220,11 +225,14 @@ class Engine:
             if len(jumps):
                 tail = order[jumps[0]:]
                 exchanges_in_tail = set(df["exchange"].to_numpy(dtype=object)[tail].tolist())
-                # After every exchange went idle, a new replay of a later period may start:
-                # time re-anchors if at least two exchanges agree on it (one record or one
-                # skewed producer cannot), and the tail has no further jump.
-                reanchor = (self.clocks and not self._active(now_ms, cfg)
-                            and len(exchanges_in_tail) >= 2 and len(jumps) == 1)
+                # (exchanges, not partitions: one exchange's partitions are one producer)
+                # After every exchange went idle, a new replay of a later period or a live
+                # feed may start: time re-anchors if at least two exchanges agree on it, or if
+                # the records are live (received now, by the processing clock); one replayed
+                # record or one skewed producer cannot. The tail has no further jump.
+                live = bool(np.all(np.abs(recv[tail] - now_ms) <= cfg.max_skew_ms))
+                reanchor = (self.clocks and not self._active(now_ms, cfg) and len(jumps) == 1
+                            and (len(exchanges_in_tail) >= 2 or live))
                 if not reanchor:
                     reason[tail] = (
                         "future_timestamp: event time jumps ahead of every exchange clock by "
@@ -271,11 +279,13 @@ class Engine:
         return pd.concat([data[keep], df[df["kind"] == "heartbeat"]])
 
     def _advance_clocks(self, df: pd.DataFrame, now_ms: int) -> None:
+        """Advance the clock of every source partition (``<topic>|<partition>``) in ``df``."""
         if df.empty:
             return
-        for e, t in df.groupby("exchange")["exchange_ts"].max().items():
-            self.clocks[e] = max(self.clocks.get(e, t), int(t))
-            self.seen_at[e] = now_ms
+        for (topic, part), t in df.groupby(["topic", "partition"])["exchange_ts"].max().items():
+            key = f"{topic}|{part}"
+            self.clocks[key] = max(self.clocks.get(key, int(t)), int(t))
+            self.seen_at[key] = now_ms
 
     # --- snapshots --------------------------------------------------------------------------
 

@@ -74,9 +74,9 @@ def conf(tmp_path: Path, **changes: Any) -> Settings:
 
 def spark_state(root: Path) -> None:
     """Files like those Spark leaves in a query checkpoint."""
-    (root / "spreads" / "offsets").mkdir(parents=True)
-    (root / "spreads" / "offsets" / "0").write_text('v1\n{}\n{"md.kraken.quotes": {"0": 5}}\n')
-    (root / "spreads" / "metadata").write_text('{"id": "x"}\n')
+    (root / "market" / "offsets").mkdir(parents=True)
+    (root / "market" / "offsets" / "0").write_text('v1\n{}\n{"md.kraken.quotes": {"0": 5}}\n')
+    (root / "market" / "metadata").write_text('{"id": "x"}\n')
 
 
 # --- verify ------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def test_new_checkpoint_records_its_fingerprint(tmp_path: Path) -> None:
     assert set(doc["settings"]["taker_fees"]) == {"binance", "coinbase", "kraken"}
 
     empty = tmp_path / "empty"  # empty query directories are still a new checkpoint
-    (empty / "spreads" / "offsets").mkdir(parents=True)
+    (empty / "market" / "offsets").mkdir(parents=True)
     verify(settings, empty)
     assert (empty / FINGERPRINT_FILE).is_file()
 
@@ -195,7 +195,7 @@ def test_unreadable_fingerprint_raises(tmp_path: Path) -> None:
 
 def test_other_errors_are_not_checkpoint_errors(tmp_path: Path) -> None:
     assert not is_state_incompatibility(RuntimeError("Kafka broker unreachable"))
-    raise_if_incompatible(ValueError("boom"), "spreads", tmp_path)  # returns, raises nothing
+    raise_if_incompatible(ValueError("boom"), "market", tmp_path)  # returns, raises nothing
 
 
 # --- Spark's own state-schema check ---------------------------------------------------------
@@ -263,7 +263,7 @@ def test_job_refuses_checkpoint_of_another_window(spark, settings: Settings, tmp
     finally:
         for q in queries:
             q.stop()
-    assert (root / "spreads" / "offsets" / "0").exists()
+    assert (root / "market" / "offsets" / "0").exists()
     fingerprint_file = root / FINGERPRINT_FILE
     assert fingerprint_file.is_file(), "arbitrage.start does not call checkpoint.verify"
     recorded = fingerprint_file.read_bytes()

@@ -124,6 +124,19 @@ def test_each_exchange_has_its_own_clock() -> None:
     assert eng.watermark == T0 + 39_000 - 2000  # the lagging exchange holds it back
 
 
+def test_each_partition_has_its_own_clock() -> None:
+    """One exchange's symbols on two partitions, the second read a minute behind the first (a
+    backlog split over partitions): none of its records is late."""
+    c, eng = cfg(), Engine()
+    out: list[dict] = []
+    for i in range(30):
+        out += run(eng, [quote("kraken", T0 + 60_000 + i * 1000, 99.9, 100.0),
+                         quote("kraken", T0 + i * 1000, 99.9, 100.0, symbol="ETH-USD",
+                               partition=1)], c, NOW + i)
+    assert not of(out, "deadletter")
+    assert eng.clocks == {"md.kraken.quotes|0": T0 + 89_000, "md.kraken.quotes|1": T0 + 29_000}
+
+
 def test_an_idle_exchange_stops_holding_the_watermark_back() -> None:
     c, eng = cfg(), Engine()
     run(eng, [quote("coinbase", T0, 99.9, 100.0), quote("kraken", T0, 99.9, 100.0)], c)
@@ -147,7 +160,7 @@ def test_future_records_are_dead_lettered_and_never_move_time() -> None:
     letters = of(out, "deadletter")
     assert len(letters) == 4
     assert all(d["reason"].startswith("future_timestamp") for d in letters)
-    assert eng.clocks == {"coinbase": T0, "kraken": T0 + 600}
+    assert eng.clocks == {"md.coinbase.quotes|0": T0, "md.kraken.quotes|0": T0 + 600}
     # and the stream goes on: the next quotes are neither late nor future
     nxt = run(eng, [quote("coinbase", T0 + 700, 99.9, 100.0)], c, NOW + 20)
     assert not of(nxt, "deadletter")
@@ -216,4 +229,15 @@ def test_after_idleness_one_exchange_cannot_reanchor_time_but_two_can() -> None:
     replay = run(eng, [quote("coinbase", T0 + day + 1, 99.9, 100.0),
                        quote("kraken", T0 + day + 2, 99.9, 100.0)], c, NOW + 8000)
     assert not of(replay, "deadletter")
-    assert eng.clocks == {"coinbase": T0 + day + 1, "kraken": T0 + day + 2}
+    assert eng.clocks == {"md.coinbase.quotes|0": T0 + day + 1,
+                          "md.kraken.quotes|0": T0 + day + 2}
+
+
+def test_after_a_replay_a_live_feed_of_one_exchange_reanchors_time() -> None:
+    c, eng = cfg(), Engine()
+    run(eng, [quote("coinbase", T0, 99.9, 100.0), quote("kraken", T0, 99.9, 100.0)], c)
+    run(eng, [], c, NOW + 6000)  # the replay is over: all idle
+    now = NOW + 7000
+    live = run(eng, [quote("kraken", now - 50, 99.9, 100.0, recv=now - 20)], c, now)
+    assert not of(live, "deadletter")
+    assert eng.clocks["md.kraken.quotes|0"] == now - 50
