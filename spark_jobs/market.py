@@ -97,7 +97,7 @@ def pack_by_bucket(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch
         bucket = batch.column("bucket")
         data = batch.drop_columns(["bucket"])
         for b in pc.unique(bucket).to_pylist():
-            sub = data.filter(pc.equal(bucket, b))
+            sub = data.filter(pc.equal(bucket, b))  # input batches are ≤ 10k rows already
             yield pa.RecordBatch.from_pydict({
                 "bucket": pa.array([b], pa.int32()), "kind": pa.array(["input"]),
                 "rows": pa.array([sub.num_rows], pa.int64()),
@@ -172,6 +172,14 @@ def _quote_frame(points: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(cols)
 
 
+#: Most rows per packed output table (a few MB each).
+PACK_ROWS = 20_000
+
+
+def _packed_row(kind: str, table: pa.Table) -> pd.DataFrame:
+    return pd.DataFrame({"kind": [kind], "rows": [table.num_rows], "payload": [pack(table)]})
+
+
 class MarketProcessor(StatefulProcessor):
     """The ``transformWithStateInPandas`` processor of the market query, key ``bucket``; see
     the module docstring for its callbacks."""
@@ -194,18 +202,18 @@ class MarketProcessor(StatefulProcessor):
                 self.handle.deleteTimer(old)
         if engine.clocks and not engine.flushed:
             self.handle.registerTimer(now_ms + self.cfg.idle_ms + 1)
-        out = []
-        if records:
-            table = pa.Table.from_pandas(_frame(records), schema=OUTPUT_SCHEMA,
-                                         preserve_index=False)
-            out.append(("records", table.num_rows, pack(table)))
+        # Output in packs of at most PACK_ROWS rows: one JVM binary value per pack, so a
+        # large backlog (days of windows finalized at once) never becomes one huge value.
+        for i in range(0, len(records), PACK_ROWS):
+            table = pa.Table.from_pandas(_frame(records[i:i + PACK_ROWS]),
+                                         schema=OUTPUT_SCHEMA, preserve_index=False)
+            yield _packed_row("records", table)
         points = [q for q in quotes if len(q)]
         if points:
             table = pa.Table.from_pandas(pd.concat(points, ignore_index=True),
                                          schema=QUOTE_SCHEMA, preserve_index=False)
-            out.append(("quotes", table.num_rows, pack(table)))
-        if out:
-            yield pd.DataFrame(out, columns=["kind", "rows", "payload"])
+            for i in range(0, table.num_rows, PACK_ROWS):
+                yield _packed_row("quotes", table.slice(i, PACK_ROWS))
 
     def handleInputRows(
         self, key: Any, rows: Iterator[pd.DataFrame], timerValues: TimerValues

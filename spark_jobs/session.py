@@ -31,7 +31,8 @@ def build_session(
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(app_name)
     if not submitted:
-        builder = builder.master(settings.spark_master)
+        builder = builder.master(settings.spark_master).config(
+            "spark.driver.memory", settings.spark_driver_memory)
     session = (
         builder.config("spark.sql.session.timeZone", "UTC")
         .config("spark.driver.extraJavaOptions", "-Duser.timezone=UTC")

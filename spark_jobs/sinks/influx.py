@@ -68,6 +68,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 import urllib.error
@@ -386,8 +387,31 @@ def quote_lines(exchange: list[str], symbol: list[str], bid: list[float], ask: l
 
 
 def spread_line(row: Mapping[str, Any]) -> str:
-    """Line protocol (ms precision) of one spread row; ``""`` when it has no finite field."""
-    return spread_point(row).to_line_protocol()
+    """Line protocol (ms precision) of one spread row: the point of :func:`spread_point`,
+    formatted directly (one per pair and window: the stream's second-hottest path). Tag values
+    are validated exchange ids and ``BASE-QUOTE`` symbols, which need no escaping; ``""`` when
+    the row has no finite field.
+
+    Raises:
+        KeyError: a required key is missing.
+    """
+    fields = []
+    for name in ("gross_bps", "net_bps", "buy_ask", "sell_bid", *SPREAD_OPTIONAL_FIELDS):
+        value = _float(row[name]) if name in SPREAD_REQUIRED_FIELDS else _float(row.get(name))
+        if value is not None and math.isfinite(value):  # as Point: NaN and ±Inf left out
+            fields.append(f"{name}={value!r}")
+    if row.get("anomaly") is not None:
+        fields.append(f"anomaly={'true' if row['anomaly'] else 'false'}")
+    if not fields:
+        return ""
+    symbol = row["symbol"]
+    tags = (f"buy_exchange={row['buy_exchange']},cross_quote={_bool_tag(row.get('cross_quote'))}"
+            f",sell_exchange={row['sell_exchange']},sell_symbol={row.get('sell_symbol') or symbol}"
+            f",symbol={symbol}")
+    return f"spread,{tags} {','.join(fields)} {to_epoch_ms(row['window_end'])}"
+
+
+SPREAD_REQUIRED_FIELDS = frozenset({"gross_bps", "net_bps", "buy_ask", "sell_bid"})
 
 
 # --- HTTP ------------------------------------------------------------------------------------

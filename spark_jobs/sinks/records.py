@@ -9,7 +9,7 @@ one Kafka producer), in this order, so that a consumer of an event finds its doc
 
 1. MongoDB: opportunities (the last version of each id in the partition: ``early`` then
    ``final`` upserts, ``retracted`` deletes), pair features of final opportunities, episodes,
-   exchange features, hourly thresholds;
+   hourly thresholds (per-exchange features are InfluxDB ``features`` only);
 2. InfluxDB: quotes, spreads (every final pair), closed episodes, features, percentiles,
    per-exchange stream counters; a point InfluxDB refuses becomes a dead letter;
 3. Kafka: dead letters to ``md.deadletter``, opportunity events (every stage, in order) and
@@ -129,7 +129,9 @@ def write_records(settings: Settings, by_type: dict[str, list[dict[str, Any]]]) 
     final = [r for r in live if r["stage"] == "final"]
     if final:
         mongo.upsert_pair_features(settings, final)
-    for kind, write in (("episode", mongo.upsert_episodes), ("feature", mongo.upsert_features),
+    # Per-exchange features go to InfluxDB only (about five per quote and exchange: too many
+    # documents for what is a time series); MongoDB keeps the pair features of opportunities.
+    for kind, write in (("episode", mongo.upsert_episodes),
                         ("percentiles", mongo.upsert_thresholds)):
         if by_type.get(kind):
             write(settings, by_type[kind])
