@@ -387,21 +387,22 @@ def quote_lines(exchange: list[str], symbol: list[str], bid: list[float], ask: l
 
 
 def spread_line(row: Mapping[str, Any]) -> str:
-    """Line protocol (ms precision) of one spread row: the point of :func:`spread_point`,
-    formatted directly (one per pair and window: the stream's second-hottest path). Tag values
-    are validated exchange ids and ``BASE-QUOTE`` symbols, which need no escaping; ``""`` when
-    the row has no finite field.
+    """Line protocol (ms precision) of one spread row: byte for byte the line of
+    :func:`spread_point`, formatted directly (one per pair and window: the stream's
+    second-hottest path). Tag values are validated exchange ids and ``BASE-QUOTE`` symbols,
+    which need no escaping; ``""`` when the row has no finite field.
 
     Raises:
         KeyError: a required key is missing.
     """
     fields = []
-    for name in ("gross_bps", "net_bps", "buy_ask", "sell_bid", *SPREAD_OPTIONAL_FIELDS):
-        value = _float(row[name]) if name in SPREAD_REQUIRED_FIELDS else _float(row.get(name))
-        if value is not None and math.isfinite(value):  # as Point: NaN and ±Inf left out
-            fields.append(f"{name}={value!r}")
     if row.get("anomaly") is not None:
         fields.append(f"anomaly={'true' if row['anomaly'] else 'false'}")
+    for name in SPREAD_LINE_FIELDS:  # sorted by name, as Point writes them
+        value = _float(row[name]) if name in SPREAD_REQUIRED_FIELDS else _float(row.get(name))
+        if value is not None and math.isfinite(value):  # as Point: NaN and ±Inf left out
+            text = str(value)
+            fields.append(f"{name}={text[:-2] if text.endswith('.0') else text}")
     if not fields:
         return ""
     symbol = row["symbol"]
@@ -412,6 +413,8 @@ def spread_line(row: Mapping[str, Any]) -> str:
 
 
 SPREAD_REQUIRED_FIELDS = frozenset({"gross_bps", "net_bps", "buy_ask", "sell_bid"})
+#: Float fields of a spread line in Point's order (sorted; ``anomaly`` sorts first).
+SPREAD_LINE_FIELDS = tuple(sorted({*SPREAD_REQUIRED_FIELDS, *SPREAD_OPTIONAL_FIELDS}))
 
 
 # --- HTTP ------------------------------------------------------------------------------------
