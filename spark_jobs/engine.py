@@ -425,8 +425,10 @@ class Engine:
         for e, symbol in zip(first.tolist(), quotes["symbol"].tolist(), strict=True):
             windows.setdefault(e, set()).add(symbol)
         by_k = self._by_k()
+        # windows this batch finalizes get their final version now: no early one before it
+        final_now = self._next_watermark(now_ms, cfg)
         for e in sorted(windows):
-            if e <= self.finalized:
+            if e <= final_now:
                 continue
             bases = {s.split("-", 1)[0] for s in windows[e]}
             snap = self.snapshot(e, cfg, by_k)
@@ -469,10 +471,7 @@ class Engine:
         if not self.clocks:
             return
         active = self._active(now_ms, cfg)
-        if active:
-            wm = min(self.clocks[e] for e in active) - cfg.watermark_ms
-        else:  # all idle: close every window that holds a quote
-            wm = max(self.clocks.values()) + cfg.age - 1
+        wm = self._next_watermark(now_ms, cfg)
         if wm <= self.watermark:
             if not active:
                 self._flush(cfg, out)
@@ -537,6 +536,17 @@ class Engine:
             if st.get("vals"):
                 out.append(tracker.percentile_record(st["leg"], st["key"], st["hour"],
                                                       st["vals"]))
+
+    def _next_watermark(self, now_ms: int, cfg: EngineConfig) -> int:
+        """The combined watermark the clocks give now (never below the current one)."""
+        if not self.clocks:
+            return self.watermark
+        active = self._active(now_ms, cfg)
+        if active:
+            wm = min(self.clocks[e] for e in active) - cfg.watermark_ms
+        else:  # all idle: close every window that holds a quote
+            wm = max(self.clocks.values()) + cfg.age - 1
+        return max(wm, self.watermark)
 
     def _window_ends(self, after: int, last: int, cfg: EngineConfig) -> list[int]:
         """Window ends in ``(after, last]`` with at least one home quote in their snapshot."""

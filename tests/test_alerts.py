@@ -265,10 +265,9 @@ def test_events_contract(data_dir: Path, tmp_path: Path) -> None:
     real engine's records for real quotes, converted through Arrow as the sink receives them,
     validates with the models and equals what tests/alert_events.py publishes for the same
     quotes (an independent path: pandas reference spreads and the pure tracker)."""
-    import pyarrow as pa
 
     from spark_jobs.engine import INPUT_COLUMNS, Engine, EngineConfig
-    from spark_jobs.market import _frame
+    from spark_jobs.market import records_table
     from spark_jobs.sinks.records import FIELDS, event_json
 
     conf = Settings(state_dir=tmp_path, episode_gap_seconds=GAP)
@@ -283,7 +282,7 @@ def test_events_contract(data_dir: Path, tmp_path: Path) -> None:
     records = engine.process(frame, now, cfg)
     for step in range(1, 4):  # idle: every window closes and open episodes are flushed
         records += engine.process(frame.iloc[:0], now + step * (cfg.idle_ms + 1), cfg)
-    table = pa.Table.from_pandas(_frame(records), preserve_index=False)
+    table = records_table(records)
     rows = table.to_pylist()
     out = [(r["opportunity_id"], event_json("opportunity", {k: r[k] for k in
                                                             FIELDS["opportunity"]}))

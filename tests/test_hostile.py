@@ -217,12 +217,12 @@ def test_consecutive_replays_give_the_union(spark: Any, conf: Settings, tmp_path
 def test_health_rows_flow_while_a_market_backlog_is_processed(
     spark: Any, conf: Settings, tmp_path
 ) -> None:
-    """A day of bars (~14k quotes) read 4,000 records per market micro-batch; the
+    """8 hours of bars (~4.6k quotes) read 1,000 records per market micro-batch; the
     health query (its own FAIR pool) keeps writing its rows meanwhile."""
     busy = conf.model_copy(update={"mongo_db": "backlog", "influx_db": "backlog",
-                                   "max_offsets_per_trigger": 4_000})
+                                   "max_offsets_per_trigger": 1_000})
     backlog = load_iaqf_quotes(conf.data_dir, datetime(2023, 3, 1, tzinfo=UTC),
-                               datetime(2023, 3, 2, tzinfo=UTC))
+                               datetime(2023, 3, 1, 8, tzinfo=UTC))
     backlog["exchange"] = backlog["exchange"].map(RENAMED)
     influx.ensure_database(busy)
     producer = Producer(busy.kafka_client_config())
