@@ -8,8 +8,8 @@ them by ``record`` and writes them with clients cached per Python worker (one Mo
 one Kafka producer), in this order, so that a consumer of an event finds its documents:
 
 1. MongoDB: opportunities (the last version of each id in the partition: ``early`` then
-   ``final`` upserts, ``retracted`` deletes), pair features of final opportunities, episodes,
-   hourly thresholds (per-exchange features are InfluxDB ``features`` only);
+   ``final`` upserts, ``retracted`` deletes), episodes, hourly thresholds (features are
+   InfluxDB ``features`` and ``spread`` only);
 2. InfluxDB: quotes, spreads (every final pair), closed episodes, features, percentiles,
    per-exchange stream counters; a point InfluxDB refuses becomes a dead letter;
 3. Kafka: dead letters to ``md.deadletter``, opportunity events (every stage, in order) and
@@ -126,11 +126,9 @@ def write_records(settings: Settings, by_type: dict[str, list[dict[str, Any]]]) 
         mongo.upsert_opportunities(settings, live)
     mongo.delete_opportunities(settings, [i for i, r in last.items()
                                           if r["stage"] == "retracted"])
-    final = [r for r in live if r["stage"] == "final"]
-    if final:
-        mongo.upsert_pair_features(settings, final)
-    # Per-exchange features go to InfluxDB only (about five per quote and exchange: too many
-    # documents for what is a time series); MongoDB keeps the pair features of opportunities.
+    # Features go to InfluxDB only: per exchange they are about five points per quote, and the
+    # pair features of an opportunity are fields of its own document (MongoDB here is a
+    # Python server: half the demo's write time went to those duplicates).
     for kind, write in (("episode", mongo.upsert_episodes),
                         ("percentiles", mongo.upsert_thresholds)):
         if by_type.get(kind):
