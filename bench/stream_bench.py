@@ -47,7 +47,7 @@ Modes:
   closes the last windows on its idle timer (ARB_IDLE_TIMEOUT_SECONDS), which the bench waits
   for (:func:`spark_jobs.arbitrage.wait_drained`) before reading the figures.
 * ``--rate max`` (throughput run): the recording once, original timestamps, as fast as one
-  producer goes, while the job runs; then the ceiling. Defaults: the job's own (trigger 1 s,
+  producer goes, while the job runs; then the ceiling. Defaults: the job's own (trigger 0.5 s,
   watermark 10 s, window 1 s, max quote age 5 s, 200,000 offsets per trigger); ``--trigger``
   and ``--max-offsets`` (and the others) override them.
 
@@ -612,7 +612,8 @@ def main() -> None:
     parser.add_argument("--window", type=float, help="window W, s")
     parser.add_argument("--max-age", type=float, help="max quote age, s")
     parser.add_argument("--max-offsets", type=int, help="maxOffsetsPerTrigger (0 = no cap)")
-    parser.add_argument("--shuffle-partitions", type=int, default=4)
+    parser.add_argument("--shuffle-partitions", type=int,
+                        default=Settings.model_fields["spark_shuffle_partitions"].default)
     parser.add_argument("--kafka-partitions", type=int, default=3)
     parser.add_argument("--state-store", choices=sorted(STATE_STORES), default="rocksdb",
                         help="hdfs does not support transformWithState")
@@ -641,7 +642,10 @@ def main() -> None:
     try:
         ready = publisher.message(300)
         exchanges, publisher.warmup = ready["exchanges"], ready["warmup"]
-        defaults = (0.25, 1.0, 1.0, 1.0) if latency_run else (1.0, 10.0, 1.0, 5.0)
+        job = Settings.model_fields  # the job's own defaults for the throughput run
+        defaults = (0.25, 1.0, 1.0, 1.0) if latency_run else (
+            job["trigger_seconds"].default, job["watermark_seconds"].default,
+            job["window_seconds"].default, job["max_quote_age_seconds"].default)
         trigger, watermark, window, age = (
             v if v is not None else d for v, d in zip(
                 (args.trigger, args.watermark, args.window, args.max_age), defaults,
