@@ -21,13 +21,12 @@ The models subclass :class:`~arbstream.schemas.OpportunityEvent` and
 
 from __future__ import annotations
 
-import json
 import unicodedata
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
-from arbstream.schemas import EpisodeEvent, OpportunityEvent, validation_reason
+from arbstream.schemas import EpisodeEvent, OpportunityEvent, json_object, validation_reason
 
 Stage = Literal["early", "final", "retracted"]
 #: Unicode categories not allowed anywhere in an event string.
@@ -102,12 +101,7 @@ def parse_event(raw: bytes | str) -> AlertOpportunityEvent | AlertEpisodeEvent:
         ValueError: malformed JSON or not UTF-8, not an object, an unknown ``type``, or the
             validation failures in one message (field named, offending value never quoted).
     """
-    try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"malformed JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    obj = json_object(raw)
     try:
         return _ALERT_EVENT.validate_python(obj)
     except ValidationError as exc:  # an unknown key is quoted in the reason: escaped

@@ -426,11 +426,7 @@ def demo(
         err.print("starting Spark ...")
         spark = build_session(settings, app_name="arbstream-demo")
         queries = arbitrage.start(spark, settings, checkpoint)
-        while any(q.lastProgress is None for q in queries):  # initial offsets are pinned
-            for q in queries:
-                if q.exception():
-                    raise q.exception()  # type: ignore[misc]
-            time.sleep(0.5)
+        arbitrage.wait_started(queries)  # initial offsets are pinned
         initial = {q.name: arbitrage.processed_offsets(q) for q in queries}
         err.print(f"replaying IAQF bars {start} -> {end} at max speed ...")
         replay_started = time.monotonic()

@@ -496,12 +496,11 @@ ArbEvent = Annotated[OpportunityEvent | EpisodeEvent, Field(discriminator="type"
 _ARB_EVENT: TypeAdapter[OpportunityEvent | EpisodeEvent] = TypeAdapter(ArbEvent)
 
 
-def parse_arb_event(raw: bytes | str) -> OpportunityEvent | EpisodeEvent:
-    """Parse one ``arb.opportunities`` record value.
+def json_object(raw: bytes | str) -> dict[str, Any]:
+    """One record value as a JSON object.
 
     Raises:
-        ValueError: malformed JSON or not UTF-8, an unknown ``type`` or ``schema_version``, or
-            the schema's validation failures in one message.
+        ValueError: malformed JSON or not UTF-8 (``malformed JSON: ...``), or not an object.
     """
     try:
         obj = json.loads(raw)
@@ -509,6 +508,17 @@ def parse_arb_event(raw: bytes | str) -> OpportunityEvent | EpisodeEvent:
         raise ValueError(f"malformed JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_arb_event(raw: bytes | str) -> OpportunityEvent | EpisodeEvent:
+    """Parse one ``arb.opportunities`` record value.
+
+    Raises:
+        ValueError: malformed JSON or not UTF-8, an unknown ``type`` or ``schema_version``, or
+            the schema's validation failures in one message.
+    """
+    obj = json_object(raw)
     try:
         return _ARB_EVENT.validate_python(obj)
     except ValidationError as exc:

@@ -463,11 +463,7 @@ def run_live(spark: Any, settings: Settings, checkpoint: Path, timeout: float,
     """
     queries = arbitrage.start(spark, settings, checkpoint)
     try:
-        while any(q.lastProgress is None for q in queries):
-            for q in queries:
-                if q.exception():
-                    raise q.exception()  # type: ignore[misc]
-            time.sleep(0.1)
+        arbitrage.wait_started(queries)
         market = [q for q in queries if q.name == "market"]
         publisher.send(go)
         warm = 0

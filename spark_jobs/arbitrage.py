@@ -194,6 +194,24 @@ def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = Non
     return queries
 
 
+def wait_started(queries: list[StreamingQuery], timeout: float | None = None) -> None:
+    """Block until every query has completed its first micro-batch (its initial offsets are
+    then pinned in the checkpoint, so records published afterwards are read).
+
+    Raises:
+        pyspark.errors.StreamingQueryException: a query failed.
+        TimeoutError: not started within ``timeout`` seconds (``None``: no limit).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while any(q.lastProgress is None for q in queries):
+        for q in queries:
+            if q.exception():
+                raise q.exception()  # type: ignore[misc]
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"queries did not start within {timeout:.0f}s")
+        time.sleep(0.1)
+
+
 def processed_offsets(query: StreamingQuery) -> dict[str, dict[str, int]]:
     """End offsets of the query's last completed micro-batch, ``{topic: {partition: n}}``."""
     import json

@@ -51,11 +51,6 @@ def _ms(seconds: float) -> str:
     return f"{round(seconds * 1000)} milliseconds"
 
 
-def _fee_map(fees: Mapping[str, float]) -> Column:
-    pairs = [x for exchange, fee in sorted(fees.items()) for x in (F.lit(exchange), F.lit(fee))]
-    return F.create_map(*pairs)
-
-
 def _payload(raw: DataFrame, ddl: str) -> DataFrame:
     """Kafka records → ``topic, partition, offset``, ``raw`` (UTF-8 text or base64),
     ``raw_encoding``, ``_utf8``, ``_json_ok`` and ``q``, the value parsed with ``ddl``."""

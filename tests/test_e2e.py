@@ -10,7 +10,6 @@ checkpoint, as ``arbstream demo`` does) must not add a single document or point.
 from __future__ import annotations
 
 import json
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -44,12 +43,7 @@ HEALTH_RECORD = {
 def _run(spark, settings: Settings, checkpoint: Path, before_replay=None) -> None:
     queries = arbitrage.start(spark, settings, checkpoint)
     try:
-        deadline = time.monotonic() + 120
-        while any(q.lastProgress is None for q in queries):
-            assert time.monotonic() < deadline, "queries never started"
-            for q in queries:
-                assert q.exception() is None, q.exception()
-            time.sleep(0.5)
+        arbitrage.wait_started(queries, timeout=120)
         if before_replay:
             before_replay()
         replay_iaqf(settings, START, END, None, progress=False)

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from reference import OUTPUT_COLUMNS, reference_opportunities, reference_spreads
+from test_transforms import quote
 
 from arbstream.fees import DEFAULT_TAKER_FEES
 from arbstream.schemas import Book, Heartbeat, Quote
@@ -170,16 +171,6 @@ def snap_of(rows: list[dict[str, Any]], symbol: str) -> dict[int, dict[str, dict
         if r["symbol"] == symbol:
             out.setdefault(r["window_end"], {})[r["exchange"]] = r
     return out
-
-
-def quote(
-    exchange: str, symbol: str, ts: int, bid: float, ask: float,
-    received: int | None = None, key: str = "",
-) -> Quote:
-    return Quote(
-        exchange=exchange, symbol=symbol, exchange_ts=ts,
-        received_ts=ts if received is None else received, bid=bid, ask=ask, dedupe_key=key,
-    )
 
 
 # --- hand-computed scenario: one symbol per case -----------------------------------------------

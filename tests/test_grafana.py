@@ -344,10 +344,7 @@ def replayed(spark, settings: Settings, tmp_path_factory, data_dir: Path) -> dic
     t0 = time.monotonic()
     queries = arbitrage.start(spark, conf, tmp_path_factory.mktemp("grafana-ckpt"))
     try:
-        deadline = time.monotonic() + 120
-        while any(q.lastProgress is None for q in queries):
-            assert time.monotonic() < deadline, "queries never started"
-            time.sleep(0.5)
+        arbitrage.wait_started(queries, timeout=120)
         t_start = time.monotonic()
         replay_iaqf(conf, DEPEG_START, DEPEG_END, None, progress=False)
         arbitrage.wait_drained(queries, conf, timeout=600)

@@ -85,12 +85,7 @@ def run_stream(spark: Any, conf: Settings, checkpoint: Path, steps: list[Any]) -
     after each; stop the job."""
     queries = arbitrage.start(spark, conf, checkpoint)
     try:
-        deadline = time.monotonic() + 120
-        while any(q.lastProgress is None for q in queries):
-            assert time.monotonic() < deadline, "queries never started"
-            for q in queries:
-                assert q.exception() is None, q.exception()
-            time.sleep(0.5)
+        arbitrage.wait_started(queries, timeout=120)
         for step in steps:
             step()
             arbitrage.wait_drained(queries, conf, timeout=600)
