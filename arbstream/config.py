@@ -177,6 +177,10 @@ class Settings(BaseSettings):
     )
     trigger_seconds: float = Field(0.5, gt=0, description="Micro-batch trigger interval")
     max_offsets_per_trigger: int | None = Field(200_000, ge=1)
+    max_bytes_per_trigger: int | None = Field(
+        64 << 20, ge=1024, description="Cap on the bytes a micro-batch reads (Python Kafka "
+        "source; estimated per partition from its newest record)"
+    )
     starting_offsets: Literal["earliest", "latest"] = "earliest"
     fail_on_data_loss: bool = True
     watermark_seconds: float = Field(

@@ -6,8 +6,9 @@ numbers (IEEE-754 doubles once parsed); sizes are ``null`` when the source has n
 The Kafka key of market-data records is the canonical symbol, so one symbol stays ordered
 within one partition.
 
-The Spark job parses the same schema with ``from_json`` using :data:`QUOTE_DDL`; keep the
-pydantic models and the DDL in step (``tests/test_schemas.py`` checks they agree).
+The stream job decodes quotes, books and heartbeats in Python (:mod:`spark_jobs.decode`, whose
+tests feed it these models' JSON) and parses trades and health records with Spark's
+``from_json`` using :data:`TRADE_DDL` and :data:`HEALTH_DDL`: keep those in step with the models.
 """
 
 from __future__ import annotations
@@ -31,18 +32,12 @@ from pydantic import (
 )
 
 SCHEMA_VERSION = 1
+#: Sane range of event and receive times, UTC ms: [2009-01-01, 2100-01-01). Records outside it
+#: are dead-lettered with reason ``timestamp_out_of_range``.
+MIN_TS_MS = 1_230_768_000_000
+MAX_TS_MS = 4_102_444_800_000
 SYMBOL_RE = re.compile(r"^[A-Z0-9]{2,12}-[A-Z0-9]{2,12}$")
 EXCHANGE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-
-#: Spark DDL of a quote as parsed by the stream job (``from_json``); mirrors :class:`Quote`.
-#: Also parses :class:`Book` records (``bids``/``asks`` levels) and heartbeats.
-QUOTE_DDL = (
-    "schema_version INT, type STRING, exchange STRING, symbol STRING, "
-    "bid DOUBLE, ask DOUBLE, bid_size DOUBLE, ask_size DOUBLE, "
-    "exchange_ts BIGINT, received_ts BIGINT, dedupe_key STRING, "
-    "bids ARRAY<ARRAY<DOUBLE>>, asks ARRAY<ARRAY<DOUBLE>>"
-)
-
 
 #: Spark DDL of a trade as parsed by the stream job; mirrors :class:`Trade`.
 TRADE_DDL = (

@@ -47,8 +47,10 @@ from spark_jobs import health as H
 from spark_jobs import transforms as T
 from spark_jobs.checkpoint import check_queries
 from spark_jobs.checkpoint import verify as verify_checkpoint
+from spark_jobs.decode import DecodeConfig
 from spark_jobs.kafka_source import FORMAT, end_offsets
-from spark_jobs.market import market_stream
+from spark_jobs.market import market_input, market_stream
+from spark_jobs.market_source import FORMAT as MARKET_FORMAT
 from spark_jobs.sinks import influx, mongo, records
 
 log = logging.getLogger(__name__)
@@ -83,10 +85,9 @@ def query_topics(settings: Settings) -> dict[str, list[str]]:
             "health": [HEALTH]}
 
 
-def read_records(spark: SparkSession, settings: Settings, topics: list[str]) -> DataFrame:
-    """Streaming DataFrame of raw Kafka records from ``topics``."""
+def _reader(spark: SparkSession, settings: Settings, topics: list[str], fmt: str) -> Any:
     reader = (
-        spark.readStream.format(_source_format(settings))
+        spark.readStream.format(fmt)
         .options(**kafka_options(settings))
         .option("subscribe", ",".join(topics))
         .option("startingOffsets", settings.starting_offsets)
@@ -94,6 +95,12 @@ def read_records(spark: SparkSession, settings: Settings, topics: list[str]) -> 
     )
     if settings.max_offsets_per_trigger:
         reader = reader.option("maxOffsetsPerTrigger", str(settings.max_offsets_per_trigger))
+    if settings.max_bytes_per_trigger and fmt != "kafka":
+        reader = reader.option("maxBytesPerTrigger", str(settings.max_bytes_per_trigger))
+    return reader
+
+
+def _load(reader: Any, settings: Settings) -> DataFrame:
     try:
         return reader.load()
     except Exception as exc:
@@ -104,6 +111,22 @@ def read_records(spark: SparkSession, settings: Settings, topics: list[str]) -> 
                 "version>); use ARB_SPARK_KAFKA_SOURCE=python without it"
             ) from exc
         raise
+
+
+def read_records(spark: SparkSession, settings: Settings, topics: list[str]) -> DataFrame:
+    """Streaming DataFrame of raw Kafka records from ``topics``."""
+    return _load(_reader(spark, settings, topics, _source_format(settings)), settings)
+
+
+def read_market(spark: SparkSession, settings: Settings, topics: list[str]) -> DataFrame:
+    """Streaming DataFrame of packed, decoded market records (:data:`spark_jobs.decode.
+    PACKED_DDL`) from ``topics``: the ``arbmarket`` source, or the built-in source followed by
+    :func:`spark_jobs.market.market_input`."""
+    if settings.spark_kafka_source == "builtin":
+        return market_input(read_records(spark, settings, topics), settings)
+    reader = _reader(spark, settings, topics, MARKET_FORMAT).option(
+        "decode", DecodeConfig.of(settings).to_json())
+    return _load(reader, settings)
 
 
 def write_kafka(df: DataFrame, topic: str, settings: Settings) -> None:
@@ -165,7 +188,7 @@ def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = Non
     prepare_sinks(settings)
     topics = query_topics(settings)
     bodies = {
-        "market": (market_stream(read_records(spark, settings, topics["market"]), settings),
+        "market": (market_stream(read_market(spark, settings, topics["market"]), settings),
                    records.write_batch(settings)),
         "trades": (T.parse_trades(read_records(spark, settings, topics["trades"])),
                    validated_batch(settings, T.valid_trades, influx.write_trades)),

@@ -64,9 +64,6 @@ from spark_jobs import tracker
 from spark_jobs.tracker import TrackerConfig
 
 BPS = 10_000.0
-#: Sane range of event and receive times, UTC ms: 2009-01-01 to 2100-01-01.
-MIN_TS_MS = 1_230_768_000_000
-MAX_TS_MS = 4_102_444_800_000
 
 #: Columns of :meth:`Engine.process`'s input frame. ``kind`` is ``quote``, ``book``,
 #: ``heartbeat`` or null (invalid: ``error`` says why); times are UTC ms (int64);

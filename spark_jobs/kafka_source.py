@@ -12,6 +12,9 @@ Stream reading (``spark.readStream.format("arbkafka")``), options as in the buil
   checkpoint; afterwards offsets come from the checkpoint;
 * ``maxOffsetsPerTrigger``: cap on records per micro-batch, split over partitions in
   proportion to their backlog, like the built-in source;
+* ``maxBytesPerTrigger``: cap on the bytes (keys and values) per micro-batch, estimated per
+  partition from the size of its newest record, which the end-offset probe reads anyway; the
+  same proportional split, and at least one record per batch so the query always moves on;
 * ``failOnDataLoss`` (default ``true``): fail when offsets go backwards (topic recreated, broker
   lost its data) or records were deleted before being read; with ``false`` such partitions
   restart from their earliest available offset and a warning is logged;
@@ -72,6 +75,8 @@ ARROW_SCHEMA = pa.schema(
     ]
 )
 ARROW_BATCH_ROWS = 10_000
+#: A read batch is cut once its values reach this many bytes, whatever its row count.
+ARROW_BATCH_BYTES = 16 << 20
 
 Offsets = dict[str, dict[str, int]]
 
@@ -128,6 +133,12 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         self.max_offsets = int(max_offsets) if max_offsets else None
         if self.max_offsets is not None and self.max_offsets < 1:
             raise ValueError("maxOffsetsPerTrigger must be a positive integer")
+        max_bytes = options.get("maxBytesPerTrigger")
+        self.max_bytes = int(max_bytes) if max_bytes else None
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise ValueError("maxBytesPerTrigger must be a positive integer")
+        #: bytes of the newest record of each (topic, partition) seen by the end-offset probe
+        self._record_bytes: dict[tuple[str, str], int] = {}
         self.fail_on_data_loss = _flag(options.get("failOnDataLoss"), True)
         self.end_offsets_mode = options.get("endOffsets", "fetch")
         if self.end_offsets_mode not in ("fetch", "list"):
@@ -219,6 +230,9 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
                 )
                 if msg is not None and (msg.error() is None or eof):
                     pending.discard((msg.topic(), msg.partition()))
+                if msg is not None and msg.error() is None:
+                    self._record_bytes[(msg.topic(), str(msg.partition()))] = (
+                        len(msg.value() or b"") + len(msg.key() or b""))
             ends = []
             for tp in tps:
                 if (tp.topic, tp.partition) in pending:
@@ -273,6 +287,8 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
                     positions[topic][p] = self._earliest(topic, int(p))
         if isinstance(limit, ReadMaxRows):
             ends = _rate_limit(positions, ends, limit.max_rows)
+        if self.max_bytes is not None:
+            ends = _byte_limit(positions, ends, self.max_bytes, self._record_bytes)
         return ends
 
     def _data_loss(self, message: str) -> None:
@@ -306,11 +322,23 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
 
     # --- executor side -----------------------------------------------------------------
     def read(self, partition: KafkaPartition) -> Iterator[pa.RecordBatch]:  # type: ignore[override]
-        """Yield the records of ``[start, end)`` as Arrow batches of up to 10k rows.
+        """Yield the records of ``[start, end)`` as Arrow batches of up to 10k rows and about
+        :data:`ARROW_BATCH_BYTES`.
 
         Raises:
             KafkaDataLossError: records in the range were deleted (``failOnDataLoss``), or the
                 range could not be read within ``pollTimeoutMs``.
+        """
+        for cols in self.read_columns(partition):
+            yield pa.RecordBatch.from_pydict(cols, schema=ARROW_SCHEMA)
+
+    def read_columns(self, partition: KafkaPartition) -> Iterator[dict[str, list[Any]]]:
+        """The records of ``[start, end)`` as column lists (:data:`ARROW_SCHEMA` names,
+        ``timestamp`` in µs) of up to 10k records and about :data:`ARROW_BATCH_BYTES` (cut
+        after the record that reaches it); the consumer is closed at the end.
+
+        Raises:
+            KafkaDataLossError: as :meth:`read`.
         """
         from confluent_kafka import Consumer, KafkaError, TopicPartition
 
@@ -330,6 +358,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
                                             partition.start)])
             cols: dict[str, list[Any]] = {name: [] for name in ARROW_SCHEMA.names}
             expected = partition.start
+            size = 0
             deadline = time.monotonic() + self.poll_timeout
             while expected < partition.end:
                 msg = consumer.poll(0.5)
@@ -356,17 +385,20 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
                 expected = offset + 1
                 ts_type, ts = msg.timestamp()
                 cols["key"].append(msg.key())
-                cols["value"].append(msg.value())
+                value = msg.value()
+                size += len(value) if value is not None else 0
+                cols["value"].append(value)
                 cols["topic"].append(partition.topic)
                 cols["partition"].append(partition.partition)
                 cols["offset"].append(offset)
                 cols["timestamp"].append(ts * 1000 if ts >= 0 else None)
                 cols["timestampType"].append(max(ts_type - 1, 0))
-                if len(cols["offset"]) >= ARROW_BATCH_ROWS:
-                    yield pa.RecordBatch.from_pydict(cols, schema=ARROW_SCHEMA)
+                if len(cols["offset"]) >= ARROW_BATCH_ROWS or size >= ARROW_BATCH_BYTES:
+                    yield cols
                     cols = {name: [] for name in ARROW_SCHEMA.names}
+                    size = 0
             if cols["offset"]:
-                yield pa.RecordBatch.from_pydict(cols, schema=ARROW_SCHEMA)
+                yield cols
         finally:
             consumer.close()
 
@@ -393,6 +425,29 @@ def _rate_limit(start: Offsets, end: Offsets, max_rows: int) -> Offsets:
     if capped == start:  # every share rounded down to zero: move the largest backlog on
         t, p = max(backlog, key=lambda k: backlog[k])
         capped[t][p] = start[t][p] + min(backlog[(t, p)], max_rows)
+    return capped
+
+
+def _byte_limit(start: Offsets, end: Offsets, max_bytes: int,
+                record_bytes: dict[tuple[str, str], int]) -> Offsets:
+    """Cap the estimated bytes of ``end - start`` at ``max_bytes``: each partition's records
+    are estimated at ``record_bytes`` (its newest record's size, 1 KiB when unknown), and the
+    cap is split in proportion to each backlog's bytes (:func:`_rate_limit` on bytes)."""
+    size = {(t, p): max(record_bytes.get((t, p), 1024), 1) for t in end for p in end[t]}
+    backlog = {(t, p): max(end[t][p] - start.get(t, {}).get(p, end[t][p]), 0)
+               for t in end for p in end[t]}
+    total = sum(backlog[k] * size[k] for k in backlog)
+    if total <= max_bytes:
+        return end
+    capped = _group((t, p, start[t][p] + (backlog[(t, p)] * max_bytes) // total)
+                    for (t, p) in backlog if p in start.get(t, {}))
+    for t in end:  # partitions without a start keep their end (nothing planned from them)
+        for p in end[t]:
+            capped.setdefault(t, {}).setdefault(p, end[t][p])
+    if all(capped[t][p] == start.get(t, {}).get(p, capped[t][p]) for t in capped
+           for p in capped[t]):  # every share rounded down to zero: one record moves on
+        t, p = max(backlog, key=lambda k: backlog[k])
+        capped[t][p] = start[t][p] + 1
     return capped
 
 

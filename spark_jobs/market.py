@@ -1,15 +1,15 @@
 """The market query: every quote and book record read once, parsed once, one stateful operator.
 
-``raw Kafka records → parse_quotes (from_json + validation, Spark operators) → keyed by bucket
-→ transformWithStateInPandas(MarketProcessor) → foreachBatch → sinks``.
+``Kafka records → decode (orjson + validation + keying, in the Python source's reader) → packed
+Arrow rows per bucket → transformWithStateInPandas(MarketProcessor) → foreachBatch → sinks``.
 
-Keying: a record's bucket is ``pmod(xxhash64(base), ARB_STREAM_BUCKETS)``, so that every
-symbol of one base (same-quote and cross-quote pairs) lands on one key. Stablecoin-rate
-markets (base and quote both USD-like, e.g. USDC-USD) are the conversion legs of every base:
-they are copied to every bucket, with ``home`` true only in their own. Heartbeats advance the
-clock of their exchange in every bucket. Invalid records go to one bucket, to come out as dead
-letters. The processor runs in processing-time mode and owns event time itself
-(:mod:`spark_jobs.engine`): Spark's own watermark is not used, so one record cannot move it.
+Decoding and keying are :mod:`spark_jobs.decode`: every symbol of one base (same-quote and
+cross-quote pairs) lands on one key (``pmod(xxhash64(base), ARB_STREAM_BUCKETS)``);
+stablecoin-rate markets (the conversion legs of every base) and heartbeats are copied to every
+bucket. With the ``arbmarket`` source (default) it runs inside the reader; with the built-in
+``format("kafka")`` source, in a ``mapInArrow`` (:func:`market_input`). The processor runs in
+processing-time mode and owns event time itself (:mod:`spark_jobs.engine`): Spark's own
+watermark is not used, so one record cannot move it.
 
 Engine callbacks (``StatefulProcessor``): ``init`` opens one value state per key (the pickled
 :class:`~spark_jobs.engine.Engine`); ``handleInputRows`` loads it, runs
@@ -27,9 +27,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 from pyspark.sql import DataFrame
-from pyspark.sql import functions as F
 from pyspark.sql.streaming.stateful_processor import (
     ExpiredTimerInfo,
     StatefulProcessor,
@@ -39,7 +37,7 @@ from pyspark.sql.streaming.stateful_processor import (
 
 from arbstream.config import Settings
 from spark_jobs import tracker
-from spark_jobs import transforms as T
+from spark_jobs.decode import PACKED_DDL, DecodeConfig, decode_batches, pack, unpack
 from spark_jobs.engine import INPUT_COLUMNS, Engine, EngineConfig
 
 #: Columns of the processor's output: ``record`` says which are meaningful (see
@@ -64,75 +62,19 @@ QUOTE_SCHEMA = pa.schema([
     ("ask", pa.float64()), ("bid_size", pa.float64()), ("ask_size", pa.float64()),
     ("exchange_ts", pa.int64()),
 ])
-#: Rows between the stages of the market query: one Arrow IPC stream (``payload``) holding
-#: many records, so Spark moves a few large rows instead of one row per quote (PySpark's
-#: ``transformWithStateInPandas`` regroups its input row by row in Python).
-PACKED_DDL = "bucket int, kind string, rows bigint, payload binary"
 #: The processor's output rows: ``kind`` "records" (a packed table of :data:`OUTPUT_SCHEMA`)
 #: or "quotes" (:data:`QUOTE_SCHEMA`), ``rows`` in it, ``payload`` (:func:`pack`).
 OUTPUT_DDL = "kind string, rows bigint, payload binary"
 STATE_DDL = "engine binary"
 
 
-def pack(table: pa.Table | pa.RecordBatch) -> bytes:
-    """Arrow IPC stream bytes of ``table``."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write(table)
-    return sink.getvalue().to_pybytes()
-
-
-def unpack(payload: bytes) -> pa.Table:
-    """The table of :func:`pack` bytes."""
-    return pa.ipc.open_stream(pa.py_buffer(payload)).read_all()
-
-
-def pack_by_bucket(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """``mapInArrow`` body before the shuffle: each input batch's rows split by ``bucket``,
-    one packed row (:data:`PACKED_DDL`, ``kind`` "input") per bucket."""
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        bucket = batch.column("bucket")
-        data = batch.drop_columns(["bucket"])
-        for b in pc.unique(bucket).to_pylist():
-            sub = data.filter(pc.equal(bucket, b))  # input batches are ≤ 10k rows already
-            yield pa.RecordBatch.from_pydict({
-                "bucket": pa.array([b], pa.int32()), "kind": pa.array(["input"]),
-                "rows": pa.array([sub.num_rows], pa.int64()),
-                "payload": pa.array([pack(sub)], pa.binary()),
-            })
-
-
 def market_input(raw: DataFrame, settings: Settings) -> DataFrame:
-    """Kafka records of the quote and book topics → the engine's input columns plus
-    ``bucket`` (one row per bucket a record goes to).
-
-    Output: :data:`spark_jobs.engine.INPUT_COLUMNS` and ``bucket`` (int). Times are UTC ms.
-    """
-    k = settings.stream_buckets
-    parsed = T.parse_quotes(raw, settings.taker_fees, settings.max_record_bytes)
-    ok = F.col("error").isNull()
-    parts = F.split(F.col("symbol"), "-")
-    usd = F.array(*[F.lit(q) for q in settings.usd_quotes])
-    is_rate = F.array_contains(usd, parts[0]) & F.array_contains(usd, parts[1])
-    own = F.when(~ok, F.pmod(F.col("offset"), F.lit(k))).when(
-        F.col("type") == "heartbeat", F.pmod(F.xxhash64("exchange"), F.lit(k))
-    ).otherwise(F.pmod(F.xxhash64(parts[0]), F.lit(k))).cast("int")
-    fan_out = ok & (is_rate | (F.col("type") == "heartbeat"))
-    buckets = F.when(fan_out, F.sequence(F.lit(0), F.lit(k - 1))).otherwise(F.array(own))
-    return parsed.select(
-        F.when(ok, F.col("type")).alias("kind"),
-        "exchange", "symbol", "bid", "ask", "bid_size", "ask_size", "exchange_ts",
-        "received_ts", "dedupe_key",
-        F.xxhash64("dedupe_key").alias("dedupe_hash"),
-        F.when(ok, F.col("bids")).alias("bids"), F.when(ok, F.col("asks")).alias("asks"),
-        # the payload goes along for every record: the engine may still dead-letter a valid
-        # one (future_timestamp, late), and a dead letter keeps the bytes as received
-        "error", "value",
-        "topic", "partition", "offset",
-        own.alias("_own"), F.explode(buckets).alias("bucket"),
-    ).withColumn("home", F.col("bucket") == F.col("_own")).drop("_own")
+    """Kafka records of the quote and book topics from a raw source (the built-in
+    ``format("kafka")`` or ``arbkafka``) → packed engine input (:data:`PACKED_DDL`), decoded in
+    a ``mapInArrow``: what the ``arbmarket`` source yields directly."""
+    cfg = DecodeConfig.of(settings)
+    return raw.select("value", "topic", "partition", "offset").mapInArrow(
+        lambda batches: decode_batches(batches, cfg), PACKED_DDL)
 
 
 def records_table(records: list[dict[str, Any]]) -> pa.Table:
@@ -203,9 +145,9 @@ class MarketProcessor(StatefulProcessor):
         pass
 
 
-def market_stream(raw: DataFrame, settings: Settings) -> DataFrame:
-    """The market query's output: :data:`OUTPUT_FIELDS` rows, ``record`` per row."""
-    packed = market_input(raw, settings).mapInArrow(pack_by_bucket, PACKED_DDL)
+def market_stream(packed: DataFrame, settings: Settings) -> DataFrame:
+    """The market query's output from packed input (:data:`PACKED_DDL`: the ``arbmarket``
+    source, or :func:`market_input`): packed rows of :data:`OUTPUT_DDL`."""
     return packed.groupBy("bucket").transformWithStateInPandas(
         MarketProcessor(EngineConfig.of(settings)), OUTPUT_DDL, "Append", "ProcessingTime",
     )

@@ -10,6 +10,7 @@ from pyspark.sql import SparkSession
 from arbstream.config import Settings
 from arbstream.stack import ensure_java
 from spark_jobs.kafka_source import KafkaDataSource
+from spark_jobs.market_source import MarketDataSource
 
 
 def build_session(
@@ -53,4 +54,5 @@ def build_session(
     )
     session.sparkContext.setLogLevel("WARN")
     session.dataSource.register(KafkaDataSource)
+    session.dataSource.register(MarketDataSource)
     return session

@@ -1,4 +1,5 @@
-"""Pure DataFrame transformations of the stream job: parse and validate Kafka records.
+"""Pure DataFrame transformations of the stream job: parse and validate trade and health
+records (market data is decoded in Python: :mod:`spark_jobs.decode`).
 
 Every function takes and returns a DataFrame and does no I/O, so each is tested on static
 DataFrames and the same code runs inside the streaming queries. Only Spark's own operators are
@@ -11,8 +12,6 @@ the market query's stateful operator (:mod:`spark_jobs.engine`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
@@ -20,17 +19,13 @@ from arbstream.schemas import (
     EXCHANGE_RE,
     HEALTH_DDL,
     HEALTH_FIELDS,
-    QUOTE_DDL,
+    MAX_TS_MS,
+    MIN_TS_MS,
     SCHEMA_VERSION,
     SYMBOL_RE,
     TRADE_DDL,
 )
 
-BPS = 10_000.0
-QUOTE_COLUMNS = [
-    "exchange", "symbol", "bid", "ask", "bid_size", "ask_size", "exchange_ts", "received_ts",
-    "dedupe_key", "bids", "asks",
-]
 TRADE_COLUMNS = [
     "exchange", "symbol", "trade_id", "price", "size", "side", "exchange_ts", "received_ts",
     "dedupe_key",
@@ -105,9 +100,6 @@ def _identity_checks(topic_kinds: str, has_symbol: Column) -> list[tuple[Column,
     ]
 
 
-#: Sane range of event and receive times, UTC ms: [2009-01-01, 2100-01-01).
-MIN_TS_MS = 1_230_768_000_000
-MAX_TS_MS = 4_102_444_800_000
 #: ASCII control characters (CR, LF, NUL, ...): never allowed in ids.
 CONTROL_CHARS_RE = r"[\x00-\x1f\x7f]"
 
@@ -152,98 +144,13 @@ def _first_error(checks: list[tuple[Column, Column]]) -> Column:
     return F.coalesce(*[F.when(cond, msg) for cond, msg in checks])
 
 
-def parse_quotes(raw: DataFrame, fees: Mapping[str, float],
-                 max_record_bytes: int | None = None) -> DataFrame:
-    """Parse Kafka records into quotes and say why each invalid one is invalid.
-
-    Input: the Kafka source's columns (``key, value, topic, partition, offset, ...``).
-    A record longer than ``max_record_bytes`` (when given) is invalid before anything else.
-
-    Output: the quote fields of :class:`arbstream.schemas.Quote`, plus ``ts`` (timestamp of
-    ``exchange_ts``, null outside 2009..2100), ``value`` (the payload bytes), ``raw`` (the
-    value as UTF-8 text, or base64 when it is not UTF-8),
-    ``raw_encoding``, ``topic``, ``partition``, ``offset`` and ``error``: null for a valid quote,
-    else the first failed check as a sentence. Nothing is dropped here.
-    """
-    parsed = _payload(raw, QUOTE_DDL).select(
-        "*", *[F.col(f"q.{c}").alias(c) for c in QUOTE_COLUMNS + ["schema_version", "type"]]
-    )
-    has_fee = F.col("exchange").isin(*sorted(fees))  # a hash-set lookup, not a map per row
-
-    is_quote = F.col("type") == "quote"
-    is_book = F.col("type") == "book"
-
-    def levels_ok(name: str) -> Column:
-        return (F.size(name) > 0) & F.forall(
-            name, lambda lv: (F.size(lv) == 2) & (lv[0] > 0) & (lv[1] > 0)
-            & ~F.isnan(lv[0]) & ~F.isnan(lv[1]) & (lv[0] < F.lit(float("inf")))
-            & (lv[1] < F.lit(float("inf")))
-        )
-
-    def levels_sorted(name: str, best_first_desc: bool) -> Column:
-        """Prices strictly ordered best first: bids descending, asks ascending."""
-        prices = F.transform(name, lambda lv: lv[0])
-        return (F.sort_array(prices, asc=not best_first_desc) == prices) & (
-            F.size(F.array_distinct(prices)) == F.size(prices))
-
-    size_checks = [] if max_record_bytes is None else [(
-        F.octet_length("value") > max_record_bytes,
-        F.concat(F.lit("record_too_large: "), F.octet_length("value").cast("string"),
-                 F.lit(f" bytes > {max_record_bytes}")),
-    )]
-    checks: list[tuple[Column, Column]] = [
-        *size_checks,
-        *_payload_checks(),
-        (
-            ~F.coalesce(F.col("type"), F.lit("")).isin("quote", "heartbeat", "book"),
-            F.lit("type must be 'quote', 'book' or 'heartbeat'"),
-        ),
-        *_identity_checks("quotes|book", is_quote | is_book),
-        (
-            is_book & ~F.coalesce(levels_ok("bids") & levels_ok("asks"), F.lit(False)),
-            F.lit("book levels missing or not [positive price, positive size] pairs"),
-        ),
-        (
-            is_book & ~(levels_sorted("bids", True) & levels_sorted("asks", False)),
-            F.lit("book levels not sorted best first (bids descending, asks ascending)"),
-        ),
-        (
-            is_book & (F.col("bids")[0][0] > F.col("asks")[0][0]),
-            F.lit("crossed book: best bid > best ask"),
-        ),
-        _positive("bid", is_quote),
-        _positive("ask", is_quote),
-        *[(F.isnan(F.col(n)) | (F.abs(F.col(n)) == F.lit(float("inf"))),
-           F.lit(f"{n} is not a finite number")) for n in ("bid_size", "ask_size")],
-        (
-            F.col("bid") > F.col("ask"),
-            F.concat(F.lit("crossed quote: bid "), F.col("bid").cast("string"),
-                     F.lit(" > ask "), F.col("ask").cast("string")),
-        ),
-        (F.col("bid_size") < 0, F.lit("bid_size is negative")),
-        (F.col("ask_size") < 0, F.lit("ask_size is negative")),
-        *_time_checks(),
-        (
-            ~F.coalesce(has_fee, F.lit(False)),
-            F.concat(F.lit("no taker fee configured for exchange "), F.col("exchange")),
-        ),
-    ]
-    return parsed.select(
-        *QUOTE_COLUMNS,
-        "type",
-        event_ts().alias("ts"),
-        "raw", "raw_encoding", "value", "topic", "partition", "offset",
-        _first_error(checks).alias("error"),
-    )
-
-
 def parse_trades(raw: DataFrame) -> DataFrame:
     """Parse ``md.<exchange>.trades`` records (:data:`arbstream.schemas.TRADE_DDL`) and say
     why each invalid one is invalid.
 
     Output: :data:`TRADE_COLUMNS` (price in quote currency, size in base units, side the taker
     side or null, times UTC ms), ``ts`` (timestamp of ``exchange_ts``) and the dead-letter
-    columns of :func:`parse_quotes` (``raw, raw_encoding, topic, partition, offset, error``).
+    columns (``raw, raw_encoding, topic, partition, offset, error``).
     """
     parsed = _payload(raw, TRADE_DDL).select(
         "*", *[F.col(f"q.{c}").alias(c) for c in TRADE_COLUMNS + ["type"]]
@@ -276,7 +183,7 @@ def parse_health(raw: DataFrame) -> DataFrame:
     """Parse producers' ``md.health`` records (:data:`arbstream.schemas.HEALTH_DDL`).
 
     Output: the health fields, ``time`` (timestamp of ``ts``), and the dead-letter columns of
-    :func:`parse_quotes` (``raw, raw_encoding, topic, partition, offset, error``).
+    the dead-letter columns (``raw, raw_encoding, topic, partition, offset, error``).
     """
     parsed = _payload(raw, HEALTH_DDL)
     checks = [
@@ -298,23 +205,9 @@ def parse_health(raw: DataFrame) -> DataFrame:
     )
 
 
-def valid_events(parsed: DataFrame) -> DataFrame:
-    """Valid quotes and heartbeats of :func:`parse_quotes`: quote columns, ``type``, ``ts``.
-
-    Heartbeats (``{"type": "heartbeat", "exchange", "exchange_ts", "received_ts", ...}``) carry
-    only event time. They move the watermark, so windows close while a market is quiet and
-    after a finite replay, and are removed before the snapshots.
-    """
-    return parsed.where(F.col("error").isNull()).select(*QUOTE_COLUMNS, "type", "ts")
-
-
-def valid_quotes(parsed: DataFrame) -> DataFrame:
-    """The valid quotes of :func:`parse_quotes` (no heartbeats): quote columns plus ``ts``."""
-    return valid_events(parsed).where(F.col("type") == "quote").drop("type")
-
-
 def dead_letters(parsed: DataFrame, stage: str = "stream") -> DataFrame:
-    """The invalid rows of :func:`parse_quotes` as ``md.deadletter`` records.
+    """The invalid rows of :func:`parse_trades` or :func:`parse_health` as ``md.deadletter``
+    records.
 
     Output columns ``key`` (the source topic) and ``value``: canonical
     :class:`arbstream.schemas.DeadLetter` JSON with the reason and the raw payload.

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from reference import OUTPUT_COLUMNS, reference_opportunities, reference_spreads
-from test_transforms import quote
+from test_decode import quote
 
 from arbstream.fees import DEFAULT_TAKER_FEES
 from arbstream.schemas import Book, Heartbeat, Quote
