@@ -1,20 +1,21 @@
 """The arbitrage streaming job: per-exchange quote topics in, spreads and opportunities out.
 
-Four streaming queries share one source definition:
+Three streaming queries, each reading its own topics once:
 
-* ``ingest``: parse and validate every quote and book record; invalid ones go to
-  ``md.deadletter`` with their reason and raw payload, valid quotes to InfluxDB ``quote``.
-* ``trades``: the same for ``md.<exchange>.trades``: valid trades to InfluxDB ``trade``.
-* ``spreads``: valid quotes → watermark → dedupe → snapshots → pairs (same-quote and
-  cross-quote) → spreads → :mod:`spark_jobs.tracker` (episodes, rolling statistics, hourly
-  percentiles, per-exchange features). Every pair to InfluxDB ``spread``; opportunities
-  (net > min_net) to MongoDB ``opportunities`` and their pair features to ``features``; episodes to
-  MongoDB ``episodes`` and InfluxDB ``episode``; features to InfluxDB ``features`` and MongoDB
-  ``features``; percentiles to InfluxDB ``spread_percentiles`` and MongoDB ``thresholds``;
-  opportunity and episode (``opened``/``closed``) events to ``arb.opportunities``.
-* ``health``: the producers' ``md.health`` records, enriched in the stream with interval
-  deltas, staleness and a reliability score (:mod:`spark_jobs.health`), to InfluxDB
-  measurement ``health``; an exchange silent for 3 health intervals gets a ``stale`` row.
+* ``market``: every quote and book record (``md.<exchange>.quotes``, ``md.<exchange>.book``)
+  decoded where it is read (:mod:`spark_jobs.decode`; the ``arbmarket`` source), then one
+  stateful operator (:mod:`spark_jobs.market`, :mod:`spark_jobs.engine`): per-exchange event
+  time, deduplication, snapshots, same-quote and cross-quote pairs, fee-adjusted spreads,
+  early/final/retracted opportunities, episodes, rolling statistics, hourly percentiles and
+  per-exchange features. Sinks (:mod:`spark_jobs.sinks.records`): InfluxDB ``quote``,
+  ``spread``, ``features``, ``spread_percentiles``, ``episode``, ``stream``; MongoDB
+  ``opportunities``, ``episodes``, ``thresholds``; Kafka ``arb.opportunities`` events and
+  ``md.deadletter``.
+* ``trades``: ``md.<exchange>.trades`` parsed and validated (:mod:`spark_jobs.transforms`):
+  valid trades to InfluxDB ``trade``, invalid ones to ``md.deadletter``.
+* ``health``: the producers' ``md.health`` records, enriched with interval deltas, staleness
+  and a reliability score (:mod:`spark_jobs.health`), to InfluxDB ``health``, in its own FAIR
+  scheduler pool.
 
 Sinks are written from ``foreachBatch`` and are idempotent (deterministic ids, InfluxDB
 series+timestamp overwrite), so a micro-batch replayed after a failure does not duplicate.

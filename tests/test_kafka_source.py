@@ -35,6 +35,7 @@ from spark_jobs.kafka_source import (
     KafkaDataLossError,
     KafkaStreamReader,
     KafkaWriter,
+    _byte_limit,
     _rate_limit,
     end_offsets,
 )
@@ -243,6 +244,29 @@ def test_rate_limit_progresses_when_every_share_rounds_to_zero() -> None:
     assert sum(capped["a"].values()) == 2 and capped != start
 
 
+def test_byte_limit_splits_estimated_bytes_in_proportion() -> None:
+    start = {"a": {"0": 0, "1": 100}}
+    end = {"a": {"0": 300, "1": 200}}  # backlogs 300 and 100 records
+    sizes = {("a", "0"): 10, ("a", "1"): 30}  # 3,000 and 3,000 bytes
+    assert _byte_limit(start, end, 6_000, sizes) == end
+    assert _byte_limit(start, end, 600, sizes) == {"a": {"0": 30, "1": 110}}  # 300 + 300 B
+    # unknown sizes count 1 KiB per record; a share that floors to zero still moves one on
+    assert _byte_limit(start, end, 1_000, {}) == {"a": {"0": 1, "1": 100}}
+
+
+@pytest.mark.parametrize("max_bytes", [1, 50, 999, 5_000])
+def test_byte_limit_never_exceeds_the_estimate(max_bytes: int) -> None:
+    start = {"a": {"0": 0, "1": 3}, "b": {"0": 1}}
+    end = {"a": {"0": 33, "1": 40}, "b": {"0": 12}}
+    sizes = {("a", "0"): 100, ("a", "1"): 7, ("b", "0"): 250}
+    capped = _byte_limit(start, end, max_bytes, sizes)
+    moved = {(t, p): capped[t][p] - start[t][p] for t in end for p in end[t]}
+    assert all(0 <= m <= end[t][p] - start[t][p] for (t, p), m in moved.items())
+    estimate = sum(m * sizes[k] for k, m in moved.items())
+    assert sum(moved.values()) == 1 or estimate <= max_bytes
+    assert sum(moved.values()) >= 1
+
+
 # --- streaming read --------------------------------------------------------------------------
 KAFKA_COLUMNS = StructType(
     [
@@ -281,6 +305,21 @@ def test_stream_reads_every_record_once_in_order_within_max_offsets(
     assert sum(sizes) == 36
     assert max(sizes) <= 10
     assert len([s for s in sizes if s]) >= 4
+    assert by_partition(batches) == _expected(produced, topic)
+
+
+def test_stream_reads_within_max_bytes(
+    spark: SparkSession, bootstrap: str, tmp_path: Path
+) -> None:
+    topic = create_topic(bootstrap, 3)
+    produced = produce(bootstrap, topic, partitions=3, per_partition=4, batches=3)  # 36 rows
+    # keys and values of 7-10 bytes; the estimate (each partition's newest record) is never
+    # below a record's real size here
+    batches, _ = stream(spark, bootstrap, {"subscribe": topic, "maxBytesPerTrigger": "40"},
+                        tmp_path / "cp")
+    sizes = [sum(len(r[2]) + len(r[3]) for r in batches[b]) for b in sorted(batches)]
+    assert max(sizes) <= 40
+    assert len([s for s in sizes if s]) >= 9
     assert by_partition(batches) == _expected(produced, topic)
 
 
@@ -404,6 +443,7 @@ BAD_OPTIONS = [
     ({"subscribe": "a", "startingOffsets": "newest"}, "startingOffsets must be earliest or"),
     ({"subscribe": "a", "maxOffsetsPerTrigger": "0"}, "maxOffsetsPerTrigger must be a positive"),
     ({"subscribe": "a", "maxOffsetsPerTrigger": "-5"}, "maxOffsetsPerTrigger must be a positive"),
+    ({"subscribe": "a", "maxBytesPerTrigger": "0"}, "maxBytesPerTrigger must be a positive"),
     ({"subscribe": "a", "failOnDataLoss": "maybe"}, "expected true or false"),
     ({"subscribe": "a", "endOffsets": "guess"}, "endOffsets must be fetch or list"),
 ]
