@@ -32,9 +32,11 @@ app.add_typer(alerts_app, name="alerts")
 
 DEMO_FROM = "2023-03-10T00:00:00Z"
 DEMO_TO = "2023-03-13T00:00:00Z"
+#: Columns of ``opportunities list`` (an opportunity holds from ``valid_from`` to
+#: ``valid_to``, over ``windows`` windows: one snapshot of its legs).
 COLUMNS = [
-    "window_end", "symbol", "buy_exchange", "sell_exchange", "buy_ask", "sell_bid",
-    "gross_bps", "net_bps",
+    "valid_from", "valid_to", "windows", "symbol", "buy_exchange", "sell_exchange", "buy_ask",
+    "sell_bid", "gross_bps", "net_bps",
 ]
 EPISODE_COLUMNS = [
     "episode_id", "symbol", "sell_symbol", "cross_quote", "buy_exchange", "sell_exchange",
@@ -264,8 +266,8 @@ def print_opportunities(rows: list[dict[str, Any]], fmt: Format) -> None:
         writer = csv.writer(sys.stdout)
         writer.writerow(COLUMNS)
         for row in rows:
-            writer.writerow([_cell(row.get(c)) if c == "window_end" else row.get(c)
-                             for c in COLUMNS])
+            writer.writerow([_cell(v) if isinstance(v, datetime) else v
+                             for v in (row.get(c) for c in COLUMNS)])
     else:
         table = Table(*COLUMNS)
         for row in rows:

@@ -393,10 +393,13 @@ class _ArbEvent(BaseModel):
 
 
 class OpportunityEvent(_ArbEvent):
-    """One opportunity window of one pair (a tracker ``spread`` record with
-    ``is_opportunity``): buy ``size_base`` on ``buy_exchange`` at ``buy_ask``, sell on
-    ``sell_exchange`` at ``sell_bid``. Fees, ``gross`` and ``net`` are fractions, ``*_bps``
-    basis points, prices in each leg's quote currency; ``episode_id`` names its episode.
+    """One opportunity of one pair: one snapshot of its legs (the same quotes, books and
+    conversion) over the consecutive windows ending ``valid_from`` .. ``valid_to`` (UTC,
+    ``windows`` of them); ``window_start``/``window_end`` are those of its first window and
+    ``opportunity_id`` names that window. Buy ``size_base`` on ``buy_exchange`` at
+    ``buy_ask``, sell on ``sell_exchange`` at ``sell_bid``. Fees, ``gross`` and ``net`` are
+    fractions, ``*_bps`` basis points, prices in each leg's quote currency; ``episode_id``
+    names its episode; the rolling statistics are those of its first window.
 
     Raises:
         pydantic.ValidationError: a missing or malformed field, an unknown field, legs that
@@ -407,6 +410,11 @@ class OpportunityEvent(_ArbEvent):
     opportunity_id: str = Field(min_length=1)
     window_start: AwareDatetime
     window_end: AwareDatetime
+    valid_from: AwareDatetime | None = Field(None, description="first window end with this "
+                                             "snapshot (= window_end)")
+    valid_to: AwareDatetime | None = Field(None, description="last window end with this "
+                                           "snapshot so far (early: = valid_from)")
+    windows: int | None = Field(None, ge=1, description="windows from valid_from to valid_to")
     buy_ask: float = Field(gt=0)
     buy_ask_size: float | None = Field(None, ge=0)
     buy_ts: AwareDatetime

@@ -146,11 +146,20 @@ class Engine:
     #: pair key -> (expected episode id, latest early window end) of early opportunities
     early_episodes: dict[str, tuple[str, int]] = field(default_factory=dict)
     pair_states: dict[str, dict] = field(default_factory=dict)
+    #: pair key -> the open run of final windows with one snapshot: ``sig`` (its
+    #: :func:`_run_signature`), ``rec`` (the spread record of its first window), ``last``
+    #: (its last window end, UTC ms)
+    runs: dict[str, dict] = field(default_factory=dict)
     exchange_states: dict[str, dict] = field(default_factory=dict)
     home_symbols: set[str] = field(default_factory=set)
     finalized: int = -1  # windows ending at or before this are final
     #: every exchange went idle and open episodes and hours were flushed since the last input
     flushed: bool = False
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle, giving fields added since the state was written their defaults."""
+        fresh = Engine()
+        self.__dict__.update({**fresh.__dict__, **state})
 
     # --- the batch step ---------------------------------------------------------------------
 
@@ -430,16 +439,23 @@ class Engine:
             bases = {s.split("-", 1)[0] for s in windows[e]}
             snap = self.snapshot(e, cfg, by_k)
             mine = {s for s, _ in snap if s.split("-", 1)[0] in bases and s in self.home_symbols}
+            before: dict[str, tuple] | None = None
             for row in self.pairs(e, snap, cfg, mine):
                 if not row["net"] > cfg.tracker.min_net:
                     continue
-                sig = _signature(row)
+                row = tracker.with_depth(row, cfg.tracker)
+                sig = _run_signature(row)
                 known = self.early.get(row["opportunity_id"])
                 if known is not None and known[0] == sig:
                     continue
-                row = tracker.with_depth(row, cfg.tracker)
+                if before is None:  # the pairs' snapshots of the window before
+                    prev = self.pairs(e - cfg.w, self.snapshot(e - cfg.w, cfg, by_k), cfg, mine)
+                    before = {tracker.pair_key(r): _run_signature(tracker.with_depth(
+                        r, cfg.tracker)) for r in prev if r["net"] > cfg.tracker.min_net}
+                if before.get(tracker.pair_key(row)) == sig:
+                    continue  # the same snapshot as the window before: not a new opportunity
                 row["episode_id"] = self._expected_episode(row, e, cfg)
-                rec = _opportunity(row, "early", now_ms)
+                rec = _opportunity(row, "early", now_ms, e, e)
                 self.early[row["opportunity_id"]] = (sig, rec)
                 out.append(rec)
 
@@ -471,7 +487,7 @@ class Engine:
         wm = self._next_watermark(now_ms, cfg)
         if wm <= self.watermark:
             if not active:
-                self._flush(cfg, out)
+                self._flush(cfg, now_ms, out)
             return
         self.watermark = wm
         last = wm // cfg.w * cfg.w
@@ -501,9 +517,13 @@ class Engine:
             self.pair_states[key] = state
             for rec in records:
                 out.append(rec)
-                if rec["record"] == "spread" and rec["is_opportunity"]:
-                    final_ids.add(rec["opportunity_id"])
-                    out.append(_opportunity(rec, "final", now_ms))
+                if rec["record"] == "spread":
+                    started = self._extend_run(key, rec, cfg, now_ms, out)
+                    if started is not None:
+                        final_ids.add(started)
+            run = self.runs.get(key)
+            if run is not None and run["last"] < last:  # the next window is final, another
+                out.append(self._close_run(key, cfg, now_ms))
         for key in sorted(exchange_rows):
             state, records = tracker.track_exchange(self.exchange_states.get(key),
                                                     exchange_rows[key], cfg.tracker)
@@ -516,16 +536,46 @@ class Engine:
         self.finalized = max(self.finalized, last)
         self._prune(cfg)
         if not active:
-            self._flush(cfg, out)
+            self._flush(cfg, now_ms, out)
 
-    def _flush(self, cfg: EngineConfig, out: list[dict]) -> None:
-        """Every exchange is idle (end of a replay): emit each open episode as ``closed`` and
-        each open hour's percentiles as they stand, once, without forgetting them. If input
-        resumes within the episode gap or the hour, the same episode or hour goes on and is
-        emitted again, complete (same ids: the sinks keep the last version)."""
+    def _extend_run(self, key: str, rec: dict, cfg: EngineConfig, now_ms: int,
+                    out: list[dict]) -> str | None:
+        """Take the final spread record ``rec`` of pair ``key`` (windows in order) into the
+        pair's run: an opportunity with the same snapshot as the run's last window, in the
+        next window, extends it; any other record closes it (its ``final`` opportunity goes to
+        ``out``), and an opportunity starts a new run. Returns the id of a run started here."""
+        e = tracker._ms(rec["window_end"])
+        run = self.runs.get(key)
+        if rec["is_opportunity"]:
+            sig = _run_signature(rec)
+            if run is not None and run["sig"] == sig and run["last"] == e - cfg.w:
+                run["last"] = e
+                return None
+            if run is not None:
+                out.append(self._close_run(key, cfg, now_ms))
+            self.runs[key] = {"sig": sig, "rec": rec, "last": e}
+            return rec["opportunity_id"]
+        if run is not None:
+            out.append(self._close_run(key, cfg, now_ms))
+        return None
+
+    def _close_run(self, key: str, cfg: EngineConfig, now_ms: int, keep: bool = False) -> dict:
+        """The ``final`` opportunity of pair ``key``'s run (removed unless ``keep``)."""
+        run = self.runs[key] if keep else self.runs.pop(key)
+        first = tracker._ms(run["rec"]["window_end"])
+        return _opportunity(run["rec"], "final", now_ms, first, run["last"], cfg.w)
+
+    def _flush(self, cfg: EngineConfig, now_ms: int, out: list[dict]) -> None:
+        """Every exchange is idle (end of a replay): emit each open run's opportunity as
+        ``final``, each open episode as ``closed`` and each open hour's percentiles as they
+        stand, once, without forgetting them. If input resumes within the episode gap or the
+        hour, or in the next window with the same snapshot, the same run, episode or hour goes
+        on and is emitted again, complete (same ids: the sinks keep the last version)."""
         if self.flushed:
             return
         self.flushed = True
+        for key in sorted(self.runs):
+            out.append(self._close_run(key, cfg, now_ms, keep=True))
         for key in sorted(self.pair_states):
             st = self.pair_states[key]
             if st.get("ep") is not None:
@@ -667,12 +717,25 @@ def _spread_row(a: dict, b: dict, c: dict | None, usd_rate: float | None, times:
     }
 
 
-def _signature(row: dict) -> tuple:
-    return (row["net"], row["buy_ask"], row["sell_bid"], row["buy_ts"], row["sell_ts"],
-            row["conversion_rate"], row["buy_ask_size"], row["sell_bid_size"])
+def _run_signature(row: dict) -> tuple:
+    """What makes two windows' rows of one pair the same opportunity: every value of the
+    spread row except the window and the rolling statistics (same legs' quotes, books,
+    conversion, fees, hence the same spreads, size and profit)."""
+    return tuple(None if isinstance(v, float) and v != v else v
+                 for v in (row.get(k) for k in _RUN_FIELDS))
 
 
-def _opportunity(row: dict, stage: str, now_ms: int) -> dict:
+_RUN_FIELDS = [k for k in tracker.SPREAD_FIELDS if k not in {
+    "opportunity_id", "window_start", "window_end", "episode_id", "spread_mean_bps",
+    "spread_std_bps", "spread_z", "anomaly"}]
+
+
+def _opportunity(row: dict, stage: str, now_ms: int, first: int, last: int,
+                 w: int | None = None) -> dict:
+    """An ``opportunity`` record of spread row ``row`` (its first window), valid over the
+    windows ending ``first`` .. ``last`` (UTC ms; ``w`` the window width when they differ)."""
     rec = {k: row.get(k) for k in tracker.SPREAD_FIELDS}
-    rec.update(record="opportunity", stage=stage, emitted_ts=now_ms, is_opportunity=True)
+    rec.update(record="opportunity", stage=stage, emitted_ts=now_ms, is_opportunity=True,
+               valid_from=_ts(first), valid_to=_ts(last),
+               windows=1 if w is None else (last - first) // w + 1)
     return rec

@@ -50,7 +50,8 @@ OUTPUT_FIELDS: dict[str, str] = {
     "bid_size": "double", "ask_size": "double", "exchange_ts": "bigint", "reason": "string",
     "value": "binary", "source_topic": "string", "source_partition": "int",
     "source_offset": "bigint", "received": "bigint", "duplicates": "bigint", "late": "bigint",
-    "future": "bigint", "watermark_ms": "bigint",
+    "future": "bigint", "watermark_ms": "bigint", "valid_from": "timestamp",
+    "valid_to": "timestamp",
 }
 _ARROW_TYPES = {
     "string": pa.string(), "double": pa.float64(), "bigint": pa.int64(), "int": pa.int32(),

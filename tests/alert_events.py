@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from reference import reference_spreads
+from reference import reference_opportunities, reference_spreads
 
 from arbstream.config import Settings
 from arbstream.schemas import SCHEMA_VERSION
@@ -52,7 +52,10 @@ def event_dict(record: dict[str, Any]) -> dict[str, Any]:
     ``spread`` with ``is_opportunity``, or ``episode``)."""
     kind = record["record"]
     out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "type": EVENT_TYPE[kind]}
-    for name in tracker.RECORD_FIELDS[kind]:
+    names = [*tracker.RECORD_FIELDS[kind]]
+    if kind == "spread":
+        names += ["valid_from", "valid_to", "windows"]
+    for name in names:
         value = _plain(record.get(name))
         if value is not None:
             out[name] = value
@@ -76,10 +79,15 @@ def iaqf_quotes(data_dir: Path, start: datetime, end: datetime) -> pd.DataFrame:
 
 
 def tracker_records(
-    spread_rows: list[dict[str, Any]], settings: Settings
+    spread_rows: list[dict[str, Any]], settings: Settings,
+    runs: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The real tracker over spread rows, one pair at a time, every episode closed at the end:
-    the opportunity ``spread`` records and the ``episode`` records, in the tracker's order."""
+    the opportunity ``spread`` records and the ``episode`` records, in the tracker's order.
+
+    With ``runs`` (:func:`reference_runs`), an opportunity is published once for its run of
+    windows with one snapshot: only the record of a run's first window is kept, with the run's
+    ``valid_from``, ``valid_to`` and ``windows``."""
     cfg = tracker.TrackerConfig.of(settings)
     by_pair: dict[str, list[dict[str, Any]]] = {}
     for row in spread_rows:
@@ -87,9 +95,26 @@ def tracker_records(
     out: list[dict[str, Any]] = []
     for key in sorted(by_pair):
         _, records, _ = tracker.track_pair(None, by_pair[key], 10**15, cfg)
-        out += [r for r in records if r["record"] == "episode"
-                or (r["record"] == "spread" and r["is_opportunity"])]
+        for r in records:
+            if r["record"] == "episode":
+                out.append(r)
+            elif r["record"] == "spread" and r["is_opportunity"]:
+                if runs is None:
+                    out.append(r)
+                elif r["opportunity_id"] in runs:
+                    out.append({**r, **runs[r["opportunity_id"]]})
     return out
+
+
+def reference_runs(quotes: pd.DataFrame, settings: Settings) -> dict[str, dict[str, Any]]:
+    """``valid_from``, ``valid_to`` and ``windows`` of every opportunity of
+    :func:`reference_opportunities` (one per run of windows with one snapshot), by id."""
+    frame = reference_opportunities(
+        quotes, settings.taker_fees, settings.window_seconds, settings.max_quote_age_seconds,
+        settings.min_net, (settings.slippage_bps + settings.latency_haircut_bps) / 10_000.0,
+        settings.notional_usd)
+    return {r["opportunity_id"]: {"valid_from": r["valid_from"], "valid_to": r["valid_to"],
+                                  "windows": int(r["windows"])} for r in frame.to_dict("records")}
 
 
 def reference_rows(quotes: pd.DataFrame, settings: Settings) -> list[dict[str, Any]]:
@@ -117,4 +142,5 @@ def iaqf_events(
     """Every ``arb.opportunities`` record (key, value) the stream job publishes for the IAQF
     bars in ``[start, end)``, episodes closed at the end."""
     quotes = iaqf_quotes(data_dir, start, end)
-    return [event_message(r) for r in tracker_records(reference_rows(quotes, settings), settings)]
+    return [event_message(r) for r in tracker_records(
+        reference_rows(quotes, settings), settings, reference_runs(quotes, settings))]

@@ -24,7 +24,10 @@ Semantics (the same as the module docstring of :mod:`spark_jobs.transforms`):
   usd_rate``.
 * ``window_start = window_end - age``; ``opportunity_id`` is
   ``SYMBOL|YYYY-MM-DDTHH:MM:SS.mmmZ|buy|sell`` of ``window_end`` (UTC).
-* An opportunity is a pair with ``net > min_net`` (strictly).
+* An opportunity is a pair with ``net > min_net`` (strictly). Consecutive windows of one
+  pair (``window_end`` W apart) whose rows are equal in every value but the window are one
+  opportunity: the row of its first window with ``valid_from`` (that window's end),
+  ``valid_to`` (the last one's) and ``windows`` (how many).
 
 Unlike Spark (sliding windows over ``exchange_ts - 1 µs``) this enumerates, for each quote, the
 window ends it belongs to directly: the first is ``ceil(ts / W) * W`` (``>= ts``, so ``ts == e``
@@ -223,6 +226,29 @@ def reference_opportunities(
     haircut: float = 0.0,
     notional_usd: float = 10_000.0,
 ) -> pd.DataFrame:
-    """The rows of :func:`reference_spreads` with ``net > min_net`` (strictly)."""
+    """The opportunities (``net > min_net``, strictly) among the rows of
+    :func:`reference_spreads`, one per run of consecutive windows with the same values (see
+    the module docstring): :data:`OUTPUT_COLUMNS` plus ``valid_from``, ``valid_to``,
+    ``windows``, sorted by ``opportunity_id``."""
     rows = reference_spreads(quotes, fees, window_s, max_quote_age_s, haircut, notional_usd)
-    return rows[rows["net"] > min_net].reset_index(drop=True)
+    opp = rows[rows["net"] > min_net].copy()
+    pair = opp["opportunity_id"].str.split("|").map(lambda p: (p[0], p[2], p[3]))
+    opp["_pair"] = pair.map("|".join)
+    values = [c for c in OUTPUT_COLUMNS if c not in ("opportunity_id", "window_start",
+                                                     "window_end")]
+    opp = opp.sort_values(["_pair", "window_end"], kind="stable").reset_index(drop=True)
+    same_pair = opp["_pair"].eq(opp["_pair"].shift())
+    next_window = (opp["window_end"] - opp["window_end"].shift()) == pd.Timedelta(
+        milliseconds=round(window_s * 1000))
+    same_values = pd.Series(True, index=opp.index)
+    for c in values:
+        cur, prev = opp[c], opp[c].shift()
+        same_values &= cur.eq(prev) | (cur.isna() & prev.isna())
+    opp["_run"] = (~(same_pair & next_window & same_values)).cumsum()
+    runs = opp.groupby("_run", sort=False)
+    first = runs.head(1).set_index("_run")
+    first["valid_from"] = first["window_end"]
+    first["valid_to"] = runs["window_end"].max()
+    first["windows"] = runs.size()
+    out = first.sort_values("opportunity_id", kind="stable").reset_index(drop=True)
+    return out[[*OUTPUT_COLUMNS, "valid_from", "valid_to", "windows"]]

@@ -32,7 +32,14 @@ from typing import Any, Literal
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
-from alert_events import event_dict, iaqf_events, iaqf_quotes, reference_rows, tracker_records
+from alert_events import (
+    event_dict,
+    iaqf_events,
+    iaqf_quotes,
+    reference_rows,
+    reference_runs,
+    tracker_records,
+)
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from conftest import REPO, consume, free_port
@@ -294,7 +301,7 @@ def test_events_contract(data_dir: Path, tmp_path: Path) -> None:
     # ... with the alert worker's model too
     assert [parse_event(v).model_dump() for _, v in out] == [m.model_dump() for m in models]
     kinds = Counter((m.type, getattr(m, "event", None)) for m in models)
-    assert kinds[("opportunity", None)] > 100 and kinds[("episode", "closed")] > 5
+    assert kinds[("opportunity", None)] > 40 and kinds[("episode", "closed")] > 5
     assert kinds[("episode", "opened")] == kinds[("episode", "closed")]
     assert all(k == (m.opportunity_id if m.type == "opportunity" else m.episode_id)
                for (k, _), m in zip(out, models, strict=True))
@@ -305,7 +312,8 @@ def test_events_contract(data_dir: Path, tmp_path: Path) -> None:
         for _, value in out if json.loads(value).get("stage") in ("final", None)
     ), key=json.dumps)
     # the independent path: reference spread rows through the pure tracker
-    reference = [event_dict(r) for r in tracker_records(reference_rows(quotes, conf), conf)]
+    reference = [event_dict(r) for r in tracker_records(reference_rows(quotes, conf), conf,
+                                                        reference_runs(quotes, conf))]
     assert sorted(reference, key=json.dumps) == final
 
 
@@ -630,7 +638,7 @@ def test_cooldown_per_rule_symbol_and_pair(
     inbox, conf = run(long_cd)
     assert sorted(inbox.keys()) == sorted([alert_key("wide", LONG), alert_key("wide", OTHER)])
     [cool] = log_docs(conf, reason="cooldown")
-    assert cool["episode_id"] == LATER and cool["count"] > 10
+    assert cool["episode_id"] == LATER and cool["count"] > 5
     assert LONG in cool["detail"] and f"cooldown {long_cd:g} s" in cool["detail"]
     assert alert_key("wide", LATER) not in claims(conf)
     # a cooldown ending 60 s into LATER: suppressed, then alerted once it is over
@@ -639,7 +647,7 @@ def test_cooldown_per_rule_symbol_and_pair(
     [cool] = log_docs(conf, reason="cooldown")
     later = claims(conf)[alert_key("wide", LATER)]
     assert later["event_ms"] >= first_match(LONG) + (gap_s + 60) * 1000
-    assert cool["count"] >= 5 and cool["event_ms"] < later["event_ms"]
+    assert cool["count"] >= 1 and cool["event_ms"] < later["event_ms"]
     # no cooldown: LATER at its first match
     inbox, conf = run(0)
     assert len(inbox.keys()) == 3 and not log_docs(conf, reason="cooldown")

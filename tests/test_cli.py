@@ -31,7 +31,8 @@ from spark_jobs.sinks.mongo import upsert_episodes, upsert_opportunities
 
 T0 = datetime(2023, 3, 11, 4, 0, 1, tzinfo=UTC)
 SEC = timedelta(seconds=1)
-CSV_HEADER = "window_end,symbol,buy_exchange,sell_exchange,buy_ask,sell_bid,gross_bps,net_bps"
+CSV_HEADER = ("valid_from,valid_to,windows,symbol,buy_exchange,sell_exchange,buy_ask,sell_bid,"
+              "gross_bps,net_bps")
 
 Invoke = Callable[..., Result]
 
@@ -203,6 +204,9 @@ def _row(
         "symbol": symbol,
         "window_start": end - SEC,
         "window_end": end,
+        "valid_from": end,
+        "valid_to": end + 2 * SEC,  # one snapshot over 3 windows
+        "windows": 3,
         "buy_exchange": buy,
         "sell_exchange": sell,
         "buy_ask": ask,
@@ -237,7 +241,8 @@ def seeded(env: Settings) -> Settings:
 def _csv_line(name: str) -> list[str]:
     r = ROWS[name]
     return [
-        r["window_end"].strftime("%Y-%m-%dT%H:%M:%SZ"), r["symbol"], r["buy_exchange"],
+        r["valid_from"].strftime("%Y-%m-%dT%H:%M:%SZ"),
+        r["valid_to"].strftime("%Y-%m-%dT%H:%M:%SZ"), "3", r["symbol"], r["buy_exchange"],
         r["sell_exchange"], *(str(r[k]) for k in ("buy_ask", "sell_bid", "gross_bps", "net_bps")),
     ]
 
@@ -299,14 +304,14 @@ def test_opportunities_table(invoke: Invoke, seeded: Settings) -> None:
         for line in out.splitlines() if "2023-03-11" in line
     ]
     assert rows == [
-        ["2023-03-11T04:00:01Z", "BTC-USD", "kraken", "coinbase", "20000.50", "20210.25",
-         "104.88", "18.50"],
-        ["2023-03-11T04:00:02Z", "USDC-USD", "kraken", "coinbase", "0.9871", "0.9958",
-         "88.14", "7.00"],
-        ["2023-03-11T04:00:03Z", "BTC-USD", "kraken", "coinbase", "20001.00", "20300.00",
-         "149.49", "40.00"],
-        ["2023-03-11T04:00:03Z", "BTC-USDT", "binance", "coinbase", "20050.00", "20200.00",
-         "74.81", "25.00"],
+        ["2023-03-11T04:00:01Z", "2023-03-11T04:00:03Z", "3", "BTC-USD", "kraken", "coinbase",
+         "20000.50", "20210.25", "104.88", "18.50"],
+        ["2023-03-11T04:00:02Z", "2023-03-11T04:00:04Z", "3", "USDC-USD", "kraken", "coinbase",
+         "0.9871", "0.9958", "88.14", "7.00"],
+        ["2023-03-11T04:00:03Z", "2023-03-11T04:00:05Z", "3", "BTC-USD", "kraken", "coinbase",
+         "20001.00", "20300.00", "149.49", "40.00"],
+        ["2023-03-11T04:00:03Z", "2023-03-11T04:00:05Z", "3", "BTC-USDT", "binance",
+         "coinbase", "20050.00", "20200.00", "74.81", "25.00"],
     ]
 
 

@@ -124,8 +124,10 @@ def test_opportunities_equal_pandas_reference(first_run, e2e_settings, expected)
         w = [None if isinstance(v, float) and v != v else v for v in want[col].tolist()]
         g = [None if isinstance(v, float) and v != v else v for v in got[col].tolist()]
         assert g == w, col
-    for col in ["window_start", "window_end", "buy_ts", "sell_ts"]:
+    for col in ["window_start", "window_end", "buy_ts", "sell_ts", "valid_from", "valid_to"]:
         assert [pd.Timestamp(v) for v in got[col]] == [pd.Timestamp(v) for v in want[col]], col
+    assert got["windows"].tolist() == want["windows"].tolist()
+    assert (want["windows"] > 1).any()  # a bar stays fresh for several windows: one document
     assert (got["net"] > conf.min_net).all()
 
 

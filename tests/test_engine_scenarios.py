@@ -326,20 +326,25 @@ def test_gross_positive_net_negative_is_no_opportunity(scenario: dict[str, Any])
 
 
 def test_opportunities_of_scenario(scenario: dict[str, Any]) -> None:
-    got = {(r["symbol"], r["window_end"], r["buy_exchange"], r["sell_exchange"])
-           for r in scenario["opps"]}
+    # each final opportunity covers the windows valid_from .. valid_to of its pair; together
+    # they are exactly the opportunity windows of the spread rows, each window once
+    got = [(r["symbol"], e, r["buy_exchange"], r["sell_exchange"]) for r in scenario["opps"]
+           for e in range(r["valid_from"], r["valid_to"] + W, W)]
     want = {(r["symbol"], r["window_end"], r["buy_exchange"], r["sell_exchange"])
             for r in scenario["spreads"] if r["net"] > 0}
-    assert got == want
-    assert len(scenario["opps"]) == len(got)  # one final version per opportunity
+    assert sorted(got) == sorted(want)
+    assert all(r["windows"] == (r["valid_to"] - r["valid_from"]) // W + 1
+               and r["valid_from"] == r["window_end"] for r in scenario["opps"])
+    ids = [r["opportunity_id"] for r in scenario["opps"]]
+    assert len(ids) == len(set(ids))  # one final version per opportunity
     assert all(r["net"] > 0 for r in scenario["opps"])
-    assert {r["opportunity_id"] for r in scenario["early"]} <= {
-        r["opportunity_id"] for r in scenario["opps"]}
-    # BTC-USD and ETH-USD: only the profitable direction (net 0.0014), in each of 5 windows.
+    assert {r["opportunity_id"] for r in scenario["early"]} <= set(ids)
+    # BTC-USD and ETH-USD: only the profitable direction (net 0.0014), one snapshot that stays
+    # fresh for 5 windows: one opportunity of 5 windows
     for symbol, buy, sell in [("BTC-USD", "coinbase", "kraken"), ("ETH-USD", "binance", "kraken")]:
-        mine = [r for r in scenario["opps"] if r["symbol"] == symbol]
-        assert {(r["buy_exchange"], r["sell_exchange"]) for r in mine} == {(buy, sell)}
-        assert sorted(r["window_end"] for r in mine) == [T0 + k * 1000 for k in range(5)]
+        [mine] = [r for r in scenario["opps"] if r["symbol"] == symbol]
+        assert (mine["buy_exchange"], mine["sell_exchange"]) == (buy, sell)
+        assert (mine["valid_from"], mine["valid_to"], mine["windows"]) == (T0, T0 + 4000, 5)
 
 
 def test_staleness_bounds(scenario: dict[str, Any]) -> None:
@@ -528,8 +533,9 @@ def test_opportunities_threshold_is_strict() -> None:
     assert net == approx(0.0014)
     assert opportunities(net) == ({False}, 0, 0)  # net == min_net is not an opportunity
     assert opportunities(float(np.nextafter(net, 1.0))) == ({False}, 0, 0)
-    assert opportunities(float(np.nextafter(net, 0.0))) == ({True}, 5, 1)
-    assert opportunities(0.0) == ({True}, 5, 1)
+    # 5 opportunity windows of one snapshot: one final opportunity (and one early)
+    assert opportunities(float(np.nextafter(net, 0.0))) == ({True}, 1, 1)
+    assert opportunities(0.0) == ({True}, 1, 1)
 
 
 # --- exact comparison with the pandas reference -----------------------------------------------

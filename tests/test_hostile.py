@@ -206,6 +206,7 @@ def test_consecutive_replays_give_the_union(spark: Any, conf: Settings, tmp_path
     assert sorted(got["opportunity_id"]) == want["opportunity_id"].tolist()
     got = got.set_index("opportunity_id").loc[want["opportunity_id"]]
     assert got["net"].tolist() == want["net"].tolist()
+    assert got["windows"].tolist() == want["windows"].tolist()
     assert (got["stage"] == "final").all()
 
 

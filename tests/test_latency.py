@@ -34,8 +34,8 @@ def test_latency_from_the_later_legs_publish_time_to_the_first_event(settings: S
                                                                       ) -> None:
     conf = settings.kafka_client_config()
     quotes, events = f"t.lat.q.{uuid.uuid4().hex[:8]}", f"t.lat.e.{uuid.uuid4().hex[:8]}"
-    for fut in AdminClient(conf).create_topics(
-            [NewTopic(quotes, 1, 1), NewTopic(events, 1, 1)]).values():
+    admin = AdminClient(conf)  # kept referenced until the futures resolve
+    for fut in admin.create_topics([NewTopic(quotes, 1, 1), NewTopic(events, 1, 1)]).values():
         fut.result(15)
     producer = Producer(conf)
     published = 1_800_000_000_000  # CreateTimes chosen here (ms)

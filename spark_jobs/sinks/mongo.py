@@ -1,18 +1,20 @@
 """MongoDB sink: idempotent upserts of opportunities, episodes, features and thresholds.
 
-Called on executors from ``foreachBatch`` through ``DataFrame.foreachPartition`` with rows
-converted to plain dicts (``row.asDict()``). Every call opens (and closes) its own
-``MongoClient`` — none for an empty partition; nothing connects at import time. Datetimes are
+Called on executors from the stream's ``foreachBatch`` writer (:mod:`spark_jobs.sinks.records`)
+with rows as plain dicts, through one cached ``MongoClient`` per worker process
+(:func:`cached_client`); nothing connects at import time. Datetimes are
 stored as UTC (naive input means UTC already); every ``_id`` is deterministic, so replaying a
 micro-batch rewrites the same documents instead of adding any.
 
 Collections (fractions are fractions, ``*_bps`` basis points, prices in the quote currency of
 their leg, sizes in base units, durations seconds):
 
-``opportunities``  one per opportunity, ``_id`` = the row's ``opportunity_id``, e.g.
+``opportunities``  one per opportunity (one snapshot of a pair's legs over consecutive
+    windows), ``_id`` = the row's ``opportunity_id`` (named by its first window), e.g.
     "BTC-USD|2023-03-11T04:00:05.000Z|kraken|coinbase"; every other key of the row as given
     (``symbol, sell_symbol, cross_quote, buy_exchange, sell_exchange, window_start,
-    window_end, buy_ask, sell_bid, buy_fee, sell_fee, gross, net, gross_bps, net_bps, ...``).
+    window_end, valid_from, valid_to, windows, buy_ask, sell_bid, buy_fee, sell_fee, gross,
+    net, gross_bps, net_bps, stage, ...``).
 ``episodes``  one per episode, ``_id`` = ``episode_id``; ``status`` "open" or "closed",
     ``symbol, sell_symbol, cross_quote, buy_exchange, sell_exchange, start, end, duration_s,
     windows, peak_net_bps, mean_net_bps, size_base, size_source, expected_profit,
@@ -61,7 +63,7 @@ IndexKeys = list[tuple[str, int]]
 #: idempotent. Each serves a query of this module (or of a dashboard, noted).
 INDEXES: dict[str, dict[str, tuple[IndexKeys, bool]]] = {
     OPPORTUNITIES: {
-        # one opportunity per pair (both legs' symbols) and window
+        # one opportunity per pair (both legs' symbols) and first window
         "uniq_pair_window": (
             [("symbol", ASCENDING), ("sell_symbol", ASCENDING), ("window_end", ASCENDING),
              ("buy_exchange", ASCENDING), ("sell_exchange", ASCENDING)],

@@ -38,8 +38,10 @@ from spark_jobs.sinks import influx, mongo
 
 log = logging.getLogger(__name__)
 
-#: Fields of an ``opportunity`` record: a spread row plus its stage and emission time.
-OPPORTUNITY_FIELDS = [*tracker.SPREAD_FIELDS, "stage", "emitted_ts"]
+#: Fields of an ``opportunity`` record: a spread row (its first window) plus its stage,
+#: emission time and the windows its snapshot holds.
+OPPORTUNITY_FIELDS = [*tracker.SPREAD_FIELDS, "stage", "emitted_ts", "valid_from", "valid_to",
+                      "windows"]
 QUOTE_FIELDS = ["exchange", "symbol", "bid", "ask", "bid_size", "ask_size", "exchange_ts"]
 STREAM_FIELDS = ["exchange", "received", "duplicates", "late", "future", "watermark_ms",
                  "emitted_ts"]
