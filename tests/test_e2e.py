@@ -196,8 +196,10 @@ def _reference_episodes(opps: pd.DataFrame, gap_s: float, w_s: float) -> pd.Data
 
 def test_episodes_follow_the_opportunities(first_run, e2e_settings, expected) -> None:
     conf = e2e_settings
-    want = _reference_episodes(_reference(conf, expected), conf.episode_gap_seconds,
-                               conf.window_seconds)
+    spreads = reference_spreads(expected, conf.taker_fees, conf.window_seconds,
+                                conf.max_quote_age_seconds, _haircut(conf), conf.notional_usd)
+    windows = spreads[spreads["net"] > conf.min_net]  # every opportunity window
+    want = _reference_episodes(windows, conf.episode_gap_seconds, conf.window_seconds)
     got = pd.DataFrame(find_episodes(conf, limit=100_000)).sort_values(
         "episode_id").reset_index(drop=True)
     assert len(want) > 5
