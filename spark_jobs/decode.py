@@ -363,6 +363,21 @@ class Decoder:
 _INVALID = (None,) * 13
 
 
+def partition_list(keys: Iterable[tuple[str, int]], cfg: DecodeConfig
+                   ) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """``kind`` "partition" rows naming every source partition ``(topic, partition)``, for
+    every bucket (``home`` true in bucket 0): the engine holds its watermark until each has
+    had records or gone idle (:meth:`spark_jobs.engine.Engine.process`)."""
+    keys = list(keys)
+    for bucket in range(cfg.buckets):
+        rows = [("partition", *(None,) * 12, None, None, t, p, None, bucket == 0)
+                for t, p in keys]
+        columns = zip(*rows, strict=True) if rows else [[] for _ in INPUT_SCHEMA]
+        yield bucket, pa.RecordBatch.from_arrays(
+            [pa.array(c, t) for c, t in zip(columns, INPUT_SCHEMA.types, strict=True)],
+            schema=INPUT_SCHEMA)
+
+
 def decode_records(values: Sequence[bytes | None], topics: Sequence[str],
                    partitions: Sequence[int], offsets: Sequence[int],
                    cfg: DecodeConfig) -> Iterator[tuple[int, pa.RecordBatch]]:

@@ -66,7 +66,9 @@ from spark_jobs.tracker import TrackerConfig
 BPS = 10_000.0
 
 #: Columns of :meth:`Engine.process`'s input frame. ``kind`` is ``quote``, ``book``,
-#: ``heartbeat`` or null (invalid: ``error`` says why); times are UTC ms (int64);
+#: ``heartbeat``, ``partition`` (only ``topic`` and ``partition`` set: a source partition the
+#: source reads, with or without records) or null (invalid: ``error`` says why); times are
+#: UTC ms (int64);
 #: ``dedupe_hash`` is a 64-bit hash of ``dedupe_key``; ``home`` is false for a copy of a
 #: stablecoin-rate quote sent to this bucket only for conversions; ``value`` is the original
 #: payload (bytes).
@@ -138,6 +140,9 @@ class Engine:
     #: ``<topic>|<partition>``: one exchange's topic partitions, one clock each
     clocks: dict[str, int] = field(default_factory=dict)
     seen_at: dict[str, int] = field(default_factory=dict)  # partition -> processing ms
+    #: source partitions the source listed (``kind`` "partition" rows) -> processing ms when
+    #: first listed: one without records yet holds the watermark back until it is idle
+    known: dict[str, int] = field(default_factory=dict)
     watermark: int = -1
     slots: dict[tuple[str, str, int], Slot] = field(default_factory=dict)
     hashes: dict[int, np.ndarray] = field(default_factory=dict)  # k -> sorted int64
@@ -178,6 +183,8 @@ class Engine:
         """
         out: list[dict] = []
         stats: dict[str, dict[str, int]] = {}
+        if len(frame):
+            frame = self._take_partition_list(frame, now_ms)
         if len(frame):
             self.flushed = False
             valid = self._reject_invalid(frame, out)
@@ -258,6 +265,17 @@ class Engine:
             counts = stats.setdefault(e, {})
             counts["received"] = int(n)
         return df[reason == None]  # noqa: E711
+
+    def _take_partition_list(self, frame: pd.DataFrame, now_ms: int) -> pd.DataFrame:
+        """Note the source partitions listed by ``kind`` "partition" rows (the ``arbmarket``
+        source sends them with every micro-batch that reads data); return the other rows."""
+        marks = (frame["kind"] == "partition").to_numpy(dtype=bool)
+        if not marks.any():
+            return frame
+        listed = frame[marks]
+        for topic, part in zip(listed["topic"], listed["partition"], strict=True):
+            self.known.setdefault(f"{topic}|{int(part)}", now_ms)
+        return frame[~marks]
 
     def _active(self, now_ms: int, cfg: EngineConfig) -> list[str]:
         return [e for e, t in self.seen_at.items() if now_ms - t <= cfg.idle_ms]
@@ -585,8 +603,15 @@ class Engine:
                                                       st["vals"]))
 
     def _next_watermark(self, now_ms: int, cfg: EngineConfig) -> int:
-        """The combined watermark the clocks give now (never below the current one)."""
+        """The combined watermark the clocks give now (never below the current one). A listed
+        source partition that has had no record yet holds it where it is until that partition
+        has been idle for ``idle_ms`` since it was listed (Flink's idleness for an empty
+        split): its first records, read a batch later, are not late because the others ran
+        ahead (the first micro-batch of a replay often reads only some partitions)."""
         if not self.clocks:
+            return self.watermark
+        if any(k not in self.clocks and now_ms - t <= cfg.idle_ms
+               for k, t in self.known.items()):
             return self.watermark
         active = self._active(now_ms, cfg)
         if active:

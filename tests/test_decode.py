@@ -303,3 +303,23 @@ def test_input_schema_is_the_engines() -> None:
     from spark_jobs.engine import INPUT_COLUMNS
 
     assert INPUT_SCHEMA.names == INPUT_COLUMNS
+
+
+def test_market_reader_lists_every_partition_with_each_batch_that_reads() -> None:
+    from spark_jobs.market_source import MarketStreamReader, PartitionList
+
+    reader = MarketStreamReader({"kafka.bootstrap.servers": "127.0.0.1:1", "subscribe": "a,b",
+                                 "decode": CFG.to_json()})
+    start = {"a": {"0": 5, "1": 7}, "b": {"0": 0}}
+    end = {"a": {"0": 9, "1": 7}, "b": {"0": 0}}
+    parts = reader.partitions(start, end)
+    assert [type(p).__name__ for p in parts] == ["KafkaPartition", "PartitionList"]
+    assert parts[-1] == PartitionList((("a", 0), ("a", 1), ("b", 0)))
+    [batch] = list(reader.read(parts[-1]))
+    rows = batch.to_pylist()
+    assert [r["bucket"] for r in rows] == [0, 1, 2, 3]  # every bucket's engine learns them
+    for row in rows:
+        listed = unpack(row["payload"]).to_pylist()
+        assert [(r["kind"], r["topic"], r["partition"]) for r in listed] == [
+            ("partition", "a", 0), ("partition", "a", 1), ("partition", "b", 0)]
+    assert reader.partitions(end, end) == []  # nothing to read: no list either

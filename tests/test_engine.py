@@ -141,6 +141,45 @@ def test_each_partition_has_its_own_clock() -> None:
     assert eng.clocks == {"md.kraken.quotes|0": T0 + 89_000, "md.kraken.quotes|1": T0 + 29_000}
 
 
+def listed(*keys: tuple[str, int]) -> list[dict[str, Any]]:
+    """``partition`` rows naming source partitions, as the arbmarket source sends them."""
+    return [dict(dict.fromkeys(INPUT_COLUMNS), kind="partition", topic=t, partition=p,
+                 home=True) for t, p in keys]
+
+
+def test_a_listed_partition_without_records_yet_holds_the_watermark() -> None:
+    """The first micro-batch of a replay reads an hour of coinbase, while kraken's partition,
+    listed by the source, has no record yet; kraken's hour arrives in the next batch, 2 s
+    later: none of it is late. Unlisted, it would be (the demo once lost a day this way)."""
+    c = cfg()
+    ahead = [quote("coinbase", T0 + i * 60_000, 99.9, 100.0) for i in range(60)]
+    behind = [quote("kraken", T0 + i * 60_000, 101.0, 101.1) for i in range(60)]
+    parts = listed(("md.coinbase.quotes", 0), ("md.kraken.quotes", 0))
+    eng = Engine()
+    run(eng, ahead + parts, c)
+    assert eng.watermark == -1  # held for kraken's listed, still empty partition
+    out = run(eng, behind + parts, c, NOW + 2000)
+    assert not of(out, "deadletter") and eng.watermark == T0 + 59 * 60_000 - 2000
+    assert not eng.flushed and "md.kraken.quotes|0" in eng.known
+    unlisted = Engine()
+    run(unlisted, ahead, c)
+    late = of(run(unlisted, behind, c, NOW + 2000), "deadletter")
+    assert len(late) == 59 and all(d["reason"].startswith("late") for d in late)
+
+
+def test_a_listed_partition_that_stays_empty_stops_holding_after_the_idle_timeout() -> None:
+    c = cfg()  # idle timeout 5 s
+    eng = Engine()
+    parts = listed(("md.coinbase.quotes", 0), ("md.coinbase.book", 0))  # no book stream
+    for i in range(8):
+        run(eng, [quote("coinbase", T0 + i * 10_000, 99.9, 100.0), *parts], c, NOW + i * 1000)
+        assert eng.watermark == (-1 if i <= 5 else T0 + i * 10_000 - 2000), i
+    run(eng, [], c, NOW + 60_000)  # every exchange idle: open state flushed once
+    assert eng.flushed
+    run(eng, parts, c, NOW + 61_000)
+    assert eng.flushed  # partition rows alone are no input: no new flush needed
+
+
 def test_an_idle_exchange_stops_holding_the_watermark_back() -> None:
     c, eng = cfg(), Engine()
     run(eng, [quote("coinbase", T0, 99.9, 100.0), quote("kraken", T0, 99.9, 100.0)], c)
