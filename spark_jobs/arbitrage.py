@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +255,13 @@ def wait_drained(
 ) -> dict[str, Any]:
     """Block until every query has processed all records now in its topics and is idle.
 
-    Returns the end offsets that were reached, per topic.
+    The ``market`` query closes its last windows (and flushes what is open) in the micro-batch
+    its processing-time timer starts once every exchange has been idle for
+    ``ARB_IDLE_TIMEOUT_SECONDS`` after its last batch with input: it is drained once a batch
+    that started that long after its last batch with input has completed. Another query is
+    idle once it has nothing to read and its last micro-batch read nothing (the health query
+    runs no-data batches for its own timers forever). Returns the end offsets that were
+    reached, per topic.
 
     Raises:
         TimeoutError: not drained within ``timeout`` seconds.
@@ -265,7 +272,6 @@ def wait_drained(
     targets = end_offsets(settings.kafka_client_config(), topics)
     deadline = time.monotonic() + timeout
     idle_rounds = 0
-    idle_since = time.monotonic()
     while time.monotonic() < deadline:
         for q in queries:
             if q.exception():
@@ -276,25 +282,31 @@ def wait_drained(
             for t in per_query[q.name]
             for p, off in targets.get(t, {}).items()
         )
-        # A query with processing-time timers (health) keeps triggering without input: count
-        # it idle once its last micro-batch read nothing.
-        idle = all(
-            not q.status["isDataAvailable"] and (
+        idle = all(not q.status["isDataAvailable"] and (
+            _closed(q, settings.idle_timeout_seconds) if q.name == "market" else (
                 not q.status["isTriggerActive"]
-                or (q.lastProgress or {}).get("numInputRows", 1) == 0
-            )
-            for q in queries
-        )
+                or (q.lastProgress or {}).get("numInputRows", 1) == 0))
+            for q in queries)
         idle_rounds = idle_rounds + 1 if caught_up and idle else 0
-        # The market query closes its last windows on a processing-time timer once every
-        # exchange has been idle for ARB_IDLE_TIMEOUT_SECONDS: wait that long, plus the batch.
-        if idle_rounds >= 3 and time.monotonic() - idle_since >= settings.idle_timeout_seconds \
-                + 3 * settings.trigger_seconds:
+        if idle_rounds >= 3:
             return targets
-        if idle_rounds == 1:
-            idle_since = time.monotonic()
         time.sleep(max(settings.trigger_seconds, 0.5))
     raise TimeoutError(f"stream did not drain {targets} within {timeout:.0f}s")
+
+
+def _closed(query: StreamingQuery, idle_timeout: float) -> bool:
+    """A micro-batch of ``query`` that started ``idle_timeout`` seconds or more after its
+    last batch with input has completed (progress timestamps are batch start times)."""
+    progress = query.recentProgress
+    data = [p for p in progress if p["numInputRows"] > 0]
+    if not data:
+        return True  # no input among the recent batches: nothing left to close
+    closing = _started(data[-1]) + idle_timeout + 0.001  # the timer: idle + 1 ms after it
+    return any(_started(p) >= closing for p in progress)
+
+
+def _started(progress: dict[str, Any]) -> float:
+    return datetime.fromisoformat(progress["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
 def main() -> None:
