@@ -58,11 +58,6 @@ def alert_key(rule: str, episode_id: str) -> str:
     return f"{rule}|{episode_id}"
 
 
-def pair_label(event: Event) -> str:
-    """Human label of the pair, e.g. ``BTC-USDC/BTC-USD binance → kraken``."""
-    return f"{event.pair_symbol} {event.buy_exchange} → {event.sell_exchange}"
-
-
 def rule_stage(rule: AlertRule) -> RuleStage:
     """Which opportunity events ``rule`` fires on: its ``opportunity_stage`` (``early`` or
     ``final``), :data:`DEFAULT_RULE_STAGE` when the rule model has no such field.

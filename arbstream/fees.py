@@ -31,17 +31,3 @@ DEFAULT_TAKER_FEES: Mapping[str, float] = {
     "gemini": 0.0040,
     "binanceusdm": 0.0005,
 }
-
-
-def taker_fee(fees: Mapping[str, float], exchange: str) -> float:
-    """Return the taker fee of ``exchange`` as a fraction of notional.
-
-    Raises:
-        KeyError: with a readable message when the exchange has no fee configured.
-    """
-    try:
-        return fees[exchange]
-    except KeyError:
-        raise KeyError(
-            f"no taker fee configured for exchange {exchange!r}; set it with ARB_FEES"
-        ) from None

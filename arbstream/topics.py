@@ -19,8 +19,6 @@ log = logging.getLogger(__name__)
 DEADLETTER = "md.deadletter"
 HEALTH = "md.health"
 OPPORTUNITIES = "arb.opportunities"
-#: Regex matching every per-exchange quote topic (for ``subscribePattern``).
-QUOTES_PATTERN = r"md\.[a-z0-9_]+\.quotes"
 
 
 def quotes_topic(exchange: str) -> str:

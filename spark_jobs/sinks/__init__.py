@@ -1,1 +1,3 @@
-"""Idempotent sinks used from foreachBatch: MongoDB, InfluxDB, Kafka."""
+"""The stream's sinks, written from ``foreachBatch``: MongoDB (:mod:`.mongo`) and InfluxDB
+(:mod:`.influx`), both idempotent, and the records writer that also produces Kafka events and
+dead letters (:mod:`.records`)."""
