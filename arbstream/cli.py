@@ -181,6 +181,10 @@ def stream() -> None:
     """Run the Spark streaming job locally (ARB_SPARK_MASTER, default local[2])."""
     from spark_jobs.arbitrage import main
 
+    try:
+        stack.ensure_java()
+    except stack.StackError as exc:
+        raise fail(exc) from None
     main()
 
 
@@ -428,6 +432,7 @@ def demo(
         stack.up(settings)
         ensure_topics(settings)
         err.print("starting Spark ...")
+        stack.ensure_java()
         spark = build_session(settings, app_name="arbstream-demo")
         queries = arbitrage.start(spark, settings, checkpoint)
         arbitrage.wait_started(queries)  # initial offsets are pinned

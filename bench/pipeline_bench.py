@@ -41,6 +41,7 @@ def main() -> None:
     try:
         stack.up(settings)
         ensure_topics(settings)
+        stack.ensure_java()
         spark = build_session(settings, app_name="arbstream-bench")
         queries = arbitrage.start(spark, settings)
         while any(q.lastProgress is None for q in queries):

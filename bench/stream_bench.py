@@ -661,6 +661,7 @@ def main() -> None:
         try:
             stack.up(settings)
             ensure_topics(settings)
+            stack.ensure_java()
             spark = build_session(settings, app_name="arbstream-stream-bench")
             spark.conf.set("spark.sql.streaming.numRecentProgressUpdates", "100000")
             spark.conf.set("spark.sql.streaming.stateStore.providerClass",

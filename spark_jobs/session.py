@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 from pyspark.sql import SparkSession
 
 from arbstream.config import Settings
-from arbstream.stack import ensure_java
 from spark_jobs.kafka_source import KafkaDataSource
 from spark_jobs.market_source import MarketDataSource
 
@@ -21,12 +21,17 @@ def build_session(
     Under ``spark-submit`` (a JVM gateway already exists) the master and resources come from
     spark-submit's own flags; otherwise ``settings.spark_master`` (``local[2]`` by default).
 
+    Java is not installed here: that is local-stack tooling (:func:`arbstream.stack.ensure_java`,
+    called by the CLI and the tests before this), never part of a job's code path.
+
     Raises:
-        arbstream.stack.StackError: no Java 17+ runtime and it cannot be installed.
+        RuntimeError: not under spark-submit and no ``java`` on ``PATH``.
     """
     submitted = "PYSPARK_GATEWAY_PORT" in os.environ
     if not submitted:
-        ensure_java()
+        if shutil.which("java") is None:
+            raise RuntimeError("no java on PATH: Spark needs a Java 17+ runtime "
+                               "(`arbstream up` installs OpenJDK 17 when run as root)")
         # Executors' Python workers must import arbstream: use this very interpreter.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)

@@ -82,8 +82,10 @@ def settings(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterat
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory: pytest.TempPathFactory):
     """One local SparkSession for the whole test session (start-up takes ~8 s)."""
+    from arbstream.stack import ensure_java
     from spark_jobs.session import build_session
 
+    ensure_java()  # local-stack tooling: installs OpenJDK 17 when missing (as root)
     conf = Settings(
         state_dir=tmp_path_factory.mktemp("spark"), spark_shuffle_partitions=2
     )
