@@ -31,3 +31,6 @@ DEFAULT_TAKER_FEES: Mapping[str, float] = {
     "gemini": 0.0040,
     "binanceusdm": 0.0005,
 }
+
+#: Basis points in one unit of a fraction: ``bps = fraction * BPS`` (1 bp = 0.01 %).
+BPS = 10_000.0

@@ -60,10 +60,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from arbstream.fees import BPS
 from spark_jobs import tracker
 from spark_jobs.tracker import TrackerConfig
-
-BPS = 10_000.0
 
 #: Columns of :meth:`Engine.process`'s input frame. ``kind`` is ``quote``, ``book``,
 #: ``heartbeat``, ``partition`` (only ``topic`` and ``partition`` set: a source partition the

@@ -53,9 +53,9 @@ import numpy as np
 import pandas as pd
 
 from arbstream.config import Settings
+from arbstream.fees import BPS
 from spark_jobs.depth import size_from_books
 
-BPS = 10_000.0
 HOUR_MS = 3_600_000
 #: Values needed before a rolling mean/std (and so a z-score) is reported.
 MIN_PERIODS = 10
