@@ -361,8 +361,7 @@ def latencies(settings: Settings, received: dict[tuple[str, str, int], int],
 # --- progress ------------------------------------------------------------------------------
 
 
-def _ts(progress: dict[str, Any]) -> float:
-    return dt.datetime.fromisoformat(progress["timestamp"].replace("Z", "+00:00")).timestamp()
+_ts = arbitrage.batch_started  # a progress entry's batch start, Unix s
 
 
 def data_batches(query: Any) -> list[dict[str, Any]]:

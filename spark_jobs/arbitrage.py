@@ -301,11 +301,12 @@ def _closed(query: StreamingQuery, idle_timeout: float) -> bool:
     data = [p for p in progress if p["numInputRows"] > 0]
     if not data:
         return True  # no input among the recent batches: nothing left to close
-    closing = _started(data[-1]) + idle_timeout + 0.001  # the timer: idle + 1 ms after it
-    return any(_started(p) >= closing for p in progress)
+    closing = batch_started(data[-1]) + idle_timeout + 0.001  # the timer: idle + 1 ms after
+    return any(batch_started(p) >= closing for p in progress)
 
 
-def _started(progress: dict[str, Any]) -> float:
+def batch_started(progress: dict[str, Any]) -> float:
+    """When the micro-batch of a query progress entry started, Unix seconds (UTC)."""
     return datetime.fromisoformat(progress["timestamp"].replace("Z", "+00:00")).timestamp()
 
 

@@ -354,13 +354,18 @@ class Decoder:
             else:
                 rows.setdefault(own, []).append((*row, True))
         for bucket in sorted(rows):
-            columns = zip(*rows[bucket], strict=True)
-            yield bucket, pa.RecordBatch.from_arrays(
-                [pa.array(c, t) for c, t in zip(columns, INPUT_SCHEMA.types, strict=True)],
-                schema=INPUT_SCHEMA)
+            yield bucket, _batch(rows[bucket])
 
 
 _INVALID = (None,) * 13
+
+
+def _batch(rows: list[tuple]) -> pa.RecordBatch:
+    """Row tuples in :data:`INPUT_SCHEMA` order as one record batch."""
+    columns = zip(*rows, strict=True) if rows else [[] for _ in INPUT_SCHEMA]
+    return pa.RecordBatch.from_arrays(
+        [pa.array(c, t) for c, t in zip(columns, INPUT_SCHEMA.types, strict=True)],
+        schema=INPUT_SCHEMA)
 
 
 def partition_list(keys: Iterable[tuple[str, int]], cfg: DecodeConfig
@@ -370,19 +375,8 @@ def partition_list(keys: Iterable[tuple[str, int]], cfg: DecodeConfig
     had records or gone idle (:meth:`spark_jobs.engine.Engine.process`)."""
     keys = list(keys)
     for bucket in range(cfg.buckets):
-        rows = [("partition", *(None,) * 12, None, None, t, p, None, bucket == 0)
-                for t, p in keys]
-        columns = zip(*rows, strict=True) if rows else [[] for _ in INPUT_SCHEMA]
-        yield bucket, pa.RecordBatch.from_arrays(
-            [pa.array(c, t) for c, t in zip(columns, INPUT_SCHEMA.types, strict=True)],
-            schema=INPUT_SCHEMA)
-
-
-def decode_records(values: Sequence[bytes | None], topics: Sequence[str],
-                   partitions: Sequence[int], offsets: Sequence[int],
-                   cfg: DecodeConfig) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """:meth:`Decoder.records` with a fresh decoder."""
-    return Decoder(cfg).records(values, topics, partitions, offsets)
+        yield bucket, _batch([("partition", *(None,) * 12, None, None, t, p, None, bucket == 0)
+                              for t, p in keys])
 
 
 def pack(table: pa.Table | pa.RecordBatch) -> bytes:
