@@ -392,18 +392,11 @@ class Settings(BaseSettings):
         return {**DEFAULT_TAKER_FEES, **self.fees}
 
     def kafka_client_config(self) -> dict[str, Any]:
-        """librdkafka settings shared by every producer, consumer and admin client."""
-        conf: dict[str, Any] = {
-            "bootstrap.servers": self.kafka_bootstrap,
-            "security.protocol": self.kafka_security_protocol,
-        }
-        if self.kafka_sasl_mechanism:
-            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
-            conf["sasl.username"] = self.kafka_sasl_username or ""
-            conf["sasl.password"] = (
-                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else ""
-            )
-        return conf
+        """librdkafka settings shared by every client: :meth:`arbstream.kafka.KafkaConfig.
+        client_config` of this configuration's Kafka slice."""
+        from arbstream.kafka import KafkaConfig
+
+        return KafkaConfig.of(self).client_config()
 
     @property
     def checkpoint_dir(self) -> Path:
