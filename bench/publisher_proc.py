@@ -11,7 +11,7 @@ It loads the input at once and talks JSON lines (stdout to the bench, stdin from
 2. reads ``{"settings": {...}, "out": path}`` (keyword arguments of
    :class:`arbstream.config.Settings`); with a warm-up, publishes it, says ``{"warm": true,
    "quotes": n}`` and reads one more line (the bench lets the job drain meanwhile);
-3. publishes the measured quotes with :func:`producers.replay.publish_quotes` (then one
+3. publishes the measured quotes with :func:`producers.replay.publish.publish_quotes` (then one
    heartbeat per exchange at the last event time) and says ``{"done": true, "t_start": s,
    "t_end": s, "quotes": n, "published": {...}, ...}`` (wall times around the publish call);
    the measured quotes' receive times are pickled to ``out``: ``{(exchange, symbol,
@@ -49,8 +49,10 @@ from typing import Any
 
 from arbstream.config import Settings
 from arbstream.schemas import Quote
-from producers.binance_replay import VENUES, load_binance_records
-from producers.replay import load_iaqf_quotes, parse_time, publish_quotes
+from arbstream.timestamps import parse_time
+from producers.replay.binance import VENUES, load_binance_records
+from producers.replay.iaqf import load_iaqf_quotes
+from producers.replay.publish import publish_quotes
 
 Received = dict[tuple[str, str, int], int]
 

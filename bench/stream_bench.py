@@ -32,8 +32,8 @@ figure, as JSON):
 
 Inputs (both real, read in place): ``binance`` = ``binance-ws-2024-08`` bookTicker quotes, spot
 (``binance``) and USD-M perpetual (``binanceusdm``), BTC-USDT and ETH-USDT, 217,332 quotes
-(:mod:`producers.binance_replay`); ``iaqf`` = the IAQF 1-minute bars as quotes
-(:func:`producers.replay.load_iaqf_quotes`).
+(:mod:`producers.replay.binance`); ``iaqf`` = the IAQF 1-minute bars as quotes
+(:func:`producers.replay.iaqf.load_iaqf_quotes`).
 
 Modes:
 
@@ -81,9 +81,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from arbstream import stack
 from arbstream.config import Settings
-from arbstream.stack import free_port
+from arbstream.shell import stack
+from arbstream.shell.stack import free_port
 from arbstream.topics import OPPORTUNITIES, ensure_topics, quotes_topic
 from spark_jobs import arbitrage
 from spark_jobs.kafka_source import end_offsets
@@ -324,13 +324,12 @@ def latencies(settings: Settings, received: dict[tuple[str, str, int], int],
     """Latency samples (s) of every opportunity of the measured run, from the later leg's
     ``received_ts`` of its first event (module docstring); MongoDB documents first seen at or
     after ``since`` (wall s)."""
-    from spark_jobs.sinks import mongo
+    from arbstream.store.config import MongoConfig
+    from arbstream.store.mongo.opportunities import first_seen_since
 
-    with mongo.connect(settings) as client:
-        docs = list(client[settings.mongo_db][mongo.OPPORTUNITIES].find(
-            {"first_seen_at": {"$gte": dt.datetime.fromtimestamp(since, dt.UTC)}},
-            {"_id": 1, "first_seen_at": 1, "buy_ts": 1, "sell_ts": 1, "symbol": 1,
-             "sell_symbol": 1, "buy_exchange": 1, "sell_exchange": 1}))
+    docs = first_seen_since(
+        MongoConfig.of(settings), dt.datetime.fromtimestamp(since, dt.UTC),
+        ["buy_ts", "sell_ts", "symbol", "sell_symbol", "buy_exchange", "sell_exchange"])
     samples: dict[str, list[float]] = {"early": [], "emitted": [], "produced": [], "mongo": []}
     first_stage: Counter[str] = Counter()
     recv_of: dict[str, int] = {}

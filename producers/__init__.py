@@ -1,2 +1,11 @@
 """Market-data producers: live websocket feeds (cryptofeed and our own adapters) and replays of
-recorded data (IAQF bars, Binance frames, CSV), published to the per-exchange Kafka topics."""
+recorded data (IAQF bars, Binance frames, CSV), published to the per-exchange Kafka topics.
+
+* :mod:`producers.exchanges`: exchange adapters, registry and normalization to FeedEvents;
+* :mod:`producers.live`: ``produce`` and ``record``, over :mod:`producers.publisher` (the Kafka
+  producer) and :mod:`producers.resilience` (reconnects, watchdog, dead letters);
+* :mod:`producers.replay`: recorded inputs published to Kafka;
+* :mod:`producers.capture`: cryptofeed's raw capture format;
+* :mod:`producers.config`: the slices of ``Settings`` used here;
+* :mod:`producers.cli`: the ``produce``, ``record`` and ``replay`` commands.
+"""

@@ -1,8 +1,7 @@
 """The raw capture line format of cryptofeed's recorder, read and written.
 
-Two capture sources live under ``<data_dir>`` (see ``../shared/data/README.md``):
-
-* ``exchange-ws-captures/`` — cryptofeed raw-recorder files, one line per event:
+The captures live under ``<data_dir>/exchange-ws-captures/`` (see ``../shared/data/README.md``):
+cryptofeed raw-recorder files, one line per event:
 
   - ``NAME.ws.<conn>.0`` (one websocket connection per file):
 
@@ -17,17 +16,15 @@ Two capture sources live under ``<data_dir>`` (see ``../shared/data/README.md``)
   ``<unix s>`` is ``str(time.time())`` — float seconds since the epoch, UTC. Blank lines are
   ignored. ``NAME`` is the upper-case exchange id (``coinbase`` → ``COINBASE``).
 
-* ``binance-ws-2024-08/*.gz`` — gzip text, ``<ns since epoch> <frame>`` per line, the frame in
-  Binance's combined-stream envelope ``{"stream": ..., "data": ...}`` (:func:`read_binance_gz`).
-
-``arbstream record`` writes the first format with cryptofeed's own raw-data recorder (the tool
-that made these captures), so a recording is readable by :func:`read_ws_capture` /
-:func:`read_rest_capture` and replayable by :class:`producers.replay_server.ReplayServer`.
+``arbstream record`` writes this format with cryptofeed's own raw-data recorder (the tool that
+made these captures), so a recording is readable by :func:`read_ws_capture` /
+:func:`read_rest_capture` and replayable by the test and benchmark server
+``testing.replay_server.ReplayServer``. The other recording under ``<data_dir>``,
+``binance-ws-2024-08/*.gz``, has a format of its own (:mod:`producers.replay.binance`).
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -155,27 +152,6 @@ def read_capture_config(path: str | Path) -> dict[str, Any] | None:
         if line.startswith("configuration: "):
             return json.loads(line.split(": ", 1)[1])
     return None
-
-
-def read_binance_gz(path: str | Path) -> Iterator[tuple[int, str]]:
-    """Stream ``(receive_ns, frame)`` from a ``binance-ws-2024-08/*.gz`` file, in file order.
-
-    ``receive_ns`` is the local receive time, integer nanoseconds since the epoch; ``frame``
-    the JSON text exactly as Binance sent it (combined-stream envelope).
-
-    Raises:
-        CaptureFormatError: a non-blank line lacks the ``<ns> <frame>`` shape.
-    """
-    path = Path(path)
-    with gzip.open(path, "rt", encoding="utf-8", newline="\n") as fp:
-        for lineno, raw in enumerate(fp, 1):
-            line = raw.rstrip("\n").rstrip("\r")
-            if not line:
-                continue
-            ns, sep, frame = line.partition(" ")
-            if not sep or not ns.isdigit():
-                raise CaptureFormatError(f"{path}:{lineno}: not '<ns> <frame>': {line[:120]!r}")
-            yield int(ns), frame
 
 
 def captures_dir(data_dir: str | Path) -> Path:

@@ -1,6 +1,6 @@
 """What an exchange adapter hands to the publisher: one normalized record plus its identity.
 
-Adapters (``producers/exchanges.py``) turn library callbacks into :class:`FeedEvent`s; the
+Adapters (``producers/exchanges/``) turn library callbacks into :class:`FeedEvent`s; the
 publisher (``producers/publisher.py``) dedupes them, counts sequence gaps and produces them.
 """
 
@@ -34,8 +34,10 @@ class FeedEvent:
 
     @property
     def exchange(self) -> str:
+        """The record's exchange id."""
         return self.record.exchange
 
     @property
     def symbol(self) -> str:
+        """The record's canonical ``BASE-QUOTE`` symbol."""
         return self.record.symbol

@@ -1,19 +1,24 @@
 """Live websocket producers: cryptofeed feeds → normalized records → Kafka.
 
 ``arbstream produce`` runs :func:`produce`: one cryptofeed feed per exchange (adapters in
-:mod:`producers.exchanges`), each connection under arbstream's reconnect/watchdog/dead-letter
-policy (:mod:`producers.resilience`), all records through one :class:`~producers.publisher.
+:mod:`producers.exchanges`, built by :func:`producers.exchanges.feed.make_feed`), each
+connection under arbstream's reconnect/watchdog/dead-letter policy
+(:mod:`producers.resilience`), all records through one :class:`~producers.publisher.
 Publisher`. SIGTERM or SIGINT stops the feeds, then everything queued is flushed to Kafka.
 
 ``arbstream record`` runs :func:`record`: the same feeds with cryptofeed's raw-data recorder
 (``AsyncFileCallback``), which writes frames in the line format of
 ``shared/data/exchange-ws-captures`` (and the REST metadata responses), for replay sets.
+
+Both accept the whole ``Settings`` and narrow it at once to
+:class:`~producers.config.ProducerConfig`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -24,17 +29,18 @@ from typing import Any
 
 from arbstream.config import Settings
 from arbstream.topics import ensure_topics
-from producers.exchanges import make_feed
+from producers.config import ProducerConfig
+from producers.exchanges.feed import make_feed
 from producers.publisher import ExchangeStats, Publisher
 from producers.resilience import FeedHooks, start_resilient
 
 log = logging.getLogger(__name__)
 
 
-def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    if settings.feed_ca_file is None:
+def _ssl_context(cfg: ProducerConfig) -> ssl.SSLContext | None:
+    if cfg.ca_file is None:
         return None
-    return ssl.create_default_context(cafile=str(settings.feed_ca_file))
+    return ssl.create_default_context(cafile=str(cfg.ca_file))
 
 
 def _hooks(publisher: Publisher, exchange: str) -> FeedHooks:
@@ -56,20 +62,20 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
-def _build_feeds(settings: Settings, feeds: Mapping[str, list[str]], on_event: Any) -> dict:
-    unknown = sorted(set(feeds) - set(settings.exchanges))
+def _build_feeds(cfg: ProducerConfig, feeds: Mapping[str, list[str]], on_event: Any) -> dict:
+    unknown = sorted(set(feeds) - set(cfg.exchanges))
     if unknown:
         raise ValueError(f"exchanges {unknown} are not in ARB_EXCHANGES, so they have no topics")
-    ctx = _ssl_context(settings)
+    ctx = _ssl_context(cfg)
     return {
         exchange: make_feed(
-            exchange, symbols, set(settings.feed_channels), on_event,
-            book_depth=settings.book_depth,
-            ws_url=settings.feed_ws_urls.get(exchange),
-            rest_url=settings.feed_rest_urls.get(exchange),
+            exchange, symbols, set(cfg.channels), on_event,
+            book_depth=cfg.book_depth,
+            ws_url=cfg.ws_urls.get(exchange),
+            rest_url=cfg.rest_urls.get(exchange),
             ssl_context=ctx,
-            timeout=settings.feed_stale_seconds,
-            feed_options=settings.feed_options.get(exchange),
+            timeout=cfg.stale_seconds,
+            feed_options=cfg.feed_options.get(exchange),
         )
         for exchange, symbols in feeds.items()
     }
@@ -85,6 +91,7 @@ async def produce(
     """Stream ``feeds`` (exchange id → canonical symbols) into Kafka until ``stop`` is set.
 
     Returns the final per-exchange counters. Pass ``publisher`` to watch them while running.
+    ``settings`` creates the topics and is then narrowed to :class:`ProducerConfig`.
 
     Raises:
         ValueError: an exchange is unknown to cryptofeed or not in ``ARB_EXCHANGES``.
@@ -93,14 +100,14 @@ async def produce(
     """
     stop = stop or asyncio.Event()
     ensure_topics(settings)
-    publisher = publisher or Publisher(settings, settings.producer_queue_size,
-                                       settings.health_interval_seconds)
-    built = await asyncio.to_thread(_build_feeds, settings, feeds, publisher.submit)
+    cfg = ProducerConfig.of(settings)
+    publisher = publisher or Publisher(cfg.kafka, cfg.queue_size, cfg.health_interval)
+    built = await asyncio.to_thread(_build_feeds, cfg, feeds, publisher.submit)
     loop = asyncio.get_running_loop()
     for exchange, feed in built.items():
-        start_resilient(feed, loop, _hooks(publisher, exchange), settings.feed_stale_seconds)
+        start_resilient(feed, loop, _hooks(publisher, exchange), cfg.stale_seconds)
         log.info("%s: streaming %s %s", exchange, ", ".join(feeds[exchange]),
-                 "+".join(settings.feed_channels))
+                 "+".join(cfg.channels))
     if handle_signals:
         _stop_on_signals(stop)
     runner = asyncio.create_task(publisher.run())
@@ -137,6 +144,7 @@ async def record(
     from cryptofeed.connection import Connection
     from cryptofeed.raw_data_collection import AsyncFileCallback
 
+    cfg = dataclasses.replace(ProducerConfig.of(settings), exchanges=(exchange,))
     out.mkdir(parents=True, exist_ok=True)
     recorder = AsyncFileCallback(str(out))
     Connection.raw_data_callback = recorder  # cryptofeed's hook: every frame, both ways
@@ -147,13 +155,12 @@ async def record(
     stop = stop or asyncio.Event()
     try:
         feed = (await asyncio.to_thread(
-            _build_feeds, settings.model_copy(update={"exchanges": [exchange]}),
-            {exchange: symbols}, ignore,
+            _build_feeds, cfg, {exchange: symbols}, ignore,
         ))[exchange]
         recorder.write_header(feed.id, json.dumps(feed._feed_config))
         hooks = FeedHooks(frame=lambda: None, reconnect=lambda: None,
                           bad_frame=lambda raw, reason: ignore(None))
-        start_resilient(feed, asyncio.get_running_loop(), hooks, settings.feed_stale_seconds)
+        start_resilient(feed, asyncio.get_running_loop(), hooks, cfg.stale_seconds)
         _stop_on_signals(stop)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=seconds)

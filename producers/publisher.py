@@ -27,6 +27,7 @@ from confluent_kafka import KafkaError, Producer
 from pybloom_live import ScalableBloomFilter
 
 from arbstream.config import Settings
+from arbstream.kafka import KafkaConfig, reliable_producer_config
 from arbstream.schemas import SCHEMA_VERSION, DeadLetter, now_ms
 from arbstream.topics import DEADLETTER, HEALTH, book_topic, quotes_topic, trades_topic
 from producers.events import FeedEvent
@@ -85,16 +86,24 @@ class ExchangeStats:
 
 
 class Publisher:
-    """Single Kafka producer for every feed of this process; see the module docstring."""
+    """Single Kafka producer for every feed of this process; see the module docstring.
+
+    Args:
+        kafka: the brokers (a whole ``Settings`` is narrowed to its Kafka slice).
+        queue_size: bound of the in-memory queue, records.
+        health_interval: seconds between ``md.health`` reports.
+        dedupe: the duplicate filter (a fresh :class:`DuplicateFilter` by default).
+    """
 
     def __init__(
         self,
-        settings: Settings,
+        kafka: KafkaConfig | Settings,
         queue_size: int = 10_000,
         health_interval: float = 5.0,
         dedupe: DuplicateFilter | None = None,
     ) -> None:
-        self.settings = settings
+        if not isinstance(kafka, KafkaConfig):
+            kafka = KafkaConfig.of(kafka)
         self.queue: asyncio.Queue[tuple[str, bytes | None, bytes, str | None]] = asyncio.Queue(
             maxsize=queue_size
         )
@@ -104,19 +113,14 @@ class Publisher:
         self._last_seq: dict[tuple[str, str, str], int] = {}
         self._broker_down_since: float | None = None
         self._callbacks: dict[str | None, Any] = {}
-        self._producer = Producer(
-            {
-                **settings.kafka_client_config(),
-                "enable.idempotence": True,
-                "acks": "all",
-                "compression.type": "lz4",
-                "linger.ms": 20,
+        self._producer = Producer(reliable_producer_config(
+            kafka.client_config(), linger_ms=20, **{
                 "message.timeout.ms": 0,  # never expire a record: hold it until delivered
                 "queue.buffering.max.messages": 200_000,
                 "error_cb": self._on_error,
                 "client.id": "arbstream-producer",
-            }
-        )
+            },
+        ))
         self._last_report = time.monotonic()
 
     # --- intake (called by adapters and connection handlers) -------------------------------
@@ -153,6 +157,7 @@ class Publisher:
         stats.last_frame_at = time.time()
 
     def reconnected(self, exchange: str) -> None:
+        """Count one reconnect of ``exchange``'s feed."""
         self.stats[exchange].reconnects += 1
 
     def reset_sequences(self, exchange: str) -> None:

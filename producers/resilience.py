@@ -46,6 +46,7 @@ class Backoff:
         return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
     def reset(self) -> None:
+        """Start over from ``initial`` (after a successful subscribe)."""
         self.attempt = 0
 
 

@@ -38,6 +38,10 @@ from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
 
 from arbstream.config import Settings, get_settings
+from arbstream.store.config import InfluxConfig, MongoConfig
+from arbstream.store.influx.schema import ensure_database
+from arbstream.store.influx.writer import write_health, write_trades
+from arbstream.store.mongo.client import ensure_collections
 from arbstream.topics import (
     DEADLETTER,
     HEALTH,
@@ -53,7 +57,7 @@ from spark_jobs.decode import DecodeConfig
 from spark_jobs.kafka_source import FORMAT, end_offsets
 from spark_jobs.market import market_input, market_stream
 from spark_jobs.market_source import FORMAT as MARKET_FORMAT
-from spark_jobs.sinks import influx, mongo, records
+from spark_jobs.sinks import records
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +149,13 @@ def write_kafka(df: DataFrame, topic: str, settings: Settings) -> None:
 def validated_batch(
     settings: Settings,
     valid: Callable[[DataFrame], DataFrame],
-    write: Callable[[Settings, Any], int],
+    write: Callable[[InfluxConfig, Any], int],
 ) -> Callable[[DataFrame, int], None]:
     """foreachBatch body of a query over parsed records (``error`` column): invalid ones to
-    ``md.deadletter``, the rows ``valid`` selects through ``write`` (an InfluxDB writer)."""
+    ``md.deadletter``, the rows ``valid`` selects through ``write`` (an InfluxDB writer of
+    :mod:`arbstream.store.influx.writer`); its executor tasks carry only the
+    :class:`~arbstream.store.config.InfluxConfig`."""
+    influx = InfluxConfig.of(settings)
 
     def run(batch: DataFrame, batch_id: int) -> None:
         batch.persist()
@@ -157,7 +164,7 @@ def validated_batch(
             if not bad.isEmpty():
                 write_kafka(bad, DEADLETTER, settings)
             valid(batch).foreachPartition(
-                lambda rows: write(settings, (r.asDict() for r in rows))
+                lambda rows: write(influx, (r.asDict() for r in rows))
             )
         finally:
             batch.unpersist()
@@ -167,9 +174,8 @@ def validated_batch(
 
 def prepare_sinks(settings: Settings) -> None:
     """Create the InfluxDB database (v1) and MongoDB indexes; both are idempotent."""
-    influx.ensure_database(settings)
-    with mongo.connect(settings) as client:
-        mongo.ensure_indexes(client[settings.mongo_db], ttl_seconds=mongo.ttl_seconds(settings))
+    ensure_database(InfluxConfig.of(settings))
+    ensure_collections(MongoConfig.of(settings))
 
 
 def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = None) -> list[
@@ -193,11 +199,11 @@ def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = Non
         "market": (market_stream(read_market(spark, settings, topics["market"]), settings),
                    records.write_batch(settings)),
         "trades": (T.parse_trades(read_records(spark, settings, topics["trades"])),
-                   validated_batch(settings, T.valid_trades, influx.write_trades)),
+                   validated_batch(settings, T.valid_trades, write_trades)),
         "health": (H.health_stream(T.parse_health(read_records(spark, settings,
                                                                  topics["health"])), settings),
                    validated_batch(settings, lambda b: b.where(F.col("error").isNull()),
-                                   influx.write_health)),
+                                   write_health)),
     }
     # The health query runs a batch every trigger for its processing-time timers: trigger it
     # once per producer health interval, not every ARB_TRIGGER_SECONDS.

@@ -61,6 +61,7 @@ import numpy as np
 import pandas as pd
 
 from arbstream.fees import BPS
+from arbstream.timestamps import from_ms, iso_ms, to_ms
 from spark_jobs import tracker
 from spark_jobs.tracker import TrackerConfig
 
@@ -418,9 +419,9 @@ class Engine:
         conv = _conversions(rates, cfg)
         usd_rate = _usd_rates(rates, usd)
         rows = []
-        times = {"iso": _iso(e), "start": _ts(e - cfg.age), "end": _ts(e)}
+        times = {"iso": iso_ms(e), "start": from_ms(e - cfg.age), "end": from_ms(e)}
         for leg in legs:
-            leg["ts"] = _ts(leg["quote_ts"])
+            leg["ts"] = from_ms(leg["quote_ts"])
         for a in legs:
             if symbols is not None and a["symbol"] not in symbols:
                 continue
@@ -490,7 +491,7 @@ class Engine:
         elif ep is not None and e - ep["end"] <= gap:
             episode = ep["id"]
         else:
-            episode = f"{key}|{_iso(e - cfg.w)}"
+            episode = f"{key}|{iso_ms(e - cfg.w)}"
         self.early_episodes[key] = (episode, max(e, last[1]) if last else e)
         return episode
 
@@ -525,7 +526,7 @@ class Engine:
                 if symbol not in self.home_symbols:
                     continue
                 exchange_rows.setdefault(f"{symbol}|{exchange}", []).append({
-                    **leg, "window_end": _ts(e), "quote_ts": _ts(leg["quote_ts"]),
+                    **leg, "window_end": from_ms(e), "quote_ts": from_ms(leg["quote_ts"]),
                     "usd_rate": usd_rate.get(symbol.split("-", 1)[1]),
                 })
         for key in sorted(set(pair_rows) | set(self.pair_states)):
@@ -561,7 +562,7 @@ class Engine:
         pair's run: an opportunity with the same snapshot as the run's last window, in the
         next window, extends it; any other record closes it (its ``final`` opportunity goes to
         ``out``), and an opportunity starts a new run. Returns the id of a run started here."""
-        e = tracker._ms(rec["window_end"])
+        e = to_ms(rec["window_end"])
         run = self.runs.get(key)
         if rec["is_opportunity"]:
             sig = _run_signature(rec)
@@ -579,7 +580,7 @@ class Engine:
     def _close_run(self, key: str, cfg: EngineConfig, now_ms: int, keep: bool = False) -> dict:
         """The ``final`` opportunity of pair ``key``'s run (removed unless ``keep``)."""
         run = self.runs[key] if keep else self.runs.pop(key)
-        first = tracker._ms(run["rec"]["window_end"])
+        first = to_ms(run["rec"]["window_end"])
         return _opportunity(run["rec"], "final", now_ms, first, run["last"], cfg.w)
 
     def _flush(self, cfg: EngineConfig, now_ms: int, out: list[dict]) -> None:
@@ -653,8 +654,6 @@ def _levels(value: Any) -> list[list[float]] | None:
     return [[float(x) for x in lv] for lv in value]
 
 
-_ts = tracker._ts  # UTC ms -> aware datetime
-_iso = tracker._iso  # UTC ms -> 2023-03-11T04:00:01.000Z
 
 
 def _is_rate(symbol: str, usd: tuple[str, ...]) -> bool:
@@ -760,6 +759,6 @@ def _opportunity(row: dict, stage: str, now_ms: int, first: int, last: int,
     windows ending ``first`` .. ``last`` (UTC ms; ``w`` the window width when they differ)."""
     rec = {k: row.get(k) for k in tracker.SPREAD_FIELDS}
     rec.update(record="opportunity", stage=stage, emitted_ts=now_ms, is_opportunity=True,
-               valid_from=_ts(first), valid_to=_ts(last),
+               valid_from=from_ms(first), valid_to=from_ms(last),
                windows=1 if w is None else (last - first) // w + 1)
     return rec

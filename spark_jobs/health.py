@@ -101,7 +101,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.streaming.state import GroupState, GroupStateTimeout
 
 from arbstream.config import Settings
-from arbstream.schemas import HEALTH_DDL, HEALTH_FIELDS, SCHEMA_VERSION
+from arbstream.schemas import HEALTH_DDL, HEALTH_FIELDS, SCHEMA_VERSION, Health
+from arbstream.spark_schema import spark_columns
 
 #: Share of messages allowed to fail (1 %): ``error_score`` is the part of it left unspent.
 ERROR_BUDGET = 0.01
@@ -117,8 +118,8 @@ COUNTERS = ("frames", "records", "reconnects", "duplicates_dropped", "gaps", "mi
             "deadletters", "delivery_failures")
 ERROR_COUNTERS = ("deadletters", "delivery_failures", "missing")
 
-#: :func:`track`'s output: the health fields, measurements, and ``_``-prefixed inputs of
-#: :func:`score` (which drops them).
+#: :func:`track`'s output: the health fields (:class:`arbstream.schemas.Health`), measurements,
+#: and ``_``-prefixed inputs of :func:`score` (which drops them).
 TRACKED_DDL = (
     f"{HEALTH_DDL}, interval_s DOUBLE, records_delta BIGINT, errors_delta BIGINT, "
     "reconnects_delta BIGINT, staleness_s DOUBLE, uptime DOUBLE, _total_delta BIGINT, "
@@ -185,7 +186,7 @@ def _float(value: Any) -> float | None:
     return float(value)
 
 
-_HEALTH_TYPES = dict(c.split() for c in HEALTH_DDL.split(", "))
+_HEALTH_TYPES = dict(spark_columns(Health))
 
 
 def _clean(record: Mapping[str, Any]) -> dict[str, Any]:

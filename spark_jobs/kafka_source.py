@@ -56,6 +56,8 @@ from pyspark.sql.streaming.datasource import (
 )
 from pyspark.sql.types import StructType
 
+from arbstream.kafka import reliable_producer_config
+
 log = logging.getLogger(__name__)
 
 FORMAT = "arbkafka"
@@ -465,10 +467,7 @@ class KafkaWriter(DataSourceWriter):
         """
         from confluent_kafka import Producer
 
-        producer = Producer(
-            {**self.conf, "enable.idempotence": True, "acks": "all", "linger.ms": 20,
-             "compression.type": "lz4"}
-        )
+        producer = Producer(reliable_producer_config(self.conf, linger_ms=20))
         errors: list[str] = []
 
         def on_delivery(err: Any, _msg: Any) -> None:

@@ -21,8 +21,9 @@ def build_session(
     Under ``spark-submit`` (a JVM gateway already exists) the master and resources come from
     spark-submit's own flags; otherwise ``settings.spark_master`` (``local[2]`` by default).
 
-    Java is not installed here: that is local-stack tooling (:func:`arbstream.stack.ensure_java`,
-    called by the CLI and the tests before this), never part of a job's code path.
+    Java is not installed here: that is local-stack tooling
+    (:func:`arbstream.shell.stack.ensure_java`, called by the CLI and the tests before this),
+    never part of a job's code path.
 
     Raises:
         RuntimeError: not under spark-submit and no ``java`` on ``PATH``.

@@ -43,17 +43,16 @@ traded volume per window; ``volume`` stays null).
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from arbstream.config import Settings
 from arbstream.fees import BPS
+from arbstream.timestamps import from_ms, iso_ms, to_ms
 from spark_jobs.depth import size_from_books
 
 HOUR_MS = 3_600_000
@@ -136,30 +135,6 @@ class TrackerConfig:
         )
 
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_MS = dt.timedelta(milliseconds=1)
-
-
-def _ms(value: Any) -> int:
-    """UTC ms of an int (returned as is), a datetime (naive = UTC) or a pandas Timestamp."""
-    if isinstance(value, int):
-        return value
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.UTC)
-        return (value - _EPOCH) // _MS
-    return int(pd.Timestamp(value).value // 1_000_000)
-
-
-def _ts(ms: int) -> dt.datetime:
-    """Aware UTC datetime of UTC ms (exact: ms fit in datetime's µs)."""
-    return _EPOCH + dt.timedelta(milliseconds=ms)
-
-
-def _iso(ms: int) -> str:
-    return _ts(ms).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
-
-
 def _num(value: Any) -> float | None:
     if value is None:
         return None
@@ -236,7 +211,7 @@ def episode_record(ep: dict[str, Any], event: str, cfg: TrackerConfig) -> dict[s
         "status": "open" if event == "opened" else "closed",
         **{k: ep[k] for k in ("symbol", "sell_symbol", "cross_quote", "buy_exchange",
                               "sell_exchange")},
-        "start": _ts(ep["start"]), "end": _ts(ep["end"]),
+        "start": from_ms(ep["start"]), "end": from_ms(ep["end"]),
         "duration_s": (ep["end"] - ep["start"]) / 1000.0, "windows": ep["windows"],
         "peak_net_bps": ep["peak"], "mean_net_bps": ep["sum"] / ep["windows"],
         **ep["best"],
@@ -248,8 +223,8 @@ def percentile_record(leg: dict[str, Any], key: str, hour: int, values: list[flo
     arr = np.asarray(values, dtype=np.float64)
     p50, p75, p95 = (float(x) for x in np.percentile(arr, [50, 75, 95]))
     return {
-        "record": "percentiles", "threshold_id": f"{key}|{_iso(hour)}", **leg,
-        "hour_start": _ts(hour), "count": len(values), "mean_bps": float(arr.mean()),
+        "record": "percentiles", "threshold_id": f"{key}|{iso_ms(hour)}", **leg,
+        "hour_start": from_ms(hour), "count": len(values), "mean_bps": float(arr.mean()),
         "p50_bps": p50, "p75_bps": p75, "p95_bps": p95, "max_bps": float(arr.max()),
         "aggressive_bps": p50, "moderate_bps": p75, "conservative_bps": p95,
     }
@@ -314,10 +289,10 @@ def track_pair(
     """
     st = state or {"hist": Rolling(), "ep": None, "hour": None, "vals": [], "leg": None}
     out: list[dict[str, Any]] = []
-    ordered = sorted(rows, key=lambda r: _ms(r["window_end"]))
+    ordered = sorted(rows, key=lambda r: to_ms(r["window_end"]))
     for row in ordered:
         row = with_depth(row, cfg)
-        t = _ms(row["window_end"])
+        t = to_ms(row["window_end"])
         key = pair_key(row)
         st["leg"] = {k: row[k] for k in ("symbol", "sell_symbol", "cross_quote",
                                          "buy_exchange", "sell_exchange")}
@@ -347,7 +322,7 @@ def track_pair(
             if ep is None:
                 start = t - cfg.window_ms
                 ep = st["ep"] = {
-                    "id": f"{key}|{_iso(start)}", "start": start, "end": t, "windows": 1,
+                    "id": f"{key}|{iso_ms(start)}", "start": start, "end": t, "windows": 1,
                     "peak": net_bps, "sum": net_bps, "best": _best(row), **st["leg"],
                 }
                 out.append(episode_record(ep, "opened", cfg))
@@ -407,8 +382,8 @@ def track_exchange(
     """
     st = state or {"prev": None, "rets": Rolling(), "msgs": Rolling()}
     out = []
-    for row in sorted(rows, key=lambda r: _ms(r["window_end"])):
-        t = _ms(row["window_end"])
+    for row in sorted(rows, key=lambda r: to_ms(r["window_end"])):
+        t = to_ms(row["window_end"])
         bid, ask = float(row["bid"]), float(row["ask"])
         mid = (bid + ask) / 2.0
         ret = math.log(mid / st["prev"][1]) if st["prev"] is not None else None
@@ -432,13 +407,13 @@ def track_exchange(
             bsz + asz) > 0 else None
         out.append({
             "record": "feature",
-            "feature_id": f"{row['symbol']}|{row['exchange']}|{_iso(t)}",
-            "symbol": row["symbol"], "exchange": row["exchange"], "window_end": _ts(t),
+            "feature_id": f"{row['symbol']}|{row['exchange']}|{iso_ms(t)}",
+            "symbol": row["symbol"], "exchange": row["exchange"], "window_end": from_ms(t),
             "mid": mid, "log_return": ret, "volatility": vol,
             "quote_spread_bps": (ask - bid) / mid * BPS, "imbalance": imbalance,
             "latency_ms": _num(row.get("latency_ms")),
             "message_rate": messages / (cfg.age_ms / 1000.0), "volume": None,
             "volume_z": vz, "volume_spike": vz is not None and vz > cfg.sigma,
-            "quote_age_s": (t - _ms(row["quote_ts"])) / 1000.0,
+            "quote_age_s": (t - to_ms(row["quote_ts"])) / 1000.0,
         })
     return st, out

@@ -145,8 +145,8 @@ def _first_error(checks: list[tuple[Column, Column]]) -> Column:
 
 
 def parse_trades(raw: DataFrame) -> DataFrame:
-    """Parse ``md.<exchange>.trades`` records (:data:`arbstream.schemas.TRADE_DDL`) and say
-    why each invalid one is invalid.
+    """Parse ``md.<exchange>.trades`` records (:data:`arbstream.schemas.TRADE_DDL`, derived from
+    :class:`arbstream.schemas.Trade`) and say why each invalid one is invalid.
 
     Output: :data:`TRADE_COLUMNS` (price in quote currency, size in base units, side the taker
     side or null, times UTC ms), ``ts`` (timestamp of ``exchange_ts``) and the dead-letter
@@ -180,10 +180,12 @@ def valid_trades(parsed: DataFrame) -> DataFrame:
 
 
 def parse_health(raw: DataFrame) -> DataFrame:
-    """Parse producers' ``md.health`` records (:data:`arbstream.schemas.HEALTH_DDL`).
+    """Parse producers' ``md.health`` records (:data:`arbstream.schemas.HEALTH_DDL`, derived
+    from :class:`arbstream.schemas.Health`).
 
-    Output: the health fields, ``time`` (timestamp of ``ts``), and the dead-letter columns of
-    the dead-letter columns (``raw, raw_encoding, topic, partition, offset, error``).
+    Output: the health fields (:data:`arbstream.schemas.HEALTH_FIELDS`), ``time`` (timestamp
+    of ``ts``), and the dead-letter columns (``raw, raw_encoding, topic, partition, offset,
+    error``).
     """
     parsed = _payload(raw, HEALTH_DDL)
     checks = [

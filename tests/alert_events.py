@@ -23,7 +23,7 @@ from reference import reference_opportunities, reference_spreads
 
 from arbstream.config import Settings
 from arbstream.schemas import SCHEMA_VERSION
-from producers.replay import load_iaqf_quotes
+from producers.replay.iaqf import load_iaqf_quotes
 from spark_jobs import tracker
 
 EVENT_TYPE = {"spread": "opportunity", "episode": "episode"}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from arbstream import stack
 from arbstream.config import Settings
-from arbstream.stack import free_port
+from arbstream.shell import stack
+from arbstream.shell.stack import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("ARB_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
@@ -82,7 +82,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterat
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory: pytest.TempPathFactory):
     """One local SparkSession for the whole test session (start-up takes ~8 s)."""
-    from arbstream.stack import ensure_java
+    from arbstream.shell.stack import ensure_java
     from spark_jobs.session import build_session
 
     ensure_java()  # local-stack tooling: installs OpenJDK 17 when missing (as root)

@@ -49,10 +49,9 @@ from typer.testing import CliRunner
 from alerts import message as M
 from alerts.cli import app as alerts_app
 from alerts.events import AlertOpportunityEvent, forbidden_char, parse_event, printable
-from alerts.log import ALERTS, CLAIMS, AlertStore
 from alerts.rules import alert_key, fires_on, mismatch, rule_stage
-from alerts.smtp import PermanentSmtpError, SmtpTransport, TransientSmtpError
-from alerts.worker import AlertWorker, check_settings
+from alerts.smtp import PermanentSmtpError, SmtpConfig, SmtpTransport, TransientSmtpError
+from alerts.worker import AlertsConfig, AlertWorker, check_config
 from arbstream.config import AlertRule, Settings
 from arbstream.schemas import (
     EpisodeEvent,
@@ -60,6 +59,9 @@ from arbstream.schemas import (
     episode_start_ms,
     parse_arb_event,
 )
+from arbstream.store.config import MongoConfig
+from arbstream.store.mongo.alert_log import AlertStore
+from arbstream.store.mongo.schema import ALERTS, CLAIMS
 
 START = datetime(2023, 3, 11, 4, tzinfo=UTC)
 END = datetime(2023, 3, 11, 5, tzinfo=UTC)
@@ -238,7 +240,7 @@ def running(worker: AlertWorker) -> Iterator[list[BaseException]]:
 
 def feed(conf: Settings, records: list[tuple[bytes, bytes]]) -> None:
     """Handle ``records`` (key, value) in a fresh worker in this thread, then log and close."""
-    worker = AlertWorker(conf)
+    worker = AlertWorker(AlertsConfig.of(conf))
     worker.start()
     for _, value in records:
         worker.handle(value)
@@ -247,12 +249,12 @@ def feed(conf: Settings, records: list[tuple[bytes, bytes]]) -> None:
 
 
 def log_docs(conf: Settings, **query: Any) -> list[dict[str, Any]]:
-    with AlertStore(conf) as store:
+    with AlertStore(MongoConfig.of(conf)) as store:
         return list(store.log.find(query))
 
 
 def claims(conf: Settings) -> dict[str, dict[str, Any]]:
-    with AlertStore(conf) as store:
+    with AlertStore(MongoConfig.of(conf)) as store:
         return {c["_id"]: c for c in store.claims.find({})}
 
 
@@ -468,14 +470,15 @@ def test_delivery_content_once_per_episode_and_deadletters(
     bad = [(b"x", b"{broken"), (None, json.dumps({"schema_version": 1, "type": "episode"})
                                 .encode())]
     publish(conf, records[:5] + bad + records[5:])
-    worker = AlertWorker(conf)
+    worker = AlertWorker(AlertsConfig.of(conf))
     with running(worker) as errors:
         wait_for(lambda: inbox.messages, what="the alert e-mail")
         wait_for(lambda: worker.stats["events"] == len(records), what="every event")
     assert not errors
     key = alert_key("usdc-depeg", LATER)
     [msg] = inbox.messages
-    assert msg["Message-ID"] == M.message_id(key, conf) == M.message_id(key, conf)
+    mail = M.MessageConfig.of(conf)
+    assert msg["Message-ID"] == M.message_id(key, mail) == M.message_id(key, mail)
     assert inbox.keys() == [key] and msg["To"] == "desk@example.com"
     assert msg["Auto-Submitted"] == "auto-generated"
     text, html = parts(msg)
@@ -523,6 +526,7 @@ def test_starttls_with_authentication_and_implicit_tls(
                           smtp_username=USER, smtp_password=PASSWORD,
                           smtp_ca_file=tls["ca_file"])
     assert PASSWORD not in repr(conf) and PASSWORD not in str(conf.model_dump())
+    assert PASSWORD not in repr(AlertsConfig.of(conf))
     feed(conf, of_episode(events, LATER))
     [(mail_from, rcpts, over_tls, authenticated)] = inbox.envelopes
     assert over_tls and authenticated and rcpts == ["desk@example.com"]
@@ -533,13 +537,14 @@ def test_starttls_with_authentication_and_implicit_tls(
     conf2 = alert_settings(settings, tmp_path, port2, smtp_security="tls",
                            smtp_ca_file=tls["ca_file"])
     msg = M.alert_message(M.build_item(conf2.alert_rules[0], parse_arb_event(
-        of_episode(events, LATER)[-1][1]), None, conf2), conf2.alert_rules[0], conf2)
-    assert SmtpTransport(conf2).send(msg).attempts == 1
+        of_episode(events, LATER)[-1][1]), None, M.MessageConfig.of(conf2)),
+        conf2.alert_rules[0], M.MessageConfig.of(conf2))
+    assert SmtpTransport(SmtpConfig.of(conf2)).send(msg).attempts == 1
     assert inbox2.envelopes[0][2] is True
     # a server certificate the client does not trust is a permanent failure
     conf3 = alert_settings(settings, tmp_path, port2, smtp_security="tls")
     with pytest.raises(PermanentSmtpError, match="certificate"):
-        SmtpTransport(conf3).send(msg)
+        SmtpTransport(SmtpConfig.of(conf3)).send(msg)
 
 
 def test_wrong_password_is_logged_failed_without_retries(
@@ -553,7 +558,8 @@ def test_wrong_password_is_logged_failed_without_retries(
                           smtp_username=USER, smtp_password=wrong,
                           smtp_ca_file=tls["ca_file"], smtp_retry_attempts=5)
     sleeps: list[float] = []
-    worker = AlertWorker(conf, transport=SmtpTransport(conf, sleep=sleeps.append))
+    worker = AlertWorker(AlertsConfig.of(conf),
+                         transport=SmtpTransport(SmtpConfig.of(conf), sleep=sleeps.append))
     worker.start()
     t0 = time.monotonic()
     for _, value in of_episode(events, LATER):
@@ -588,7 +594,8 @@ def test_server_down_then_back_is_delivered_after_backoff(
             started.append(smtp(port=port)[0])
         time.sleep(seconds)
 
-    worker = AlertWorker(conf, transport=SmtpTransport(conf, sleep=sleep))
+    worker = AlertWorker(AlertsConfig.of(conf),
+                         transport=SmtpTransport(SmtpConfig.of(conf), sleep=sleep))
     worker.start()
     for _, value in of_episode(events, LATER):
         worker.handle(value)
@@ -602,7 +609,7 @@ def test_server_down_then_back_is_delivered_after_backoff(
     conf2 = alert_settings(settings, tmp_path, free_port(), smtp_retry_attempts=3,
                            smtp_retry_initial_seconds=0.01)
     with pytest.raises(TransientSmtpError) as info:
-        SmtpTransport(conf2).send(inbox.messages[0])
+        SmtpTransport(SmtpConfig.of(conf2)).send(inbox.messages[0])
     assert info.value.attempts == 3 and "Connection" in str(info.value)
     worker.store.close()
 
@@ -663,7 +670,7 @@ def test_digest_batches_matches_and_survives_a_restart(
                   recipients=["research@example.com", "desk@example.com"], digest=True)
     conf = alert_settings(settings, tmp_path, port, alert_rules=[digest],
                           alert_digest_seconds=60.0)
-    worker = AlertWorker(conf)
+    worker = AlertWorker(AlertsConfig.of(conf))
     worker.start()
     for _, value in events:
         worker.handle(value)
@@ -674,7 +681,7 @@ def test_digest_batches_matches_and_survives_a_restart(
     assert worker.flush_digests() == 0 and inbox.messages == []  # interval not over
     # a new worker (a restart) reloads the queued alerts from MongoDB and sends one e-mail
     worker.store.close()
-    again = AlertWorker(conf)
+    again = AlertWorker(AlertsConfig.of(conf))
     again.start()
     assert again.pending_digests() == {"digest": queued}
     assert again.flush_digests(now=time.time() + 61) == 1
@@ -686,7 +693,7 @@ def test_digest_batches_matches_and_survives_a_restart(
     for episode_id in episodes:
         assert episode_id in text and episode_id in html
     did = msg["X-Arbstream-Digest-Id"].strip()
-    assert msg["Message-ID"] == M.message_id("digest|" + did, conf)
+    assert msg["Message-ID"] == M.message_id("digest|" + did, M.MessageConfig.of(conf))
     assert {c["state"] for c in claims(conf).values()} == {"sent"}
     sent = log_docs(conf, decision="sent")
     assert len(sent) == queued and {d["reason"] for d in sent} == {"digest"}
@@ -811,9 +818,10 @@ def test_interrupted_send_is_marked_unknown_and_not_resent(
     inbox, port = smtp()
     conf = alert_settings(settings, tmp_path, port)
     records = of_episode(events, LATER)
-    item = M.build_item(conf.alert_rules[0], parse_arb_event(records[-1][1]), None, conf)
-    with AlertStore(conf) as store:
-        assert store.claim(item, "sending", M.message_id(item.key, conf))
+    item = M.build_item(conf.alert_rules[0], parse_arb_event(records[-1][1]), None,
+                        M.MessageConfig.of(conf))
+    with AlertStore(MongoConfig.of(conf)) as store:
+        assert store.claim(item, "sending", M.message_id(item.key, M.MessageConfig.of(conf)))
         old = dt.datetime.now(UTC) - dt.timedelta(hours=1)
         store.claims.update_one({"_id": item.key}, {"$set": {"updated_at": old}})
     feed(conf, records)
@@ -900,7 +908,7 @@ def test_control_characters_are_dead_lettered_and_the_stream_goes_on(
     bad = hostile_records(events)
     records = of_episode(events, LATER)
     publish(conf, bad + records)
-    worker = AlertWorker(conf)
+    worker = AlertWorker(AlertsConfig.of(conf))
     with running(worker) as errors:
         wait_for(lambda: errors or worker.stats["events"] == len(records), what="every event")
         wait_for(lambda: errors or inbox.messages, what="the alert e-mail")
@@ -956,13 +964,15 @@ def test_headers_built_from_event_fields_cannot_be_injected(
     inbox, port = smtp()
     conf = alert_settings(settings, tmp_path, port)
     r = conf.alert_rules[0]
-    item = M.build_item(r, parse_event(of_episode(events, LATER)[-1][1]), None, conf)
+    item = M.build_item(r, parse_event(of_episode(events, LATER)[-1][1]), None,
+                        M.MessageConfig.of(conf))
     evil = item.model_copy(update={
         "profit_currency": "USDC\r\nBcc: attacker@evil.example",
         "expected_profit_usd": None, "key": "usdc-depeg|x\nX-Injected: 1|2023-03-11",
         "symbol": "BTC-USDC", "sell_symbol": "BTC-USDC"})
-    for msg in (M.alert_message(evil, r, conf), M.digest_message([evil, item], r, conf)):
-        SmtpTransport(conf).send(msg)
+    for msg in (M.alert_message(evil, r, M.MessageConfig.of(conf)),
+                M.digest_message([evil, item], r, M.MessageConfig.of(conf))):
+        SmtpTransport(SmtpConfig.of(conf)).send(msg)
     assert len(inbox.messages) == 2
     for got in inbox.messages:
         assert got["Bcc"] is None and got["X-Injected"] is None
@@ -1024,8 +1034,8 @@ def test_stage_fields_are_optional_and_checked(events: list[tuple[bytes, bytes]]
         opportunity_stage: str = "early"
 
     with pytest.raises(ValueError, match="opportunity_stage"):
-        check_settings(Settings(alert_rules=[LooseRule(name="x", recipients=["a@b.cd"],
-                                                       opportunity_stage="late")]))
+        check_config(AlertsConfig.of(Settings(alert_rules=[LooseRule(
+            name="x", recipients=["a@b.cd"], opportunity_stage="late")])))
 
 
 def staged_episode(events: list[tuple[bytes, bytes]], retract: str
@@ -1064,7 +1074,7 @@ def test_rules_fire_on_their_stage_and_retractions_alert_nothing(
     make_topics(conf, conf.alert_topic, conf.alert_deadletter_topic, partitions=1)
     records = staged_episode(events, retract=w1)
     publish(conf, records)
-    worker = AlertWorker(conf)
+    worker = AlertWorker(AlertsConfig.of(conf))
     with running(worker) as errors:
         wait_for(lambda: errors or worker.stats["events"] == len(records), what="every event")
         wait_for(lambda: errors or len(inbox.messages) == 2, what="the two alert e-mails")
@@ -1090,7 +1100,8 @@ def test_rules_fire_on_their_stage_and_retractions_alert_nothing(
         "early": "alerted", "final": "no_alert", "digest": "withdrawn"}
     assert all(d["count"] == 1 and d["stage"] == "retracted" and d["episode_id"] == LATER
                for d in retracted.values())
-    assert retracted["early"]["message_id"] == M.message_id(alert_key("early", LATER), conf)
+    assert retracted["early"]["message_id"] == M.message_id(alert_key("early", LATER),
+                                                               M.MessageConfig.of(conf))
     [queued] = log_docs(conf, decision="queued")
     assert queued["count"] == 2  # W1, withdrawn, then W2
     sent = {d["rule"]: d for d in log_docs(conf, decision="sent")}
@@ -1118,7 +1129,7 @@ def test_a_record_whose_handling_fails_is_dead_lettered_and_the_stream_goes_on(
 
     records = of_episode(events, LATER, OTHER)
     publish(conf, records)
-    worker = AlertWorker(conf, transport=Buggy(conf))
+    worker = AlertWorker(AlertsConfig.of(conf), transport=Buggy(SmtpConfig.of(conf)))
     with running(worker) as errors:
         wait_for(lambda: errors or worker.stats["events"] == len(records), what="every event")
         wait_for(lambda: errors or inbox.messages, what="the second alert")

@@ -1,7 +1,7 @@
 """Binance websocket recording (``binance-ws-2024-08``) → canonical quotes and trades → tansu.
 
 Expected values are read here straight from the gzip lines (``<receive ns> <JSON frame>``) with
-``gzip`` and ``json``, independently of :mod:`producers.binance_replay`: counts per file, the
+``gzip`` and ``json``, independently of :mod:`producers.replay.binance`: counts per file, the
 first and last bookTicker and trade of each file field by field. Publishing runs a slice into
 the session's real tansu broker and reads it back. The rate check is a lower bound only (no
 timing upper bounds in unit tests).
@@ -22,7 +22,7 @@ from conftest import consume
 from arbstream.config import Settings
 from arbstream.schemas import Heartbeat, Quote, Trade
 from arbstream.topics import ensure_topics, quotes_topic, trades_topic
-from producers.binance_replay import (
+from producers.replay.binance import (
     VENUES,
     BinanceFile,
     binance_files,
@@ -31,7 +31,8 @@ from producers.binance_replay import (
     read_binance_file,
     replay_binance,
 )
-from producers.replay import ReplayInputError, publish_quotes
+from producers.replay.errors import ReplayInputError
+from producers.replay.publish import publish_quotes
 from spark_jobs.kafka_source import end_offsets
 
 #: bookTicker and trade frames per file, counted with zcat | grep on the raw files.

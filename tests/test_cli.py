@@ -24,10 +24,14 @@ from typer.testing import CliRunner, Result
 
 from arbstream.cli import app
 from arbstream.config import Settings, get_settings
+from arbstream.store.config import InfluxConfig, MongoConfig
+from arbstream.store.influx.schema import ensure_database
+from arbstream.store.influx.writer import write_quotes
+from arbstream.store.mongo.episodes import upsert_episodes
+from arbstream.store.mongo.opportunities import upsert_opportunities
+from arbstream.timestamps import parse_time
 from arbstream.topics import DEADLETTER, OPPORTUNITIES, quotes_topic, topic_layout
-from producers.replay import load_iaqf_quotes, parse_time
-from spark_jobs.sinks import influx
-from spark_jobs.sinks.mongo import upsert_episodes, upsert_opportunities
+from producers.replay.iaqf import load_iaqf_quotes
 
 T0 = datetime(2023, 3, 11, 4, 0, 1, tzinfo=UTC)
 SEC = timedelta(seconds=1)
@@ -234,7 +238,7 @@ ROWS = {
 
 @pytest.fixture
 def seeded(env: Settings) -> Settings:
-    assert upsert_opportunities(env, ROWS.values()) == len(ROWS)
+    assert upsert_opportunities(MongoConfig.of(env), ROWS.values()) == len(ROWS)
     return env
 
 
@@ -378,7 +382,7 @@ EPISODES = {
 
 @pytest.fixture
 def seeded_episodes(env: Settings) -> Settings:
-    assert upsert_episodes(env, EPISODES.values()) == len(EPISODES)
+    assert upsert_episodes(MongoConfig.of(env), EPISODES.values()) == len(EPISODES)
     return env
 
 
@@ -494,13 +498,13 @@ def test_demo_summary_reports_episodes_and_the_depeg(
     conf = env.model_copy(update={
         "influx_db": "t_cli_demo_summary", **cli.DEMO_OVERRIDES,
     })
-    influx.ensure_database(conf)
+    ensure_database(InfluxConfig.of(conf))
     cross = {**ROWS["d"], "opportunity_id": "cross", "symbol": "BTC-USDC",
              "sell_symbol": "BTC-USD", "cross_quote": True}
-    upsert_opportunities(conf, [*ROWS.values(), cross])
-    upsert_episodes(conf, EPISODES.values())
+    upsert_opportunities(MongoConfig.of(conf), [*ROWS.values(), cross])
+    upsert_episodes(MongoConfig.of(conf), EPISODES.values())
     ts = int(T0.timestamp() * 1000)
-    influx.write_quotes(conf, [
+    write_quotes(InfluxConfig.of(conf), [
         {"exchange": "kraken", "symbol": "USDC-USD", "bid": 0.95, "ask": 0.96,
          "exchange_ts": ts},
         {"exchange": "coinbase", "symbol": "USDC-USD", "bid": 0.877, "ask": 0.879,

@@ -20,12 +20,14 @@ from conftest import consume
 from reference import reference_opportunities, reference_spreads
 
 from arbstream.config import Settings
+from arbstream.store.config import InfluxConfig, MongoConfig
+from arbstream.store.influx.queries import query
+from arbstream.store.mongo.episodes import find_episodes
+from arbstream.store.mongo.opportunities import find_opportunities
 from arbstream.topics import DEADLETTER, HEALTH, OPPORTUNITIES, ensure_topics, quotes_topic
-from producers.replay import load_iaqf_quotes, replay_iaqf
+from producers.replay.iaqf import load_iaqf_quotes, replay_iaqf
 from spark_jobs import arbitrage
 from spark_jobs.kafka_source import end_offsets
-from spark_jobs.sinks import influx
-from spark_jobs.sinks.mongo import find_episodes, find_opportunities
 
 pytestmark = pytest.mark.e2e
 
@@ -96,7 +98,7 @@ def first_run(spark, e2e_settings: Settings, tmp_path_factory) -> dict:
 
 
 def _stored(conf: Settings) -> pd.DataFrame:
-    rows = find_opportunities(conf, since=START, until=END + timedelta(seconds=10))
+    rows = find_opportunities(MongoConfig.of(conf), since=START, until=END + timedelta(seconds=10))
     return pd.DataFrame(rows).sort_values("opportunity_id").reset_index(drop=True)
 
 
@@ -137,13 +139,13 @@ def test_influx_has_every_quote_and_spread(first_run, e2e_settings, expected) ->
         expected, conf.taker_fees, conf.window_seconds, conf.max_quote_age_seconds,
         _haircut(conf), conf.notional_usd,
     )
-    q = influx.query(conf, 'SELECT count("bid") FROM "raw"."quote"')
-    s = influx.query(conf, 'SELECT count("net_bps") FROM "spread"')
+    q = query(InfluxConfig.of(conf), 'SELECT count("bid") FROM "raw"."quote"')
+    s = query(InfluxConfig.of(conf), 'SELECT count("net_bps") FROM "spread"')
     assert q[0]["count"] == len(expected)
     assert s[0]["count"] == len(spreads)
     top = spreads.sort_values("net_bps").iloc[-1]
-    rows = influx.query(
-        conf,
+    rows = query(
+        InfluxConfig.of(conf),
         f"SELECT net_bps FROM spread WHERE symbol = '{top.symbol}' "
         f"AND sell_symbol = '{top.sell_symbol}' "
         f"AND buy_exchange = '{top.buy_exchange}' AND sell_exchange = '{top.sell_exchange}' "
@@ -171,7 +173,7 @@ def test_malformed_record_dead_lettered_and_opportunities_published(
     assert all(e["opportunity_id"] == k for k, e in opps)
     episodes = [(k, e) for k, e in events if e["type"] == "episode"]
     assert all(e["episode_id"] == k for k, e in episodes)
-    stored = {d["episode_id"] for d in find_episodes(conf, limit=100_000)}
+    stored = {d["episode_id"] for d in find_episodes(MongoConfig.of(conf), limit=100_000)}
     for event in ("opened", "closed"):
         assert {k for k, e in episodes if e["event"] == event} == stored, event
 
@@ -200,7 +202,7 @@ def test_episodes_follow_the_opportunities(first_run, e2e_settings, expected) ->
                                 conf.max_quote_age_seconds, _haircut(conf), conf.notional_usd)
     windows = spreads[spreads["net"] > conf.min_net]  # every opportunity window
     want = _reference_episodes(windows, conf.episode_gap_seconds, conf.window_seconds)
-    got = pd.DataFrame(find_episodes(conf, limit=100_000)).sort_values(
+    got = pd.DataFrame(find_episodes(MongoConfig.of(conf), limit=100_000)).sort_values(
         "episode_id").reset_index(drop=True)
     assert len(want) > 5
     assert got["episode_id"].tolist() == want["episode_id"].tolist()
@@ -216,20 +218,20 @@ def test_episodes_follow_the_opportunities(first_run, e2e_settings, expected) ->
 
 def test_features_and_thresholds(first_run, e2e_settings, expected) -> None:
     conf = e2e_settings
-    [f] = influx.query(conf, 'SELECT count("mid") FROM "features"."features"')
+    [f] = query(InfluxConfig.of(conf), 'SELECT count("mid") FROM "features"."features"')
     assert f["count"] > len(expected)  # each quote is in max_quote_age / W windows
-    rows = influx.query(conf, "SELECT * FROM \"features\".\"features\" WHERE "
-                        "symbol = 'USDC-USD' AND exchange = 'kraken' LIMIT 400")
+    rows = query(InfluxConfig.of(conf), "SELECT * FROM \"features\".\"features\" WHERE "
+                 "symbol = 'USDC-USD' AND exchange = 'kraken' LIMIT 400")
     assert min(r["mid"] for r in rows) < 0.95  # the depeg is in the features
     assert any(r["volatility"] is not None for r in rows)
-    [p] = influx.query(conf, 'SELECT count("p95_bps") FROM "spread_percentiles"')
+    [p] = query(InfluxConfig.of(conf), 'SELECT count("p95_bps") FROM "spread_percentiles"')
     assert p["count"] > 0
-    z = influx.query(conf, 'SELECT count("spread_z") FROM "spread" WHERE anomaly = true')
+    z = query(InfluxConfig.of(conf), 'SELECT count("spread_z") FROM "spread" WHERE anomaly = true')
     assert z and z[0]["count"] > 0
 
 
 def test_producer_health_reaches_influx(first_run, e2e_settings) -> None:
-    rows = influx.query(e2e_settings, "SELECT * FROM health WHERE exchange = 'kraken'")
+    rows = query(InfluxConfig.of(e2e_settings), "SELECT * FROM health WHERE exchange = 'kraken'")
     [row] = [r for r in rows if r["time"] == HEALTH_RECORD["ts"]]
     for name, value in HEALTH_RECORD.items():
         if name not in ("schema_version", "type", "exchange", "ts"):
@@ -243,7 +245,7 @@ def test_producer_health_reaches_influx(first_run, e2e_settings) -> None:
 def test_rerun_adds_no_duplicates(first_run, spark, e2e_settings, tmp_path_factory) -> None:
     conf = e2e_settings
     before = _stored(conf)
-    points = influx.query(conf, 'SELECT count("net_bps") FROM "spread"')[0]["count"]
+    points = query(InfluxConfig.of(conf), 'SELECT count("net_bps") FROM "spread"')[0]["count"]
     _run(spark, conf, tmp_path_factory.mktemp("ckpt2"))
     after = _stored(conf)
     assert len(after) == len(before)
@@ -252,4 +254,5 @@ def test_rerun_adds_no_duplicates(first_run, spark, e2e_settings, tmp_path_facto
     assert after.drop(columns=volatile).equals(before.drop(columns=volatile))
     assert (after["stage"] == "final").all()
     assert after["first_seen_at"].tolist() == before["first_seen_at"].tolist()
-    assert influx.query(conf, 'SELECT count("net_bps") FROM "spread"')[0]["count"] == points
+    assert query(InfluxConfig.of(conf),
+                 'SELECT count("net_bps") FROM "spread"')[0]["count"] == points

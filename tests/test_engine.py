@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from arbstream.config import Settings
-from spark_jobs import tracker
+from arbstream.timestamps import from_ms
 from spark_jobs.engine import INPUT_COLUMNS, Engine, EngineConfig
 
 T0 = 1_678_507_200_000  # 2023-03-11T04:00:00Z
@@ -75,7 +75,7 @@ def test_early_opportunity_in_the_batch_of_its_quote_then_final() -> None:
     # opportunity valid over the 5 windows (and one early)
     [run_] = [r for r in final if r["buy_exchange"] == "coinbase"]
     assert (run_["valid_from"], run_["valid_to"], run_["windows"]) == (
-        tracker._ts(T0 + 1000), tracker._ts(T0 + 5000), 5)
+        from_ms(T0 + 1000), from_ms(T0 + 5000), 5)
 
 
 def test_allowed_late_quote_retracts_an_early_opportunity() -> None:

@@ -28,7 +28,8 @@ from test_decode import quote
 
 from arbstream.fees import DEFAULT_TAKER_FEES
 from arbstream.schemas import Book, Heartbeat, Quote
-from producers.replay import load_iaqf_quotes
+from arbstream.timestamps import from_ms, to_ms
+from producers.replay.iaqf import load_iaqf_quotes
 from spark_jobs import tracker
 from spark_jobs.engine import INPUT_COLUMNS, Engine, EngineConfig
 
@@ -148,8 +149,8 @@ def ms_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         d = dict(r)
         for k, v in d.items():
             if isinstance(v, datetime):  # pd.Timestamp is a datetime too
-                ms = tracker._ms(v)
-                assert v.tzinfo is not None and v == tracker._ts(ms), (k, d)
+                ms = to_ms(v)
+                assert v.tzinfo is not None and v == from_ms(ms), (k, d)
                 d[k] = ms
         out.append(d)
     return out

@@ -1,4 +1,4 @@
-"""Exchange adapters (``producers/exchanges.py``) on real recorded exchange frames, no network.
+"""Exchange adapters (``producers/exchanges/``) on real recorded exchange frames, no network.
 
 Each capture in ``<data>/exchange-ws-captures`` (cryptofeed's raw recorder: ``<url> -> <unix s>:
 <body>`` REST lines, ``<unix s>: <json>`` server frames) is pushed frame by frame through the
@@ -34,9 +34,13 @@ from cryptofeed.defines import L2_BOOK, TICKER, TRADES
 from cryptofeed.exchanges import EXCHANGE_MAP, OKX, Bitfinex, Bybit, Gemini, Kraken
 from cryptofeed.symbols import Symbols
 
-from producers import exchanges as ex
-from producers.coinbase_exchange import CoinbaseExchange
+from arbstream.timestamps import seconds_to_ms
 from producers.events import FeedEvent
+from producers.exchanges.coinbase import CoinbaseExchange
+from producers.exchanges.feed import RecordRejected, make_feed
+from producers.exchanges.normalize import symbol_from_feed, symbol_map
+from producers.exchanges.registry import PROFILES, exchange_id, feed_class, supported_exchanges
+from testing.recorded_rest import RestBodies, preload_symbols
 
 DEPTH = 10
 _REST = re.compile(r"^(\S+) -> ([0-9.]+): (.*)$", re.S)
@@ -223,15 +227,15 @@ def replay(captures: Path, exchange: str, name: str, symbols: list[str], channel
            **kwargs: Any) -> tuple[list[FeedEvent], Any, list[FakeConn]]:
     """Preload symbols, build the feed, subscribe each recorded connection, push its frames."""
     bodies = rest_bodies(captures, name)
-    ex.preload_symbols(exchange, bodies)
+    preload_symbols(exchange, bodies)
     events: list[FeedEvent] = []
 
     async def on_event(event: FeedEvent) -> None:
         events.append(event)
 
     async def run() -> tuple[Any, list[FakeConn]]:
-        feed = ex.make_feed(exchange, symbols, channels, on_event, book_depth=DEPTH, **kwargs)
-        feed.http_conn.read = ex.RestBodies(bodies).aread  # book snapshots from the capture
+        feed = make_feed(exchange, symbols, channels, on_event, book_depth=DEPTH, **kwargs)
+        feed.http_conn.read = RestBodies(bodies).aread  # book snapshots from the capture
         conns: dict[Path, FakeConn] = {}
         for path, ts, frame in server_frames(captures, name):
             if path not in conns:
@@ -321,14 +325,14 @@ def test_binance_2024_bookticker_and_raw_trades(captures: Path, data_dir: Path) 
             exp.trades.append(("BTC-USDT", str(d["t"]), float(d["p"]), float(d["q"]),
                                "sell" if d["m"] else "buy", d["T"], got, d["t"], str(d["t"])))
 
-    ex.preload_symbols("binance", rest_bodies(captures, "BINANCE"))
+    preload_symbols("binance", rest_bodies(captures, "BINANCE"))
     events: list[FeedEvent] = []
 
     async def on_event(event: FeedEvent) -> None:
         events.append(event)
 
     async def run() -> Any:
-        feed = ex.make_feed("binance", ["BTC-USDT"], {"bbo", "trades"}, on_event)
+        feed = make_feed("binance", ["BTC-USDT"], {"bbo", "trades"}, on_event)
         conn = FakeConn("binance-2024", feed.subscription)
         await feed.subscribe(conn)
         for ns, text in frames:
@@ -525,8 +529,8 @@ def test_bitstamp_capture(captures: Path) -> None:
 
 def test_gemini_by_configuration_only(captures: Path) -> None:
     """Gemini has no arbstream-specific code: the registry name picks cryptofeed's class."""
-    assert ex.feed_class("gemini") is Gemini and ex.feed_class("GEMINI") is Gemini
-    assert Gemini.id not in ex.PROFILES and TICKER not in Gemini.websocket_channels
+    assert feed_class("gemini") is Gemini and feed_class("GEMINI") is Gemini
+    assert Gemini.id not in PROFILES and TICKER not in Gemini.websocket_channels
 
     bodies = rest_bodies(captures, "GEMINI")
     canon = {}
@@ -559,18 +563,18 @@ def test_gemini_by_configuration_only(captures: Path) -> None:
 
 # --- registry, symbols, endpoints, rejects --------------------------------------------------
 def test_registry_ids() -> None:
-    assert ex.feed_class("coinbase") is CoinbaseExchange
-    assert issubclass(ex.feed_class("binance"), EXCHANGE_MAP["BINANCE"])
-    assert ex.feed_class("kraken") is Kraken and ex.feed_class("bitfinex") is Bitfinex
-    assert ex.feed_class("okx") is OKX and ex.feed_class("bybit") is Bybit
-    assert ex.exchange_id("Binance-US") == "binance_us"
-    assert ex.exchange_id("CRYPTO.COM") == "crypto_com"
-    assert ex.feed_class("crypto.com") is EXCHANGE_MAP["CRYPTO.COM"]
+    assert feed_class("coinbase") is CoinbaseExchange
+    assert issubclass(feed_class("binance"), EXCHANGE_MAP["BINANCE"])
+    assert feed_class("kraken") is Kraken and feed_class("bitfinex") is Bitfinex
+    assert feed_class("okx") is OKX and feed_class("bybit") is Bybit
+    assert exchange_id("Binance-US") == "binance_us"
+    assert exchange_id("CRYPTO.COM") == "crypto_com"
+    assert feed_class("crypto.com") is EXCHANGE_MAP["CRYPTO.COM"]
     every = {n.lower().replace(".", "_") for n in EXCHANGE_MAP}
-    assert every <= set(ex.supported_exchanges())
-    assert all(re.fullmatch(r"[a-z][a-z0-9_]*", i) for i in ex.supported_exchanges())
+    assert every <= set(supported_exchanges())
+    assert all(re.fullmatch(r"[a-z][a-z0-9_]*", i) for i in supported_exchanges())
     with pytest.raises(ValueError, match=r"unknown exchange 'mtgox'.*gemini"):
-        ex.feed_class("mtgox")
+        feed_class("mtgox")
 
 
 @pytest.mark.parametrize(("name", "cls", "channels"), [
@@ -585,49 +589,49 @@ def test_config_only_exchange_builds_without_network(name: str, cls: type, chann
     async def on_event(_e: FeedEvent) -> None:
         pass
 
-    feed = ex.make_feed(name, ["BTC-USDT"], {"bbo", "trades", "book"}, on_event)
+    feed = make_feed(name, ["BTC-USDT"], {"bbo", "trades", "book"}, on_event)
     assert isinstance(feed, cls)
     assert set(feed.subscription) == {cls.std_channel_to_exchange(c) for c in channels}
     assert feed.normalizer.exchange == name and not feed.normalizer.bbo_from_book
-    assert ex.symbol_map(cls) == {"BTC-USDT": "BTC-USDT"}  # perpetuals are not BASE-QUOTE
+    assert symbol_map(cls) == {"BTC-USDT": "BTC-USDT"}  # perpetuals are not BASE-QUOTE
     with pytest.raises(ValueError, match="unknown symbol"):
-        ex.make_feed(name, ["ETH-USDT"], {"bbo"}, on_event)
+        make_feed(name, ["ETH-USDT"], {"bbo"}, on_event)
     with pytest.raises(ValueError, match="channels"):
-        ex.make_feed(name, ["BTC-USDT"], {"candles"}, on_event)
+        make_feed(name, ["BTC-USDT"], {"candles"}, on_event)
 
 
 def test_symbols_and_time() -> None:
-    assert ex.canonical_symbol("BITFINEX", "DOG-USD") == "MDOGE-USD"
-    assert ex.canonical_symbol("BITFINEX", "TESTBTC-TESTUSD") == "TESTBTC-TESTUSD"
-    assert ex.canonical_symbol("KRAKEN", "BTC-CHF") == "BTC-CHF"
+    assert symbol_from_feed("BITFINEX", "DOG-USD") == "MDOGE-USD"
+    assert symbol_from_feed("BITFINEX", "TESTBTC-TESTUSD") == "TESTBTC-TESTUSD"
+    assert symbol_from_feed("KRAKEN", "BTC-CHF") == "BTC-CHF"
     with pytest.raises(ValueError):
-        ex.canonical_symbol("BINANCE_FUTURES", "BTC-USDT-PERP")
-    assert ex.to_ms(1633998523963 / 1000.0) == 1633998523963
-    assert ex.to_ms(1618678142.557535) == 1618678142557
-    assert ex.to_ms(Decimal("1641343695.999999")) == 1641343695999
+        symbol_from_feed("BINANCE_FUTURES", "BTC-USDT-PERP")
+    assert seconds_to_ms(1633998523963 / 1000.0) == 1633998523963
+    assert seconds_to_ms(1618678142.557535) == 1618678142557
+    assert seconds_to_ms(Decimal("1641343695.999999")) == 1641343695999
 
 
 def test_preload_and_canonical_subscription(captures: Path) -> None:
-    native = ex.preload_symbols("bitfinex", rest_bodies(captures, "BITFINEX"))
+    native = preload_symbols("bitfinex", rest_bodies(captures, "BITFINEX"))
     assert native["IOTA-ETH"] == "tIOTETH" and native["TESTBTC-TESTUSD"] == "tTESTBTC:TESTUSD"
 
     async def on_event(_e: FeedEvent) -> None:
         pass
 
     with pytest.raises(ValueError, match="canonical name is 'IOTA-ETH'"):
-        ex.make_feed("bitfinex", ["IOT-ETH"], {"bbo"}, on_event)
+        make_feed("bitfinex", ["IOT-ETH"], {"bbo"}, on_event)
     with pytest.raises(KeyError, match="no recorded REST body"):
-        ex.preload_symbols("kraken", {"https://api.kraken.com/0/public/Assets": "{}"})
+        preload_symbols("kraken", {"https://api.kraken.com/0/public/Assets": "{}"})
 
 
 def test_endpoint_overrides_keep_routes(captures: Path) -> None:
-    ex.preload_symbols("gemini", rest_bodies(captures, "GEMINI"))
-    ex.preload_symbols("binance", rest_bodies(captures, "BINANCE"))
+    preload_symbols("gemini", rest_bodies(captures, "GEMINI"))
+    preload_symbols("binance", rest_bodies(captures, "BINANCE"))
 
     async def on_event(_e: FeedEvent) -> None:
         pass
 
-    feed = ex.make_feed("gemini", ["BTC-GBP"], {"trades"}, on_event,
+    feed = make_feed("gemini", ["BTC-GBP"], {"trades"}, on_event,
                         ws_url="ws://127.0.0.1:9001", rest_url="http://127.0.0.1:9002")
     assert [c[0].address for c in feed.connect()] == ["ws://127.0.0.1:9001/v2/marketdata/"]
     assert feed.rest_endpoints[0].route("currencies") == "http://127.0.0.1:9002/v1/symbols"
@@ -636,7 +640,7 @@ def test_endpoint_overrides_keep_routes(captures: Path) -> None:
     import ssl
 
     ctx = ssl.create_default_context()
-    feed = ex.make_feed("binance", ["NKN-USDT"], {"bbo"}, on_event,
+    feed = make_feed("binance", ["NKN-USDT"], {"bbo"}, on_event,
                         ws_url="wss://127.0.0.1:9443", ssl_context=ctx, timeout=7)
     ((conn, *_),) = feed.connect()
     assert conn.address == "wss://127.0.0.1:9443/stream?streams=nknusdt@bookTicker"
@@ -644,7 +648,7 @@ def test_endpoint_overrides_keep_routes(captures: Path) -> None:
 
 
 def test_rejected_records_raise_after_the_frame_or_go_to_on_reject(captures: Path) -> None:
-    ex.preload_symbols("binance", rest_bodies(captures, "BINANCE"))
+    preload_symbols("binance", rest_bodies(captures, "BINANCE"))
     crossed = json.dumps({"stream": "nknusdt@bookTicker", "data": {
         "u": 1, "s": "NKNUSDT", "b": "0.4", "B": "1", "a": "0.3", "A": "1"}})
     good = json.dumps({"stream": "nknusdt@bookTicker", "data": {
@@ -659,12 +663,12 @@ def test_rejected_records_raise_after_the_frame_or_go_to_on_reject(captures: Pat
         rejected.append((exchange, raw, reason))
 
     async def run() -> None:
-        feed = ex.make_feed("binance", ["NKN-USDT"], {"bbo"}, on_event)
+        feed = make_feed("binance", ["NKN-USDT"], {"bbo"}, on_event)
         conn = FakeConn("c", feed.subscription)
-        with pytest.raises(ex.RecordRejected, match="crossed quote"):
+        with pytest.raises(RecordRejected, match="crossed quote"):
             await feed.message_handler(crossed, conn, 1.0)
         await feed.message_handler(good, conn, 2.0)
-        feed = ex.make_feed("binance", ["NKN-USDT"], {"bbo"}, on_event, on_reject=on_reject)
+        feed = make_feed("binance", ["NKN-USDT"], {"bbo"}, on_event, on_reject=on_reject)
         await feed.message_handler(crossed, conn, 3.0)
         assert feed.normalizer.rejected == 1
 

@@ -3,7 +3,7 @@
 * Every dashboard is type-checked with ``tsc`` against Grafana 11.3's own published schema
   (npm ``@grafana/schema`` 11.3.0: the dashboard kind and each panel plugin's generated
   options; ``grafana/validate/``), installed by the test itself with ``npm ci`` into a cache
-  directory; :func:`arbstream.grafana.lint` checks what the schema cannot (datasource uids,
+  directory; :func:`grafana.lint` checks what the schema cannot (datasource uids,
   variables, ids, grid).
 * The provisioning YAML files are validated against JSON Schemas written from Grafana's
   provisioning documentation (Grafana publishes none), and every variable they read must be
@@ -43,7 +43,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from arbstream import grafana as G
+import grafana as G
 from arbstream.config import Settings
 
 VALIDATE = REPO / "grafana" / "validate"
@@ -326,9 +326,9 @@ def replayed(spark, settings: Settings, tmp_path_factory, data_dir: Path) -> dic
 
     from arbstream.topics import ensure_topics
     from producers.live import produce
-    from producers.replay import replay_iaqf
-    from producers.replay_server import ReplayServer, binance_gz_frames
+    from producers.replay.iaqf import replay_iaqf
     from spark_jobs import arbitrage
+    from testing.replay_server import ReplayServer, binance_gz_frames
 
     conf = settings.model_copy(update={
         "influx_db": "grafana", "mongo_db": "grafana", "starting_offsets": "latest",
@@ -392,11 +392,12 @@ def views(replayed: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each dashboard's runs: time range, wall-clock now and variable values that exist in
     the replayed data. The depeg view is "now" one minute after the last episode start of
     the slice, so that the 5-minute stats have something to count."""
-    from spark_jobs.sinks import influx
+    from arbstream.store.config import InfluxConfig
+    from arbstream.store.influx.queries import query
 
-    conf = replayed["settings"]
-    [last] = influx.query(conf, f'SELECT last("duration_s") FROM "episode" WHERE time >= '
-                                f"{ms(DEPEG_START)}ms AND time <= {ms(DEPEG_END)}ms")
+    conf = InfluxConfig.of(replayed["settings"])
+    [last] = query(conf, f'SELECT last("duration_s") FROM "episode" WHERE time >= '
+                         f"{ms(DEPEG_START)}ms AND time <= {ms(DEPEG_END)}ms")
     depeg_now = last["time"] + 60_000
     depeg = G.TimeRange(ms(DEPEG_START), ms(DEPEG_END) + 10_000)
     live = G.TimeRange(replayed["live_from"], replayed["now"])
@@ -421,13 +422,15 @@ def views(replayed: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def run_board(conf: Settings, board: dict[str, Any],
               board_views: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Panel title -> view -> rows returned (int, summed over targets) or the error (str), as
-    :func:`arbstream.grafana.check` runs them (what ``arbstream grafana check`` does)."""
-    from spark_jobs.sinks import influx
+    :func:`grafana.check` runs them (what ``arbstream grafana check`` does)."""
+    from arbstream.store.config import InfluxConfig
+    from arbstream.store.influx.queries import query
 
+    influx = InfluxConfig.of(conf)
     out: dict[str, dict[str, Any]] = {}
     for view, (rng, now, values) in board_views.items():
         for r in G.check(board, values, rng, now,
-                         lambda q: len(influx.query(conf, q, retries=0))):
+                         lambda q: len(query(influx, q, retries=0))):
             out.setdefault(r.panel_title, {})[view] = r.error if r.error else r.rows
     return out
 
@@ -504,16 +507,17 @@ def test_cli_check_on_real_data(replayed, monkeypatch: pytest.MonkeyPatch, tmp_p
 
 @pytest.mark.e2e
 def test_every_variable_query_returns_the_values_used(replayed, boards) -> None:
-    from spark_jobs.sinks import influx
+    from arbstream.store.config import InfluxConfig
+    from arbstream.store.influx.queries import query
 
-    conf = replayed["settings"]
+    conf = InfluxConfig.of(replayed["settings"])
     for uid, board_views in views(replayed).items():
         defs = G.variables(boards[uid])
         for view, (_rng, _now, values) in board_views.items():
             for name, var in defs.items():
                 if var["type"] != "query":
                     continue
-                rows = influx.query(conf, G.variable_query(boards[uid], name, values))
+                rows = query(conf, G.variable_query(boards[uid], name, values))
                 found = {r["value"] for r in rows}
                 assert found, (uid, view, name)
                 chosen = values[name]

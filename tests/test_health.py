@@ -18,6 +18,11 @@ from pyspark.sql import functions as F
 
 from arbstream.config import Settings
 from arbstream.schemas import HEALTH_FIELDS, Quote
+from arbstream.store.config import InfluxConfig
+from arbstream.store.influx.lines import health_point
+from arbstream.store.influx.queries import query as influx_query
+from arbstream.store.influx.schema import ensure_database
+from arbstream.store.influx.writer import write_health
 from arbstream.topics import HEALTH, ensure_topics
 from producers.events import FeedEvent
 from producers.publisher import Publisher
@@ -30,7 +35,6 @@ from spark_jobs.health import (
     health_stream,
     silence,
 )
-from spark_jobs.sinks import influx
 
 RAW_SCHEMA = "key binary, value binary, topic string, partition int, offset long"
 T0 = 1_700_000_000_000
@@ -153,17 +157,17 @@ def test_health_point_of_enriched_and_raw_rows() -> None:
         "staleness_s": 0.25, "uptime": 1.0, "rate_score": 0.5, "freshness": 0.99,
         "error_rate": 0.0, "reliability": 0.947, "status": "degraded", "time": None,
     }
-    line = influx.health_point(row).to_line_protocol()
+    line = health_point(row).to_line_protocol()
     assert line.startswith("health,exchange=kraken,status=degraded ")
     assert line.endswith(f" {T0 + 123}")
     for field in ("status_code=1", "reliability=0.947", "staleness_s=0.25", "records_delta=9",
                   "messages_per_s=12.5"):
         assert field in line
     assert "reconnects_delta" not in line and "last_message_age_s" not in line
-    raw = influx.health_point(record("kraken", T0, frames=10)).to_line_protocol()
+    raw = health_point(record("kraken", T0, frames=10)).to_line_protocol()
     assert raw.startswith("health,exchange=kraken ") and "status" not in raw
     with pytest.raises(ValueError, match="health status"):
-        influx.health_point(row | {"status": "bad"})
+        health_point(row | {"status": "bad"})
 
 
 # --- streaming -----------------------------------------------------------------------------------
@@ -292,16 +296,17 @@ def test_stream_of_real_health_records_and_silent_exchange(
     assert all(r["status"] != "stale" for (ex, _), r in rows.items() if ex == a)
 
     # the sink writes them (as the job's foreachBatch does); Grafana groups by the status tag
-    influx.ensure_database(conf)
-    assert influx.write_health(conf, collected) == len(collected)
-    counts = influx.query(conf, f"SELECT count(reliability) FROM health WHERE exchange = '{b}' "
-                                "GROUP BY status")
+    influx = InfluxConfig.of(conf)
+    ensure_database(influx)
+    assert write_health(influx, collected) == len(collected)
+    counts = influx_query(influx, f"SELECT count(reliability) FROM health WHERE exchange = '{b}' "
+                                  "GROUP BY status")
     assert {p["status"]: p["count"] for p in counts}["stale"] == 1
-    [point] = influx.query(conf, "SELECT reliability, status_code, uptime FROM health "
-                                 f"WHERE exchange = '{b}' AND status = 'stale'")
+    [point] = influx_query(influx, "SELECT reliability, status_code, uptime FROM health "
+                                   f"WHERE exchange = '{b}' AND status = 'stale'")
     assert (point["time"], point["reliability"], point["status_code"], point["uptime"]) == (
         stale["ts"], 0.0, 2.0, 0.0)
-    [a_row] = influx.query(conf, f"SELECT * FROM health WHERE exchange = '{a}' "
-                                 f"AND time = {a2['ts']}ms")
+    [a_row] = influx_query(influx, f"SELECT * FROM health WHERE exchange = '{a}' "
+                                   f"AND time = {a2['ts']}ms")
     assert a_row["status"] == "degraded" and a_row["records_delta"] == 2.0
     assert a_row["reliability"] == approx(row["reliability"])

@@ -32,12 +32,15 @@ from test_recovery import assert_same, influx_contents, mongo_contents
 
 from arbstream.config import Settings
 from arbstream.fees import DEFAULT_TAKER_FEES
+from arbstream.store.config import InfluxConfig, MongoConfig
+from arbstream.store.influx.queries import query
+from arbstream.store.influx.schema import ensure_database
+from arbstream.store.mongo.opportunities import find_opportunities
 from arbstream.topics import DEADLETTER, HEALTH, book_topic, ensure_topics, quotes_topic
-from producers.replay import load_iaqf_quotes, publish_quotes
+from producers.replay.iaqf import load_iaqf_quotes
+from producers.replay.publish import publish_quotes
 from spark_jobs import arbitrage
 from spark_jobs.kafka_source import end_offsets
-from spark_jobs.sinks import influx
-from spark_jobs.sinks.mongo import find_opportunities
 
 pytestmark = pytest.mark.e2e
 
@@ -201,7 +204,8 @@ def test_consecutive_replays_give_the_union(spark: Any, conf: Settings, tmp_path
         lambda: publish_quotes(quotes(union, MID, END), union, progress=False),
     ])
     want = reference(union, quotes(union, START, END))
-    got = pd.DataFrame(find_opportunities(union, since=START, until=END, limit=1_000_000))
+    got = pd.DataFrame(find_opportunities(MongoConfig.of(union), since=START, until=END,
+                                          limit=1_000_000))
     assert len(want) > 50
     assert sorted(got["opportunity_id"]) == want["opportunity_id"].tolist()
     got = got.set_index("opportunity_id").loc[want["opportunity_id"]]
@@ -220,7 +224,7 @@ def test_health_rows_flow_while_a_market_backlog_is_processed(
     backlog = load_iaqf_quotes(conf.data_dir, datetime(2023, 3, 1, tzinfo=UTC),
                                datetime(2023, 3, 1, 8, tzinfo=UTC))
     backlog["exchange"] = backlog["exchange"].map(RENAMED)
-    influx.ensure_database(busy)
+    ensure_database(InfluxConfig.of(busy))
     producer = Producer(busy.kafka_client_config())
     topics = arbitrage.query_topics(busy)["market"]
     before = end_offsets(busy.kafka_client_config(), topics)
@@ -243,8 +247,8 @@ def test_health_rows_flow_while_a_market_backlog_is_processed(
                 "frames": 1, "records": 1, "reconnects": 0, "duplicates_dropped": 0,
                 "gaps": 0, "missing": 0, "deadletters": 0, "delivery_failures": 0}).encode())
             producer.flush(5)
-            rows = influx.query(busy, "SELECT count(queue_depth) FROM health WHERE "
-                                "exchange = 'hx_kraken'")
+            rows = query(InfluxConfig.of(busy), "SELECT count(queue_depth) FROM health WHERE "
+                                                "exchange = 'hx_kraken'")
             seen.append(rows[0]["count"] if rows else 0)
             busy_batches.update({p["batchId"]: p["numInputRows"]
                                  for p in market.recentProgress if p["numInputRows"] > 0})

@@ -11,26 +11,37 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 from test_sinks import T0_MS, isettings, quote  # noqa: F401 - isettings is a fixture
 
-from arbstream import stack
 from arbstream.config import Settings
-from spark_jobs.sinks import influx
+from arbstream.shell import stack
+from arbstream.store.config import InfluxConfig
+from arbstream.store.influx.client import InfluxError, InfluxUnavailableError
+from arbstream.store.influx.lines import quote_line
+from arbstream.store.influx.queries import query
+from arbstream.store.influx.schema import ensure_database
+from arbstream.store.influx.writer import (
+    REJECT_REASON_CHARS,
+    InfluxWriter,
+    write_lines_with_rejects,
+    write_quotes,
+)
 
 FAR_FUTURE_MS = 9_300_000_000_000_000  # 9.3e15 ms = 9.3e21 ns: beyond 2262, outside int64 ns
 
 
 def good_lines(n: int, start: int = 1000) -> list[str]:
-    return [influx.quote_line(quote(exchange_ts=T0_MS + start + i, bid=20000.0 + i,
+    return [quote_line(quote(exchange_ts=T0_MS + start + i, bid=20000.0 + i,
                                     ask=20001.0 + i)) for i in range(n)]
 
 
-def count(conf: Settings) -> int:
-    rows = influx.query(conf, 'SELECT count(bid) FROM "raw"."quote"')
+def count(conf: InfluxConfig) -> int:
+    rows = query(conf, 'SELECT count(bid) FROM "raw"."quote"')
     return rows[0]["count"] if rows else 0
 
 
@@ -42,14 +53,14 @@ BAD = {
 
 
 @pytest.mark.parametrize("batch_lines", [5000, 7, 1])
-def test_refused_lines_are_isolated_and_the_rest_stored(isettings: Settings,  # noqa: F811
+def test_refused_lines_are_isolated_and_the_rest_stored(isettings: InfluxConfig,  # noqa: F811
                                                         batch_lines: int) -> None:
-    assert influx.write_quotes(isettings, [quote()]) == 1  # bid is a float field from now on
+    assert write_quotes(isettings, [quote()]) == 1  # bid is a float field from now on
     good = good_lines(40)
     lines = good + list(BAD.values())
     random.Random(batch_lines).shuffle(lines)
 
-    writer = influx.InfluxWriter(isettings, batch_lines=batch_lines, retries=3, backoff=5.0)
+    writer = InfluxWriter(isettings, batch_lines=batch_lines, retries=3, backoff=5.0)
     started = time.monotonic()
     assert writer.write_lines(lines, rp="raw") == len(good)  # nothing raises
     assert time.monotonic() - started < 4.0  # 4xx answers are bisected, never retried
@@ -59,20 +70,20 @@ def test_refused_lines_are_isolated_and_the_rest_stored(isettings: Settings,  # 
     for expected, line in BAD.items():
         assert rejected[line].startswith("HTTP 400: "), rejected[line]
         assert expected in rejected[line]
-        assert len(rejected[line]) <= influx.REJECT_REASON_CHARS
+        assert len(rejected[line]) <= REJECT_REASON_CHARS
     assert writer.dropped == 0
 
     assert count(isettings) == 1 + len(good)  # every good point is queryable
-    got = influx.query(isettings, 'SELECT bid FROM "raw"."quote" WHERE time >= '
+    got = query(isettings, 'SELECT bid FROM "raw"."quote" WHERE time >= '
                                   f"{T0_MS + 1000}ms ORDER BY time")
     assert [r["bid"] for r in got] == [20000.0 + i for i in range(len(good))]
-    kinds = influx.query(isettings, 'SHOW FIELD KEYS FROM "raw"."quote"')
+    kinds = query(isettings, 'SHOW FIELD KEYS FROM "raw"."quote"')
     assert {r["fieldKey"]: r["fieldType"] for r in kinds}["bid"] == "float"
 
 
-def test_write_lines_with_rejects_and_module_writers(isettings: Settings) -> None:  # noqa: F811
+def test_write_lines_with_rejects_and_module_writers(isettings: InfluxConfig) -> None:  # noqa: F811
     lines = [*good_lines(3), BAD["time outside range"], *good_lines(2, start=2000)]
-    stored, rejected = influx.write_lines_with_rejects(isettings, "quote", lines)
+    stored, rejected = write_lines_with_rejects(isettings, "quote", lines)
     assert stored == 5
     assert [line for line, _ in rejected] == [BAD["time outside range"]]
     assert "time outside range" in rejected[0][1]
@@ -81,22 +92,22 @@ def test_write_lines_with_rejects_and_module_writers(isettings: Settings) -> Non
     # the row writers keep returning the number stored, and do not raise on a refused row
     rows = [quote(exchange_ts=T0_MS + 5000), quote(exchange_ts=FAR_FUTURE_MS),
             quote(exchange_ts=T0_MS + 5001)]
-    assert influx.write_quotes(isettings, rows) == 2
+    assert write_quotes(isettings, rows) == 2
     assert count(isettings) == 7
 
 
-def test_reason_is_capped(isettings: Settings) -> None:  # noqa: F811
+def test_reason_is_capped(isettings: InfluxConfig) -> None:  # noqa: F811
     line = f"quote,exchange={'k' * 2000},symbol=BTC-USD bid= {T0_MS}"  # echoed in the error
-    stored, rejected = influx.write_lines_with_rejects(isettings, "quote", [line])
+    stored, rejected = write_lines_with_rejects(isettings, "quote", [line])
     assert stored == 0
     [(got, reason)] = rejected
     assert got == line
-    assert len(reason) == influx.REJECT_REASON_CHARS
+    assert len(reason) == REJECT_REASON_CHARS
     assert reason.startswith("HTTP 400: unable to parse")
 
 
-def test_rejects_accumulate_across_calls_and_empty_writes(isettings: Settings) -> None:  # noqa: F811
-    with influx.InfluxWriter(isettings) as writer:
+def test_rejects_accumulate_across_calls_and_empty_writes(isettings: InfluxConfig) -> None:  # noqa: F811
+    with InfluxWriter(isettings) as writer:
         assert writer.write_lines([], rp="raw") == 0
         assert writer.write_lines([BAD["missing field value"]], rp="raw") == 0
         assert writer.write_lines([*good_lines(2), BAD["time outside range"]], rp="raw") == 2
@@ -107,14 +118,14 @@ def test_rejects_accumulate_across_calls_and_empty_writes(isettings: Settings) -
 def test_beyond_retention_is_still_counted_as_dropped(
     settings: Settings, request: pytest.FixtureRequest
 ) -> None:
-    conf = settings.model_copy(update={
+    conf = InfluxConfig.of(settings.model_copy(update={
         "influx_db": "t_rejects_" + request.node.name[:30].lower(), "influx_raw_retention": "1h",
-    })
-    influx.ensure_database(conf)
+    }))
+    ensure_database(conf)
     now_ms = time.time_ns() // 1_000_000
-    fresh = influx.quote_line(quote(exchange_ts=now_ms))
+    fresh = quote_line(quote(exchange_ts=now_ms))
     old = good_lines(3)  # 2023: older than the 1 h policy
-    with influx.InfluxWriter(conf) as writer:
+    with InfluxWriter(conf) as writer:
         assert writer.write_lines([*old, fresh], rp="raw") == 1
         assert writer.dropped == 3 and writer.rejected == []
         # mixed with a refused line: bisected; old points dropped, the refused one reported
@@ -126,10 +137,10 @@ def test_beyond_retention_is_still_counted_as_dropped(
     assert count(conf) == 1
 
 
-def test_missing_database_still_raises(isettings: Settings) -> None:  # noqa: F811
-    missing = isettings.model_copy(update={"influx_db": isettings.influx_db + "_missing"})
-    with pytest.raises(influx.InfluxError, match="database not found") as err:
-        influx.write_lines_with_rejects(missing, "quote", good_lines(3))
+def test_missing_database_still_raises(isettings: InfluxConfig) -> None:  # noqa: F811
+    missing = replace(isettings, db=isettings.db + "_missing")
+    with pytest.raises(InfluxError, match="database not found") as err:
+        write_lines_with_rejects(missing, "quote", good_lines(3))
     assert err.value.status == 404
 
 
@@ -195,17 +206,16 @@ def auth_influx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 ])
 def test_auth_errors_still_raise(auth_influx: str, user: str, password: str,
                                  status: int) -> None:
-    conf = Settings(influx_url=auth_influx, influx_db="db", influx_username=user,
-                    influx_password=SecretStr(password))
-    writer = influx.InfluxWriter(conf, retries=3, backoff=5.0)
+    conf = InfluxConfig.of(Settings(influx_url=auth_influx, influx_db="db",
+                                    influx_username=user, influx_password=SecretStr(password)))
+    writer = InfluxWriter(conf, retries=3, backoff=5.0)
     started = time.monotonic()
-    with pytest.raises(influx.InfluxError) as err:
+    with pytest.raises(InfluxError) as err:
         writer.write_lines([*good_lines(3), BAD["time outside range"]])
     assert time.monotonic() - started < 2.0  # neither retried nor bisected
     assert err.value.status == status and not isinstance(err.value,
-                                                         influx.InfluxUnavailableError)
+                                                         InfluxUnavailableError)
     assert writer.rejected == []
 
-    ok = conf.model_copy(update={"influx_username": "admin",
-                                 "influx_password": SecretStr("secret")})
-    assert influx.write_lines_with_rejects(ok, "spread", ["spread net_bps=1 1"]) == (1, [])
+    ok = replace(conf, username="admin", password=SecretStr("secret"))
+    assert write_lines_with_rejects(ok, "spread", ["spread net_bps=1 1"]) == (1, [])

@@ -1,4 +1,4 @@
-"""Detection latency read from Kafka (:mod:`arbstream.latency`), against a real broker: quote
+"""Detection latency read from Kafka (:mod:`arbstream.shell.latency`), against a real broker: quote
 records and opportunity events produced with chosen CreateTimes, latencies computed by hand."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from arbstream.config import Settings
-from arbstream.latency import Latency, detection_latency, latencies
 from arbstream.schemas import Heartbeat, Quote
+from arbstream.shell.latency import Latency, detection_latency, latencies
 
 T0 = 1_678_507_205_000  # 2023-03-11T04:00:05Z, the quotes' exchange_ts
 

@@ -29,8 +29,8 @@ from arbstream.config import Settings
 from arbstream.topics import DEADLETTER, ensure_topics, quotes_topic, trades_topic
 from producers.capture import read_ws_capture
 from producers.live import produce, record
-from producers.replay_server import ReplayServer, binance_gz_frames
 from spark_jobs.kafka_source import end_offsets
+from testing.replay_server import ReplayServer, binance_gz_frames
 
 FEEDS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "binance": ("BINANCE", ["NKN-USDT", "BLZ-ETH", "LRC-BTC", "RUNE-EUR"], {}),

@@ -38,10 +38,14 @@ from confluent_kafka.admin import AdminClient
 
 from arbstream.config import Settings
 from arbstream.fees import DEFAULT_TAKER_FEES
+from arbstream.store.config import InfluxConfig, MongoConfig
+from arbstream.store.influx.queries import query
+from arbstream.store.mongo.client import connect
+from arbstream.store.mongo.schema import OPPORTUNITIES
 from arbstream.topics import ensure_topics
-from producers.replay import load_iaqf_quotes, publish_quotes
+from producers.replay.iaqf import load_iaqf_quotes
+from producers.replay.publish import publish_quotes
 from spark_jobs.kafka_source import end_offsets
-from spark_jobs.sinks import influx, mongo
 
 pytestmark = pytest.mark.e2e
 
@@ -303,7 +307,7 @@ def _canonical(value: Any) -> Any:
 def mongo_contents(conf: Settings, db: str) -> dict[str, list[dict[str, Any]]]:
     """Every document of every collection of ``db``, wall-clock fields removed, sorted."""
     out: dict[str, list[dict[str, Any]]] = {}
-    with mongo.connect(conf) as client:
+    with connect(MongoConfig.of(conf)) as client:
         for name in sorted(client[db].list_collection_names()):
             if name.startswith("system."):
                 continue
@@ -323,14 +327,14 @@ def influx_contents(conf: Settings, db: str) -> dict[str, list[dict[str, Any]]]:
     """Every point (all tags and fields, ms time) of every measurement in every retention
     policy of ``db``, keyed ``"<rp>.<measurement>"``, sorted. (The test stack's InfluxDB has
     no ``max-row-limit``, so one SELECT returns every point.)"""
-    at = conf.model_copy(update={"influx_db": db})
-    policies = [r["name"] for r in influx.query(at, f"SHOW RETENTION POLICIES ON {_ident(db)}")]
-    measurements = [r["name"] for r in influx.query(at, "SHOW MEASUREMENTS")
+    at = InfluxConfig.of(conf.model_copy(update={"influx_db": db}))
+    policies = [r["name"] for r in query(at, f"SHOW RETENTION POLICIES ON {_ident(db)}")]
+    measurements = [r["name"] for r in query(at, "SHOW MEASUREMENTS")
                     if r["name"] not in PROCESSING_TIME_MEASUREMENTS]
     out: dict[str, list[dict[str, Any]]] = {}
     for rp in policies:
         for m in measurements:
-            rows = influx.query(at, f"SELECT * FROM {_ident(db)}.{_ident(rp)}.{_ident(m)}")
+            rows = query(at, f"SELECT * FROM {_ident(db)}.{_ident(rp)}.{_ident(m)}")
             if m == "health":  # a silence row is emitted after wall time passes: not content
                 rows = [r for r in rows if not _silence_row(r)]
             if rows:
@@ -392,7 +396,7 @@ def kill_mid_batch(job: Job, conf: Settings, db: str, ends: Offsets) -> int:
     """
     deadline = time.monotonic() + RUN_TIMEOUT
     in_flight, base = -1, 0
-    with mongo.connect(conf) as client:
+    with connect(MongoConfig.of(conf)) as client:
         while True:
             job.assert_alive()
             assert time.monotonic() < deadline, f"no partial batch to kill\n{job.tail()}"
@@ -444,7 +448,7 @@ def test_sigkill_and_restart_equals_uninterrupted_run(
     mongo_b = mongo_contents(settings, "recovery_b")
     influx_a = influx_contents(settings, "recovery_a")
     influx_b = influx_contents(settings, "recovery_b")
-    assert len(mongo_a.get(mongo.OPPORTUNITIES, [])) > 0, "no opportunities: trivial comparison"
+    assert len(mongo_a.get(OPPORTUNITIES, [])) > 0, "no opportunities: trivial comparison"
     quote_points = sum(len(rows) for name, rows in influx_a.items() if name.endswith(".quote"))
     assert quote_points > 500
     print("compared:", {k: len(v) for k, v in {**mongo_a, **influx_a}.items()})

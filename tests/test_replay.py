@@ -14,20 +14,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Top
 
 from arbstream.config import Settings
 from arbstream.schemas import DeadLetter, Heartbeat, Quote, parse_quote
+from arbstream.timestamps import parse_time
 from arbstream.topics import DEADLETTER, ensure_topics, quotes_topic
-from producers.replay import (
-    ReplayInputError,
-    canonical_symbol,
-    load_csv_quotes,
-    load_iaqf_quotes,
-    parse_iaqf_filename,
-    parse_speed,
-    parse_time,
-    publish_quotes,
-    read_csv_quotes,
-    replay_csv,
-    replay_iaqf,
-)
+from producers.replay.csv import load_csv_quotes, read_csv_quotes, replay_csv
+from producers.replay.errors import ReplayInputError
+from producers.replay.iaqf import load_iaqf_quotes, parse_iaqf_filename, replay_iaqf
+from producers.replay.pairs import symbol_from_pair
+from producers.replay.publish import parse_speed, publish_quotes
 
 START = datetime(2023, 3, 11, 4, 0, tzinfo=UTC)
 END = datetime(2023, 3, 11, 4, 10, tzinfo=UTC)
@@ -51,14 +44,14 @@ def ms(value: datetime) -> int:
         ("usdcusdt", "USDC-USDT"),
     ],
 )
-def test_canonical_symbol(pair: str, symbol: str) -> None:
-    assert canonical_symbol(pair) == symbol
+def test_symbol_from_pair(pair: str, symbol: str) -> None:
+    assert symbol_from_pair(pair) == symbol
 
 
 @pytest.mark.parametrize("pair", ["btceur", "usdt", "", "btc-usd"])
-def test_canonical_symbol_rejects_unknown(pair: str) -> None:
+def test_symbol_from_pair_rejects_unknown(pair: str) -> None:
     with pytest.raises(ValueError, match="pair"):
-        canonical_symbol(pair)
+        symbol_from_pair(pair)
 
 
 def test_parse_iaqf_filename() -> None:
@@ -128,7 +121,7 @@ def test_load_iaqf_window_matches_parquet(data_dir: Path) -> None:
     assert keys == sorted(keys)
     # per-series counts and prices agree with the parquet files
     for (exchange, pair), rows in expected.groupby(["exchange", "pair"]):
-        got = quotes[(quotes.exchange == exchange) & (quotes.symbol == canonical_symbol(pair))]
+        got = quotes[(quotes.exchange == exchange) & (quotes.symbol == symbol_from_pair(pair))]
         assert got["bid"].tolist() == rows["close"].tolist(), (exchange, pair)
     first, last = quotes.iloc[0], quotes.iloc[-1]
     assert first["exchange_ts"] == ms(START)
@@ -136,7 +129,7 @@ def test_load_iaqf_window_matches_parquet(data_dir: Path) -> None:
     assert first["bid"] == expected.iloc[0]["close"]
     assert last["exchange_ts"] == ms(END) - 60_000
     assert last["bid"] == expected.iloc[-1]["close"]
-    assert (last["exchange"], canonical_symbol(expected.iloc[-1]["pair"])) == (
+    assert (last["exchange"], symbol_from_pair(expected.iloc[-1]["pair"])) == (
         expected.iloc[-1]["exchange"], last["symbol"],
     )
 

@@ -25,12 +25,12 @@ from producers.capture import (
     CaptureEvent,
     CaptureFormatError,
     capture_files,
-    read_binance_gz,
     read_capture_config,
     read_rest_capture,
     read_ws_capture,
 )
-from producers.replay_server import ReplayServer, binance_gz_frames
+from producers.replay.binance import read_binance_gz
+from testing.replay_server import ReplayServer, binance_gz_frames
 
 pytest.importorskip("trustme")
 

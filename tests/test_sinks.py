@@ -6,6 +6,7 @@ import datetime as dt
 import re
 import socket
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -13,7 +14,53 @@ from pymongo import MongoClient
 from pymongo.errors import BulkWriteError
 
 from arbstream.config import Settings
-from spark_jobs.sinks import influx, mongo
+from arbstream.store.config import InfluxConfig, MongoConfig
+from arbstream.store.influx.client import InfluxError, InfluxUnavailableError
+from arbstream.store.influx.lines import (
+    health_point,
+    quote_line,
+    spread_line,
+    trade_point,
+    trade_time_ns,
+)
+from arbstream.store.influx.queries import min_mid, query
+from arbstream.store.influx.schema import ensure_database, ref
+from arbstream.store.influx.writer import (
+    InfluxWriter,
+    write_episodes,
+    write_features,
+    write_percentiles,
+    write_quotes,
+    write_spreads,
+    write_trades,
+)
+from arbstream.store.mongo import client as mongo_client
+from arbstream.store.mongo.episodes import (
+    EPISODE_SORTS,
+    _episode_filter,
+    count_cross_quote,
+    find_episodes,
+    upsert_episodes,
+)
+from arbstream.store.mongo.features import upsert_features, upsert_pair_features
+from arbstream.store.mongo.opportunities import (
+    _filter,
+    find_opportunities,
+    summary,
+    upsert_opportunities,
+)
+from arbstream.store.mongo.schema import (
+    EPISODES,
+    FEATURES,
+    INDEXES,
+    OPPORTUNITIES,
+    THRESHOLDS,
+    TTL_COLLECTIONS,
+    TTL_INDEX,
+    ensure_indexes,
+)
+from arbstream.store.mongo.thresholds import upsert_thresholds
+from arbstream.timestamps import to_ms, to_utc
 
 UTC = dt.UTC
 T0 = dt.datetime(2023, 3, 11, 4, 0, 5, tzinfo=UTC)
@@ -25,23 +72,23 @@ def _unique_name(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def msettings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
-    """Session settings with a fresh MongoDB database for this test."""
-    conf = settings.model_copy(update={"mongo_db": _unique_name(request)})
-    with MongoClient(conf.mongo_uri.get_secret_value()) as client:
-        client.drop_database(conf.mongo_db)
+def msettings(settings: Settings, request: pytest.FixtureRequest) -> MongoConfig:
+    """The session's MongoDB with a fresh database for this test."""
+    conf = MongoConfig.of(settings.model_copy(update={"mongo_db": _unique_name(request)}))
+    with MongoClient(conf.uri.get_secret_value()) as client:
+        client.drop_database(conf.db)
     return conf
 
 
 @pytest.fixture
-def isettings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
-    """Session settings with an InfluxDB database of this test's own, created, whose ``raw``
+def isettings(settings: Settings, request: pytest.FixtureRequest) -> InfluxConfig:
+    """The session's InfluxDB with a database of this test's own, created, whose ``raw``
     and ``features`` policies keep 2023 points (INF: finite ones would drop them)."""
-    conf = settings.model_copy(update={
+    conf = InfluxConfig.of(settings.model_copy(update={
         "influx_db": _unique_name(request), "influx_raw_retention": "INF",
         "influx_features_retention": "INF",
-    })
-    influx.ensure_database(conf)
+    }))
+    ensure_database(conf)
     return conf
 
 
@@ -52,7 +99,7 @@ def opportunity(
     sell: str = "coinbase",
     net_bps: float = 12.5,
 ) -> dict[str, Any]:
-    end_utc = mongo.to_utc(window_end)
+    end_utc = to_utc(window_end)
     stamp = end_utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{end_utc.microsecond // 1000:03d}Z"
     return {
         "opportunity_id": f"{symbol}|{stamp}|{buy}|{sell}",
@@ -74,20 +121,20 @@ def opportunity(
     }
 
 
-def _coll(conf: Settings) -> Any:
-    client = MongoClient(conf.mongo_uri.get_secret_value(), tz_aware=True, tzinfo=UTC)
-    return client, client[conf.mongo_db][mongo.OPPORTUNITIES]
+def _coll(conf: MongoConfig) -> Any:
+    client = MongoClient(conf.uri.get_secret_value(), tz_aware=True, tzinfo=UTC)
+    return client, client[conf.db][OPPORTUNITIES]
 
 
 # --- MongoDB --------------------------------------------------------------------------------
 
 
-def test_upsert_twice_keeps_one_document_per_opportunity(msettings: Settings) -> None:
+def test_upsert_twice_keeps_one_document_per_opportunity(msettings: MongoConfig) -> None:
     naive = dt.datetime(2023, 3, 11, 4, 0, 6)  # naive means UTC
     plus2 = dt.datetime(2023, 3, 11, 6, 0, 7, tzinfo=dt.timezone(dt.timedelta(hours=2)))
     rows = [opportunity(), opportunity(window_end=naive), opportunity("ETH-USD", plus2)]
 
-    assert mongo.upsert_opportunities(msettings, rows) == 3
+    assert upsert_opportunities(msettings, rows) == 3
     client, coll = _coll(msettings)
     with client:
         first = {d["_id"]: d for d in coll.find()}
@@ -102,7 +149,7 @@ def test_upsert_twice_keeps_one_document_per_opportunity(msettings: Settings) ->
 
         time.sleep(0.01)
         replay = [{**r, "net_bps": 99.0, "net": 0.0099} for r in rows]
-        assert mongo.upsert_opportunities(msettings, iter(replay)) == 3
+        assert upsert_opportunities(msettings, iter(replay)) == 3
         second = {d["_id"]: d for d in coll.find()}
     assert second.keys() == first.keys()
     for oid, doc in second.items():
@@ -112,31 +159,30 @@ def test_upsert_twice_keeps_one_document_per_opportunity(msettings: Settings) ->
 
 
 def test_upsert_empty_and_chunked_partitions(
-    msettings: Settings, monkeypatch: pytest.MonkeyPatch
+    msettings: MongoConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert mongo.upsert_opportunities(msettings, []) == 0
-    monkeypatch.setattr(mongo, "CHUNK_SIZE", 10)
+    assert upsert_opportunities(msettings, []) == 0
+    monkeypatch.setattr(mongo_client, "CHUNK_SIZE", 10)
     rows = [opportunity(window_end=T0 + dt.timedelta(seconds=i)) for i in range(25)]
-    assert mongo.upsert_opportunities(msettings, iter(rows)) == 25  # three bulk writes
-    assert mongo.upsert_opportunities(msettings, rows[5:] + rows[:5]) == 25
+    assert upsert_opportunities(msettings, iter(rows)) == 25  # three bulk writes
+    assert upsert_opportunities(msettings, rows[5:] + rows[:5]) == 25
     client, coll = _coll(msettings)
     with client:
         assert coll.count_documents({}) == 25
 
 
-def test_rows_without_id_are_rejected(msettings: Settings) -> None:
+def test_rows_without_id_are_rejected(msettings: MongoConfig) -> None:
     with pytest.raises(ValueError, match="opportunity_id"):
-        mongo.upsert_opportunities(msettings, [{**opportunity(), "opportunity_id": None}])
+        upsert_opportunities(msettings, [{**opportunity(), "opportunity_id": None}])
 
 
-def test_unique_index_on_opportunity_key(msettings: Settings) -> None:
-    mongo.upsert_opportunities(msettings, [opportunity()])
+def test_unique_index_on_opportunity_key(msettings: MongoConfig) -> None:
+    upsert_opportunities(msettings, [opportunity()])
     client, coll = _coll(msettings)
     with client:
-        again = mongo.ensure_indexes(client[msettings.mongo_db],
-                                     ttl_seconds=mongo.ttl_seconds(msettings))
-        assert again[mongo.OPPORTUNITIES] == [*mongo.INDEXES[mongo.OPPORTUNITIES],
-                                              mongo.TTL_INDEX]
+        again = ensure_indexes(client[msettings.db], ttl_seconds=msettings.ttl_seconds)
+        assert again[OPPORTUNITIES] == [*INDEXES[OPPORTUNITIES],
+                                        TTL_INDEX]
         info = coll.index_information()
     uniq = info["uniq_pair_window"]
     assert uniq.get("unique") is True
@@ -149,15 +195,15 @@ def test_unique_index_on_opportunity_key(msettings: Settings) -> None:
 
     clash = {**opportunity(), "opportunity_id": "another id for the same opportunity"}
     with pytest.raises(BulkWriteError):
-        mongo.upsert_opportunities(msettings, [clash])
+        upsert_opportunities(msettings, [clash])
     # the same buy leg, window and exchanges but another sell symbol is another opportunity
     usdc = {**opportunity(symbol="BTC-USDC"), "sell_symbol": "BTC-USD", "cross_quote": True}
     usdt = {**usdc, "opportunity_id": usdc["opportunity_id"] + "|BTC-USDT",
             "sell_symbol": "BTC-USDT"}
-    assert mongo.upsert_opportunities(msettings, [usdc, usdt]) == 2
+    assert upsert_opportunities(msettings, [usdc, usdt]) == 2
 
 
-def test_find_opportunities_filters_and_order(msettings: Settings) -> None:
+def test_find_opportunities_filters_and_order(msettings: MongoConfig) -> None:
     s = dt.timedelta(seconds=1)
     rows = [
         opportunity("BTC-USD", T0, "kraken", "coinbase", 5.0),
@@ -166,14 +212,14 @@ def test_find_opportunities_filters_and_order(msettings: Settings) -> None:
         opportunity("BTC-USD", T0 + 2 * s, "kraken", "coinbase", 30.0),
         opportunity("ETH-USD", T0 + s, "kraken", "gemini", 50.0),
     ]
-    mongo.upsert_opportunities(msettings, rows)
+    upsert_opportunities(msettings, rows)
 
     def keys(found: list[dict[str, Any]]) -> list[tuple[str, int, float]]:
         return [
             (d["symbol"], int((d["window_end"] - T0).total_seconds()), d["net_bps"]) for d in found
         ]
 
-    everything = mongo.find_opportunities(msettings)
+    everything = find_opportunities(msettings)
     assert keys(everything) == [
         ("BTC-USD", 0, 20.0),
         ("BTC-USD", 0, 5.0),
@@ -183,25 +229,25 @@ def test_find_opportunities_filters_and_order(msettings: Settings) -> None:
     ]
     assert everything[0]["opportunity_id"] == "BTC-USD|2023-03-11T04:00:05.000Z|binance|coinbase"
     assert everything[0]["window_end"].tzinfo is not None
-    assert keys(mongo.find_opportunities(msettings, symbol="ETH-USD")) == [("ETH-USD", 1, 50.0)]
+    assert keys(find_opportunities(msettings, symbol="ETH-USD")) == [("ETH-USD", 1, 50.0)]
     # [since, until) is half-open on window_end; naive bounds are UTC
-    assert keys(mongo.find_opportunities(msettings, since=T0 + s, until=T0 + 2 * s)) == [
+    assert keys(find_opportunities(msettings, since=T0 + s, until=T0 + 2 * s)) == [
         ("ETH-USD", 1, 50.0),
         ("BTC-USD", 1, 1.0),
     ]
     naive_since = (T0 + 2 * s).replace(tzinfo=None)
-    assert keys(mongo.find_opportunities(msettings, since=naive_since)) == [("BTC-USD", 2, 30.0)]
-    assert keys(mongo.find_opportunities(msettings, symbol="BTC-USD", min_net_bps=20.0)) == [
+    assert keys(find_opportunities(msettings, since=naive_since)) == [("BTC-USD", 2, 30.0)]
+    assert keys(find_opportunities(msettings, symbol="BTC-USD", min_net_bps=20.0)) == [
         ("BTC-USD", 0, 20.0),
         ("BTC-USD", 2, 30.0),
     ]
-    assert keys(mongo.find_opportunities(msettings, limit=2, newest_first=True)) == [
+    assert keys(find_opportunities(msettings, limit=2, newest_first=True)) == [
         ("BTC-USD", 2, 30.0),
         ("ETH-USD", 1, 50.0),
     ]
 
 
-def test_summary_counts_pairs_and_top(msettings: Settings) -> None:
+def test_summary_counts_pairs_and_top(msettings: MongoConfig) -> None:
     s = dt.timedelta(seconds=1)
     rows = [
         opportunity("BTC-USD", T0, "kraken", "coinbase", 5.0),
@@ -210,10 +256,10 @@ def test_summary_counts_pairs_and_top(msettings: Settings) -> None:
         opportunity("BTC-USD", T0, "binance", "coinbase", 20.0),
         opportunity("ETH-USD", T0, "kraken", "gemini", 50.0),
     ]
-    mongo.upsert_opportunities(msettings, rows)
-    mongo.upsert_opportunities(msettings, rows)  # replay changes nothing
+    upsert_opportunities(msettings, rows)
+    upsert_opportunities(msettings, rows)  # replay changes nothing
 
-    result = mongo.summary(msettings, top_n=2)
+    result = summary(msettings, top_n=2)
     assert result["total"] == 5
     assert result["pairs"] == [
         {
@@ -247,7 +293,7 @@ def test_summary_counts_pairs_and_top(msettings: Settings) -> None:
     assert [d["net_bps"] for d in result["top"]] == [50.0, 20.0]
 
     # [since, until) on window_end: only T0 + 1 s and T0 + 2 s remain
-    window = mongo.summary(msettings, top_n=5, since=T0 + s, until=T0 + 3 * s)
+    window = summary(msettings, top_n=5, since=T0 + s, until=T0 + 3 * s)
     assert window["total"] == 2
     assert [(p["count"], p["max_net_bps"]) for p in window["pairs"]] == [(2, 15.0)]
     assert [d["net_bps"] for d in window["top"]] == [15.0, 10.0]
@@ -271,32 +317,32 @@ def quote(**over: Any) -> dict[str, Any]:
 
 
 def test_line_protocol_formatting() -> None:
-    assert influx.quote_line(quote()) == (
+    assert quote_line(quote()) == (
         "quote,exchange=kraken,symbol=BTC-USD ask=20001,bid=20000.5,bid_size=0.25 1678507205123"
     )
     # both sizes absent; ints become floats (no 'i' suffix, so no field type conflicts)
-    line = influx.quote_line(quote(bid=20000, ask=20001, bid_size=None))
+    line = quote_line(quote(bid=20000, ask=20001, bid_size=None))
     assert line == "quote,exchange=kraken,symbol=BTC-USD ask=20001,bid=20000 1678507205123"
     # tag values are escaped by influxdb-client
-    line = influx.quote_line(quote(exchange="a b,c=d", ask_size=3.0))
+    line = quote_line(quote(exchange="a b,c=d", ask_size=3.0))
     assert line.startswith(r"quote,exchange=a\ b\,c\=d,symbol=BTC-USD ")
     assert "ask_size=3," in line
 
     spread = opportunity(window_end=dt.datetime(2023, 3, 11, 4, 0, 5, 250000))  # naive = UTC
-    assert influx.spread_line(spread) == (  # old minimal rows: same-quote, sell_symbol=symbol
+    assert spread_line(spread) == (  # old minimal rows: same-quote, sell_symbol=symbol
         "spread,buy_exchange=kraken,cross_quote=false,sell_exchange=coinbase,"
         "sell_symbol=BTC-USD,symbol=BTC-USD "
         "buy_ask=20000,gross_bps=100,net_bps=12.5,sell_bid=20200 1678507205250"
     )
     aware = opportunity(window_end=T0.astimezone(dt.timezone(dt.timedelta(hours=-5))))
-    assert influx.spread_line(aware).endswith(f" {T0_MS}")
-    assert influx.to_epoch_ms(T0) == T0_MS
+    assert spread_line(aware).endswith(f" {T0_MS}")
+    assert to_ms(T0) == T0_MS
 
 
 # --- InfluxDB server -----------------------------------------------------------------------
 
 
-def test_write_and_query_quotes_and_spreads(isettings: Settings) -> None:
+def test_write_and_query_quotes_and_spreads(isettings: InfluxConfig) -> None:
     quotes = [
         quote(),
         quote(exchange="coinbase", bid=20002.0, ask=20003.5, bid_size=None, ask_size=1.5),
@@ -306,11 +352,11 @@ def test_write_and_query_quotes_and_spreads(isettings: Settings) -> None:
         opportunity(),
         opportunity("ETH-USD", T0 + dt.timedelta(seconds=1), "binance", "gemini", -3.25),
     ]
-    assert influx.write_quotes(isettings, quotes) == 3
-    assert influx.write_spreads(isettings, spreads) == 2
+    assert write_quotes(isettings, quotes) == 3
+    assert write_spreads(isettings, spreads) == 2
 
-    assert influx.query(isettings, "SELECT * FROM quote") == []  # not in the default RP
-    got = influx.query(isettings, 'SELECT * FROM "raw"."quote" ORDER BY time')
+    assert query(isettings, "SELECT * FROM quote") == []  # not in the default RP
+    got = query(isettings, 'SELECT * FROM "raw"."quote" ORDER BY time')
     assert sorted(got, key=lambda r: (r["time"], r["exchange"])) == [
         {"time": T0_MS + 123, "exchange": "coinbase", "symbol": "BTC-USD", "bid": 20002,
          "ask": 20003.5, "bid_size": None, "ask_size": 1.5},
@@ -319,7 +365,7 @@ def test_write_and_query_quotes_and_spreads(isettings: Settings) -> None:
         {"time": T0_MS + 1000, "exchange": "kraken", "symbol": "BTC-USD", "bid": 19999,
          "ask": 20000, "bid_size": 2, "ask_size": 3},
     ]  # fmt: skip
-    got = influx.query(isettings, "SELECT * FROM spread ORDER BY time")
+    got = query(isettings, "SELECT * FROM spread ORDER BY time")
     assert got == [
         {"time": T0_MS, "symbol": "BTC-USD", "sell_symbol": "BTC-USD", "cross_quote": "false",
          "buy_exchange": "kraken", "sell_exchange": "coinbase", "gross_bps": 100,
@@ -328,30 +374,30 @@ def test_write_and_query_quotes_and_spreads(isettings: Settings) -> None:
          "cross_quote": "false", "buy_exchange": "binance", "sell_exchange": "gemini",
          "gross_bps": 100, "net_bps": -3.25, "buy_ask": 20000, "sell_bid": 20200},
     ]  # fmt: skip
-    fields = influx.query(isettings, 'SHOW FIELD KEYS FROM "raw"."quote"')
+    fields = query(isettings, 'SHOW FIELD KEYS FROM "raw"."quote"')
     assert {r["fieldKey"]: r["fieldType"] for r in fields} == dict.fromkeys(
         ["ask", "ask_size", "bid", "bid_size"], "float"
     )
-    grouped = influx.query(isettings, 'SELECT count(bid) FROM "raw"."quote" GROUP BY exchange')
+    grouped = query(isettings, 'SELECT count(bid) FROM "raw"."quote" GROUP BY exchange')
     assert {r["exchange"]: r["count"] for r in grouped} == {"coinbase": 1, "kraken": 2}
 
 
-def test_rewrite_does_not_add_points(isettings: Settings) -> None:
+def test_rewrite_does_not_add_points(isettings: InfluxConfig) -> None:
     quotes = [quote(exchange_ts=T0_MS + i) for i in range(50)]
     spreads = [opportunity(window_end=T0 + dt.timedelta(seconds=i)) for i in range(20)]
     for _ in range(2):
-        assert influx.write_quotes(isettings, quotes) == 50
-        assert influx.write_spreads(isettings, spreads) == 20
-    with influx.InfluxWriter(isettings, batch_lines=7) as writer:  # several batches
-        assert writer.write_lines((influx.quote_line(q) for q in quotes), rp="raw") == 50
-    assert influx.query(isettings, 'SELECT count(bid) FROM "raw"."quote"')[0]["count"] == 50
-    assert influx.query(isettings, "SELECT count(net_bps) FROM spread")[0]["count"] == 20
+        assert write_quotes(isettings, quotes) == 50
+        assert write_spreads(isettings, spreads) == 20
+    with InfluxWriter(isettings, batch_lines=7) as writer:  # several batches
+        assert writer.write_lines((quote_line(q) for q in quotes), rp="raw") == 50
+    assert query(isettings, 'SELECT count(bid) FROM "raw"."quote"')[0]["count"] == 50
+    assert query(isettings, "SELECT count(net_bps) FROM spread")[0]["count"] == 20
 
 
-def test_refused_lines_are_reported_not_retried(isettings: Settings) -> None:
+def test_refused_lines_are_reported_not_retried(isettings: InfluxConfig) -> None:
     """A line InfluxDB refuses (4xx) is reported in ``rejected`` with the server's reason,
     never retried and never raised: the caller dead-letters it (spark_jobs.sinks.records)."""
-    writer = influx.InfluxWriter(isettings, retries=3, backoff=5.0)
+    writer = InfluxWriter(isettings, retries=3, backoff=5.0)
     started = time.monotonic()
     assert writer.write_lines(["quote,exchange=kraken bid= 1678507205000"]) == 0
     assert time.monotonic() - started < 2.0  # a 4xx is never retried
@@ -359,30 +405,30 @@ def test_refused_lines_are_reported_not_retried(isettings: Settings) -> None:
     assert line == "quote,exchange=kraken bid= 1678507205000"
     assert reason.startswith("HTTP 400: unable to parse") and "missing field value" in reason
 
-    assert influx.write_quotes(isettings, [quote()]) == 1  # bid is a float field now
+    assert write_quotes(isettings, [quote()]) == 1  # bid is a float field now
     assert writer.write_lines([f'quote,exchange=kraken bid="x" {T0_MS}'], rp="raw") == 0
     assert "field type conflict" in writer.rejected[-1][1]
-    with pytest.raises(influx.InfluxError, match="error parsing query"):
-        influx.query(isettings, "SELEC bid FROM quote")
+    with pytest.raises(InfluxError, match="error parsing query"):
+        query(isettings, "SELEC bid FROM quote")
 
 
-def test_missing_database_error_names_the_fix(isettings: Settings) -> None:
-    missing = isettings.model_copy(update={"influx_db": isettings.influx_db + "_missing"})
-    with pytest.raises(influx.InfluxError, match="database not found.*ensure_database"):
-        influx.write_quotes(missing, [quote()])
-    influx.ensure_database(missing)
-    influx.ensure_database(missing)  # idempotent
-    assert influx.write_quotes(missing, [quote()]) == 1
+def test_missing_database_error_names_the_fix(isettings: InfluxConfig) -> None:
+    missing = replace(isettings, db=isettings.db + "_missing")
+    with pytest.raises(InfluxError, match="database not found.*ensure_database"):
+        write_quotes(missing, [quote()])
+    ensure_database(missing)
+    ensure_database(missing)  # idempotent
+    assert write_quotes(missing, [quote()]) == 1
 
 
 def test_unreachable_server_is_retried_then_raised(settings: Settings) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nobody listens here once closed
-    down = settings.model_copy(update={"influx_url": f"http://127.0.0.1:{port}"})
-    writer = influx.InfluxWriter(down, retries=2, backoff=0.05)
+    down = InfluxConfig.of(settings.model_copy(update={"influx_url": f"http://127.0.0.1:{port}"}))
+    writer = InfluxWriter(down, retries=2, backoff=0.05)
     started = time.monotonic()
-    with pytest.raises(influx.InfluxUnavailableError, match="after 3 attempts.*cannot reach"):
+    with pytest.raises(InfluxUnavailableError, match="after 3 attempts.*cannot reach"):
         writer.write_lines(["quote,exchange=kraken bid=1 1"])
     assert time.monotonic() - started >= 0.05 + 0.1  # backed off twice
 
@@ -392,7 +438,7 @@ def test_health_point_line_protocol() -> None:
            "messages_per_s": 12.5, "last_message_age_s": None, "queue_depth": 3, "frames": 10,
            "records": 9, "reconnects": 1, "duplicates_dropped": 0, "gaps": 0, "missing": 0,
            "deadletters": 1, "delivery_failures": 0}
-    line = influx.health_point(row).to_line_protocol()
+    line = health_point(row).to_line_protocol()
     assert line.startswith("health,exchange=kraken ")
     assert line.endswith(" 1700000000123")
     assert "messages_per_s=12.5" in line and "frames=10," in line  # float 10.0 prints as 10
@@ -467,9 +513,9 @@ def trade(**over: Any) -> dict[str, Any]:
     return {**row, **over}
 
 
-def _docs(conf: Settings, collection: str) -> dict[str, dict[str, Any]]:
-    with MongoClient(conf.mongo_uri.get_secret_value(), tz_aware=True, tzinfo=UTC) as client:
-        return {d["_id"]: d for d in client[conf.mongo_db][collection].find()}
+def _docs(conf: MongoConfig, collection: str) -> dict[str, dict[str, Any]]:
+    with MongoClient(conf.uri.get_secret_value(), tz_aware=True, tzinfo=UTC) as client:
+        return {d["_id"]: d for d in client[conf.db][collection].find()}
 
 
 def _without_first_seen(docs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -477,7 +523,7 @@ def _without_first_seen(docs: dict[str, dict[str, Any]]) -> dict[str, dict[str, 
 
 
 def test_spread_point_with_every_optional_field() -> None:
-    assert influx.spread_line(spread()) == (
+    assert spread_line(spread()) == (
         "spread,buy_exchange=coinbase,cross_quote=true,sell_exchange=kraken,"
         "sell_symbol=BTC-USD,symbol=BTC-USDC "
         "anomaly=true,buy_ask=20000,conversion_rate=0.9125,expected_profit_usd=7.75625,"
@@ -485,7 +531,7 @@ def test_spread_point_with_every_optional_field() -> None:
         f"spread_std_bps=2,spread_z=3 {T0_MS}"
     )
     # None statistics (not enough history yet) are left out; anomaly=False is written
-    line = influx.spread_line(spread(spread_mean_bps=None, spread_std_bps=None, spread_z=None,
+    line = spread_line(spread(spread_mean_bps=None, spread_std_bps=None, spread_z=None,
                                      anomaly=False, size_base=None, expected_profit_usd=None,
                                      conversion_rate=None, cross_quote=False))
     assert line == (
@@ -495,11 +541,11 @@ def test_spread_point_with_every_optional_field() -> None:
     )
 
 
-def test_write_spreads_round_trip(isettings: Settings) -> None:
+def test_write_spreads_round_trip(isettings: InfluxConfig) -> None:
     rows = [spread(), spread(window_end=T0 + S, anomaly=False, spread_z=None)]
     for _ in range(2):  # a replay rewrites the same points
-        assert influx.write_spreads(isettings, rows) == 2
-    got = influx.query(isettings, "SELECT * FROM spread ORDER BY time")
+        assert write_spreads(isettings, rows) == 2
+    got = query(isettings, "SELECT * FROM spread ORDER BY time")
     common = {"symbol": "BTC-USDC", "sell_symbol": "BTC-USD", "cross_quote": "true",
               "buy_exchange": "coinbase", "sell_exchange": "kraken", "gross_bps": 100,
               "net_bps": 8.5, "buy_ask": 20000, "sell_bid": 20200, "size_base": 0.5,
@@ -509,18 +555,18 @@ def test_write_spreads_round_trip(isettings: Settings) -> None:
         {"time": T0_MS, **common, "spread_z": 3, "anomaly": True},
         {"time": T0_MS + 1000, **common, "spread_z": None, "anomaly": False},
     ]
-    kinds = influx.query(isettings, "SHOW FIELD KEYS FROM spread")
+    kinds = query(isettings, "SHOW FIELD KEYS FROM spread")
     assert {r["fieldKey"]: r["fieldType"] for r in kinds}["anomaly"] == "boolean"
 
 
-def test_write_episodes_only_closed(isettings: Settings) -> None:
+def test_write_episodes_only_closed(isettings: InfluxConfig) -> None:
     opened = episode_event("opened")
     closed = episode_event("closed")
     other = episode_event("closed", episode_id="e2", symbol="ETH-USD", sell_symbol="ETH-USD",
                           cross_quote=False, start=T0 + H, expected_profit_usd=None)
     for _ in range(2):
-        assert influx.write_episodes(isettings, [opened, closed, other]) == 2
-    got = influx.query(isettings, "SELECT * FROM episode ORDER BY time")
+        assert write_episodes(isettings, [opened, closed, other]) == 2
+    got = query(isettings, "SELECT * FROM episode ORDER BY time")
     assert got == [
         {"time": T0_MS, "symbol": "BTC-USDC", "sell_symbol": "BTC-USD", "cross_quote": "true",
          "buy_exchange": "coinbase", "sell_exchange": "kraken", "duration_s": 180,
@@ -531,15 +577,15 @@ def test_write_episodes_only_closed(isettings: Settings) -> None:
          "duration_s": 180, "windows": 4, "peak_net_bps": 42.5, "mean_net_bps": 20.25,
          "expected_profit_usd": None},
     ]  # fmt: skip
-    assert influx.write_episodes(isettings, [opened]) == 0
+    assert write_episodes(isettings, [opened]) == 0
 
 
-def test_write_features_into_the_features_policy(isettings: Settings) -> None:
+def test_write_features_into_the_features_policy(isettings: InfluxConfig) -> None:
     rows = [feature(), feature(window_end=T0 + S, volume_spike=False, mid=0.95, volume_z=None)]
     for _ in range(2):
-        assert influx.write_features(isettings, rows) == 2
-    assert influx.query(isettings, "SELECT * FROM features") == []  # not the default RP
-    got = influx.query(isettings, 'SELECT * FROM "features"."features" ORDER BY time')
+        assert write_features(isettings, rows) == 2
+    assert query(isettings, "SELECT * FROM features") == []  # not the default RP
+    got = query(isettings, 'SELECT * FROM "features"."features" ORDER BY time')
     common = {"symbol": "USDC-USD", "exchange": "kraken", "log_return": -0.0125,
               "volatility": 0.004, "quote_spread_bps": 10.5, "latency_ms": 120,
               "message_rate": 2.5, "volume": 1500, "quote_age_s": 0.5}
@@ -548,37 +594,37 @@ def test_write_features_into_the_features_policy(isettings: Settings) -> None:
         {"time": T0_MS + 1000, **common, "mid": 0.95, "volume_z": None, "volume_spike": False},
     ]
     assert "imbalance" not in got[0]  # None in every row: never written
-    assert influx.ref("features") == '"features"."features"'
+    assert ref("features") == '"features"."features"'
 
 
-def test_write_percentiles(isettings: Settings) -> None:
+def test_write_percentiles(isettings: InfluxConfig) -> None:
     for _ in range(2):
-        assert influx.write_percentiles(isettings, [percentile()]) == 1
-    got = influx.query(isettings, "SELECT * FROM spread_percentiles")
+        assert write_percentiles(isettings, [percentile()]) == 1
+    got = query(isettings, "SELECT * FROM spread_percentiles")
     assert got == [
         {"time": T0_MS - 5000, "symbol": "BTC-USD", "sell_symbol": "BTC-USD",
          "cross_quote": "false", "buy_exchange": "kraken", "sell_exchange": "coinbase",
          "count": 3600, "mean_bps": -5.5, "p50_bps": -4, "p75_bps": 1.5, "p95_bps": 9.25,
          "max_bps": 30, "aggressive_bps": -4, "moderate_bps": 1.5, "conservative_bps": 9.25},
     ]  # fmt: skip
-    kinds = influx.query(isettings, "SHOW FIELD KEYS FROM spread_percentiles")
+    kinds = query(isettings, "SHOW FIELD KEYS FROM spread_percentiles")
     assert {r["fieldType"] for r in kinds} == {"float"}  # count too: no type conflicts
 
 
-def test_write_trades_into_the_raw_policy(isettings: Settings) -> None:
+def test_write_trades_into_the_raw_policy(isettings: InfluxConfig) -> None:
     # t1 and t2: one taker order filling two levels in the same millisecond, same side
     rows = [trade(), trade(trade_id="t2", price=20000.75, size=0.5),
             trade(trade_id="t3", side=None, price=20001, size=2, exchange_ts=T0_MS + 8)]
-    ns = influx.trade_time_ns(T0_MS + 7, "t1")
-    assert ns // 1_000_000 == T0_MS + 7 and ns != influx.trade_time_ns(T0_MS + 7, "t2")
-    assert influx.trade_point(rows[0]).to_line_protocol() == (
+    ns = trade_time_ns(T0_MS + 7, "t1")
+    assert ns // 1_000_000 == T0_MS + 7 and ns != trade_time_ns(T0_MS + 7, "t2")
+    assert trade_point(rows[0]).to_line_protocol() == (
         "trade,exchange=kraken,side=buy,symbol=BTC-USD price=20000.5,size=0.125,"
         f'trade_id="t1" {ns}'
     )
     for _ in range(2):  # a rewrite lands on the same points
-        assert influx.write_trades(isettings, rows) == 3
-    assert influx.query(isettings, "SELECT * FROM trade") == []
-    got = influx.query(isettings, 'SELECT * FROM "raw"."trade"')
+        assert write_trades(isettings, rows) == 3
+    assert query(isettings, "SELECT * FROM trade") == []
+    got = query(isettings, 'SELECT * FROM "raw"."trade"')
     assert sorted(got, key=lambda r: r["trade_id"]) == [
         {"time": T0_MS + 7, "exchange": "kraken", "symbol": "BTC-USD", "side": "buy",
          "price": 20000.5, "size": 0.125, "trade_id": "t1"},
@@ -592,20 +638,19 @@ def test_write_trades_into_the_raw_policy(isettings: Settings) -> None:
 def test_ensure_database_creates_and_alters_retention_policies(
     settings: Settings, request: pytest.FixtureRequest
 ) -> None:
-    conf = settings.model_copy(update={"influx_db": _unique_name(request),
-                                       "influx_raw_retention": "2w"})
-    influx.ensure_database(conf)
-    influx.ensure_database(conf)  # idempotent
+    conf = InfluxConfig.of(settings.model_copy(update={"influx_db": _unique_name(request),
+                                                       "influx_raw_retention": "2w"}))
+    ensure_database(conf)
+    ensure_database(conf)  # idempotent
 
     def policies() -> dict[str, tuple[str, bool]]:
-        rows = influx.query(conf, f'SHOW RETENTION POLICIES ON "{conf.influx_db}"')
+        rows = query(conf, f'SHOW RETENTION POLICIES ON "{conf.db}"')
         return {r["name"]: (r["duration"], r["default"]) for r in rows}
 
     assert policies() == {"autogen": ("0s", True), "raw": ("336h0m0s", False),
                           "features": ("4320h0m0s", False)}
-    altered = conf.model_copy(update={"influx_raw_retention": "30d",
-                                      "influx_features_retention": "INF"})
-    influx.ensure_database(altered)
+    altered = replace(conf, raw_retention="30d", features_retention="INF")
+    ensure_database(altered)
     assert policies() == {"autogen": ("0s", True), "raw": ("720h0m0s", False),
                           "features": ("0s", False)}
 
@@ -613,23 +658,24 @@ def test_ensure_database_creates_and_alters_retention_policies(
 def test_points_beyond_retention_are_dropped_not_raised(
     settings: Settings, request: pytest.FixtureRequest
 ) -> None:
-    conf = settings.model_copy(update={"influx_db": _unique_name(request)})  # raw: 30d
-    influx.ensure_database(conf)
+    conf = InfluxConfig.of(  # raw: 30d
+        settings.model_copy(update={"influx_db": _unique_name(request)}))
+    ensure_database(conf)
     now_ms = int(time.time() * 1000)
-    with influx.InfluxWriter(conf) as writer:
-        lines = [influx.quote_line(quote()), influx.quote_line(quote(exchange_ts=now_ms))]
+    with InfluxWriter(conf) as writer:
+        lines = [quote_line(quote()), quote_line(quote(exchange_ts=now_ms))]
         assert writer.write_lines(lines, rp="raw") == 1  # the 2023 quote is too old
         assert writer.dropped == 1
-    assert influx.write_quotes(conf, [quote()]) == 0
-    got = influx.query(conf, 'SELECT bid FROM "raw"."quote"')
+    assert write_quotes(conf, [quote()]) == 0
+    got = query(conf, 'SELECT bid FROM "raw"."quote"')
     assert [r["time"] for r in got] == [now_ms]
-    with pytest.raises(influx.InfluxError, match="retention policy not found.*ensure_database"):
-        influx.InfluxWriter(conf, retries=3, backoff=5.0).write_lines(
-            [influx.quote_line(quote())], rp="nope"
+    with pytest.raises(InfluxError, match="retention policy not found.*ensure_database"):
+        InfluxWriter(conf, retries=3, backoff=5.0).write_lines(
+            [quote_line(quote())], rp="nope"
         )
 
 
-def test_min_mid_across_exchanges(isettings: Settings) -> None:
+def test_min_mid_across_exchanges(isettings: InfluxConfig) -> None:
     rows = [
         quote(symbol="USDC-USD", bid=0.90, ask=0.92, exchange_ts=T0_MS),
         quote(symbol="USDC-USD", bid=0.87, ask=0.89, exchange_ts=T0_MS + 60_000),
@@ -637,32 +683,32 @@ def test_min_mid_across_exchanges(isettings: Settings) -> None:
               exchange_ts=T0_MS + 120_000),
         quote(symbol="BTC-USD", bid=0.1, ask=0.1, exchange_ts=T0_MS),
     ]
-    influx.write_quotes(isettings, rows)
-    assert influx.min_mid(isettings, "USDC-USD") == {
+    write_quotes(isettings, rows)
+    assert min_mid(isettings, "USDC-USD") == {
         "mid": pytest.approx(0.88), "exchange": "kraken", "time": T0 + 60 * S,
     }
-    after = influx.min_mid(isettings, "USDC-USD", since=T0 + 61 * S)
+    after = min_mid(isettings, "USDC-USD", since=T0 + 61 * S)
     assert after == {"mid": pytest.approx(0.8825), "exchange": "coinbase", "time": T0 + 120 * S}
-    before = influx.min_mid(isettings, "USDC-USD", until=T0 + 60 * S)  # until is exclusive
+    before = min_mid(isettings, "USDC-USD", until=T0 + 60 * S)  # until is exclusive
     assert before == {"mid": pytest.approx(0.91), "exchange": "kraken", "time": T0}
-    assert influx.min_mid(isettings, "USDC-USD", since=T0 + H) is None
-    assert influx.min_mid(isettings, "ETH-USD") is None
+    assert min_mid(isettings, "USDC-USD", since=T0 + H) is None
+    assert min_mid(isettings, "ETH-USD") is None
 
 
 # --- MongoDB: episodes, features, thresholds, indexes --------------------------------------
 
 
-def test_upsert_episodes_open_then_close_is_replay_safe(msettings: Settings) -> None:
+def test_upsert_episodes_open_then_close_is_replay_safe(msettings: MongoConfig) -> None:
     opened, closed = episode_event("opened"), episode_event("closed")
     eid = opened["episode_id"]
-    assert mongo.upsert_episodes(msettings, [opened]) == 1
-    doc = _docs(msettings, mongo.EPISODES)[eid]
+    assert upsert_episodes(msettings, [opened]) == 1
+    doc = _docs(msettings, EPISODES)[eid]
     assert doc["status"] == "open" and doc["windows"] == 1 and doc["end"] == T0
     assert "event" not in doc and "episode_id" not in doc
     first_seen = doc["first_seen_at"]
 
-    assert mongo.upsert_episodes(msettings, [closed]) == 1
-    final = _docs(msettings, mongo.EPISODES)
+    assert upsert_episodes(msettings, [closed]) == 1
+    final = _docs(msettings, EPISODES)
     assert final[eid] == {
         "_id": eid, "status": "closed", "symbol": "BTC-USDC", "sell_symbol": "BTC-USD",
         "cross_quote": True, "buy_exchange": "coinbase", "sell_exchange": "kraken",
@@ -672,22 +718,22 @@ def test_upsert_episodes_open_then_close_is_replay_safe(msettings: Settings) -> 
         "expected_profit_usd": 77.5, "first_seen_at": first_seen,
     }
     # a replayed batch (opened after closed, in either order) regresses nothing
-    assert mongo.upsert_episodes(msettings, [opened]) == 1
-    assert mongo.upsert_episodes(msettings, [closed, opened]) == 2
-    assert _docs(msettings, mongo.EPISODES) == final
+    assert upsert_episodes(msettings, [opened]) == 1
+    assert upsert_episodes(msettings, [closed, opened]) == 2
+    assert _docs(msettings, EPISODES) == final
 
 
-def test_upsert_episodes_closed_first_then_opened(msettings: Settings) -> None:
+def test_upsert_episodes_closed_first_then_opened(msettings: MongoConfig) -> None:
     closed = episode_event("closed", status="open")  # the event decides the status
-    assert mongo.upsert_episodes(msettings, iter([closed, episode_event("opened")])) == 2
-    [doc] = _docs(msettings, mongo.EPISODES).values()
+    assert upsert_episodes(msettings, iter([closed, episode_event("opened")])) == 2
+    [doc] = _docs(msettings, EPISODES).values()
     assert doc["status"] == "closed" and doc["windows"] == 4 and doc["peak_net_bps"] == 42.5
     assert isinstance(doc["first_seen_at"], dt.datetime)
-    assert mongo.upsert_episodes(msettings, []) == 0
+    assert upsert_episodes(msettings, []) == 0
     with pytest.raises(ValueError, match="event must be 'opened' or 'closed'"):
-        mongo.upsert_episodes(msettings, [{**episode_event("closed"), "event": "extended"}])
+        upsert_episodes(msettings, [{**episode_event("closed"), "event": "extended"}])
     with pytest.raises(ValueError, match="episode_id"):
-        mongo.upsert_episodes(msettings, [episode_event("closed", episode_id=None)])
+        upsert_episodes(msettings, [episode_event("closed", episode_id=None)])
 
 
 def _episodes() -> list[dict[str, Any]]:
@@ -709,11 +755,11 @@ def _episodes() -> list[dict[str, Any]]:
     ]
 
 
-def test_find_episodes_filters_and_sorts(msettings: Settings) -> None:
-    mongo.upsert_episodes(msettings, _episodes())
+def test_find_episodes_filters_and_sorts(msettings: MongoConfig) -> None:
+    upsert_episodes(msettings, _episodes())
 
     def ids(**kwargs: Any) -> str:
-        return "".join(d["episode_id"] for d in mongo.find_episodes(msettings, **kwargs))
+        return "".join(d["episode_id"] for d in find_episodes(msettings, **kwargs))
 
     assert ids() == "bcda"  # peak net bps, largest first
     assert ids(sort="duration_s") == "cdab"
@@ -729,28 +775,28 @@ def test_find_episodes_filters_and_sorts(msettings: Settings) -> None:
     assert ids(min_peak_bps=30.0) == "bc"
     assert ids(limit=2) == "bc"
     assert ids(limit=0) == "bcda"
-    doc = mongo.find_episodes(msettings, symbol="BTC-USDC")[0]
+    doc = find_episodes(msettings, symbol="BTC-USDC")[0]
     assert doc["episode_id"] == "b" and "_id" not in doc and doc["start"].tzinfo is not None
     with pytest.raises(ValueError, match="sort must be one of"):
-        mongo.find_episodes(msettings, sort="net_bps")
+        find_episodes(msettings, sort="net_bps")
     with pytest.raises(ValueError, match="status must be"):
-        mongo.find_episodes(msettings, status="opened")
+        find_episodes(msettings, status="opened")
 
 
-def test_count_cross_quote(msettings: Settings) -> None:
-    mongo.upsert_episodes(msettings, _episodes())
-    mongo.upsert_opportunities(msettings, [spread(), spread(
+def test_count_cross_quote(msettings: MongoConfig) -> None:
+    upsert_episodes(msettings, _episodes())
+    upsert_opportunities(msettings, [spread(), spread(
         opportunity_id="x", window_end=T0 + H, sell_symbol="BTC-USDT"), opportunity()])
-    assert mongo.count_cross_quote(msettings) == {"opportunities": 2, "episodes": 2}
-    assert mongo.count_cross_quote(msettings, since=T0 + 120 * S, until=T0 + H) == {
+    assert count_cross_quote(msettings) == {"opportunities": 2, "episodes": 2}
+    assert count_cross_quote(msettings, since=T0 + 120 * S, until=T0 + H) == {
         "opportunities": 0, "episodes": 1,
     }
 
 
-def test_upsert_pair_features(msettings: Settings) -> None:
+def test_upsert_pair_features(msettings: MongoConfig) -> None:
     minimal = opportunity()  # an old-style row: no statistics, no sell symbol
-    assert mongo.upsert_pair_features(msettings, [spread(), minimal]) == 2
-    docs = _docs(msettings, mongo.FEATURES)
+    assert upsert_pair_features(msettings, [spread(), minimal]) == 2
+    docs = _docs(msettings, FEATURES)
     assert _without_first_seen(docs) == {
         "pair|" + spread()["opportunity_id"]: {
             "_id": "pair|" + spread()["opportunity_id"], "kind": "pair",
@@ -767,84 +813,84 @@ def test_upsert_pair_features(msettings: Settings) -> None:
             "spread_z": None, "anomaly": None,
         },
     }
-    assert mongo.upsert_pair_features(msettings, [spread(), minimal]) == 2
-    assert _docs(msettings, mongo.FEATURES) == docs  # identical, first_seen_at included
+    assert upsert_pair_features(msettings, [spread(), minimal]) == 2
+    assert _docs(msettings, FEATURES) == docs  # identical, first_seen_at included
 
 
-def test_upsert_features_and_thresholds(msettings: Settings) -> None:
+def test_upsert_features_and_thresholds(msettings: MongoConfig) -> None:
     rows = [feature(), feature(feature_id="USDC-USD|kraken|x", window_end=T0 + S, mid=None)]
-    assert mongo.upsert_features(msettings, rows) == 2
-    docs = _docs(msettings, mongo.FEATURES)
+    assert upsert_features(msettings, rows) == 2
+    docs = _docs(msettings, FEATURES)
     expected = {k: v for k, v in feature().items() if k != "feature_id"}
     assert _without_first_seen(docs)["exchange|" + feature()["feature_id"]] == {
         "_id": "exchange|" + feature()["feature_id"], "kind": "exchange", **expected,
     }
     assert docs["exchange|USDC-USD|kraken|x"]["mid"] is None
-    assert mongo.upsert_features(msettings, rows) == 2
-    assert _docs(msettings, mongo.FEATURES) == docs
+    assert upsert_features(msettings, rows) == 2
+    assert _docs(msettings, FEATURES) == docs
 
-    assert mongo.upsert_thresholds(msettings, [percentile()]) == 1
-    thresholds = _docs(msettings, mongo.THRESHOLDS)
+    assert upsert_thresholds(msettings, [percentile()]) == 1
+    thresholds = _docs(msettings, THRESHOLDS)
     row = percentile()
     assert _without_first_seen(thresholds) == {row["threshold_id"]: {
         "_id": row["threshold_id"],
         **{k: v for k, v in row.items() if k != "threshold_id"},
         "hour_start": dt.datetime(2023, 3, 11, 4, tzinfo=UTC),
     }}
-    assert mongo.upsert_thresholds(msettings, [percentile()]) == 1
-    assert _docs(msettings, mongo.THRESHOLDS) == thresholds
+    assert upsert_thresholds(msettings, [percentile()]) == 1
+    assert _docs(msettings, THRESHOLDS) == thresholds
     with pytest.raises(ValueError, match="feature_id"):
-        mongo.upsert_features(msettings, [feature(feature_id="")])
+        upsert_features(msettings, [feature(feature_id="")])
     with pytest.raises(ValueError, match="threshold_id"):
-        mongo.upsert_thresholds(msettings, [percentile(threshold_id=None)])
+        upsert_thresholds(msettings, [percentile(threshold_id=None)])
 
 
-def test_indexes_on_every_collection_and_ttl(msettings: Settings) -> None:
-    conf = msettings.model_copy(update={"mongo_ttl_days": 7.5})
-    with MongoClient(conf.mongo_uri.get_secret_value()) as client:
-        db = client[conf.mongo_db]
+def test_indexes_on_every_collection_and_ttl(msettings: MongoConfig) -> None:
+    conf = replace(msettings, ttl_days=7.5)
+    with MongoClient(conf.uri.get_secret_value()) as client:
+        db = client[conf.db]
         # an index of the previous version is replaced by the one with sell_symbol
-        db[mongo.OPPORTUNITIES].create_index(
+        db[OPPORTUNITIES].create_index(
             [("symbol", 1), ("window_end", 1), ("buy_exchange", 1), ("sell_exchange", 1)],
             name="uniq_symbol_window_pair", unique=True,
         )
-        db[mongo.OPPORTUNITIES].create_index([("window_end", -1)], name="window_end_desc")
-        names = mongo.ensure_indexes(db, ttl_seconds=mongo.ttl_seconds(conf))
+        db[OPPORTUNITIES].create_index([("window_end", -1)], name="window_end_desc")
+        names = ensure_indexes(db, ttl_seconds=conf.ttl_seconds)
         assert names == {
-            c: [*specs, *([mongo.TTL_INDEX] if c in mongo.TTL_COLLECTIONS else [])]
-            for c, specs in mongo.INDEXES.items()
+            c: [*specs, *([TTL_INDEX] if c in TTL_COLLECTIONS else [])]
+            for c, specs in INDEXES.items()
         }
-        info = {c: db[c].index_information() for c in mongo.INDEXES}
-        assert not {"uniq_symbol_window_pair", "window_end_desc"} & set(info[mongo.OPPORTUNITIES])
-        for coll, specs in mongo.INDEXES.items():
+        info = {c: db[c].index_information() for c in INDEXES}
+        assert not {"uniq_symbol_window_pair", "window_end_desc"} & set(info[OPPORTUNITIES])
+        for coll, specs in INDEXES.items():
             for name, (keys, unique) in specs.items():
                 assert info[coll][name]["key"] == keys, (coll, name)
                 assert bool(info[coll][name].get("unique")) is unique
-        assert info[mongo.FEATURES]["symbol_exchange_window_end"]["key"] == [
+        assert info[FEATURES]["symbol_exchange_window_end"]["key"] == [
             ("symbol", 1), ("exchange", 1), ("window_end", 1)]
-        assert info[mongo.FEATURES]["kind_window_end"]["key"] == [("kind", 1), ("window_end", 1)]
-        assert info[mongo.THRESHOLDS]["pair_hour_start"]["key"] == [
+        assert info[FEATURES]["kind_window_end"]["key"] == [("kind", 1), ("window_end", 1)]
+        assert info[THRESHOLDS]["pair_hour_start"]["key"] == [
             ("symbol", 1), ("buy_exchange", 1), ("sell_exchange", 1), ("hour_start", 1)]
-        assert info[mongo.EPISODES]["symbol_start"]["key"] == [("symbol", 1), ("start", 1)]
+        assert info[EPISODES]["symbol_start"]["key"] == [("symbol", 1), ("start", 1)]
         # TTL on first_seen_at (wall clock) of the high-volume collections only
-        for coll in (mongo.OPPORTUNITIES, mongo.FEATURES):
-            ttl = info[coll][mongo.TTL_INDEX]
+        for coll in (OPPORTUNITIES, FEATURES):
+            ttl = info[coll][TTL_INDEX]
             assert ttl["key"] == [("first_seen_at", 1)]
             assert ttl["expireAfterSeconds"] == 648_000  # 7.5 days
-        for coll in (mongo.EPISODES, mongo.THRESHOLDS):
+        for coll in (EPISODES, THRESHOLDS):
             assert not any("expireAfterSeconds" in i for i in info[coll].values())
         # a new TTL is applied in place; the default is Settings().mongo_ttl_days
-        mongo.ensure_indexes(db)
-        assert db[mongo.FEATURES].index_information()[mongo.TTL_INDEX][
+        ensure_indexes(db)
+        assert db[FEATURES].index_information()[TTL_INDEX][
             "expireAfterSeconds"] == 30 * 86_400
     # the writers create the indexes with the configured TTL
-    other = conf.model_copy(update={"mongo_db": conf.mongo_db + "_w", "mongo_ttl_days": 1})
-    with MongoClient(conf.mongo_uri.get_secret_value()) as client:
-        client.drop_database(other.mongo_db)
-        mongo.upsert_episodes(other, [episode_event()])
-        got = client[other.mongo_db][mongo.OPPORTUNITIES].index_information()
-        client.drop_database(other.mongo_db)
-    assert got[mongo.TTL_INDEX]["expireAfterSeconds"] == 86_400
+    other = replace(conf, db=conf.db + "_w", ttl_days=1)
+    with MongoClient(conf.uri.get_secret_value()) as client:
+        client.drop_database(other.db)
+        upsert_episodes(other, [episode_event()])
+        got = client[other.db][OPPORTUNITIES].index_information()
+        client.drop_database(other.db)
+    assert got[TTL_INDEX]["expireAfterSeconds"] == 86_400
 
 
 def _plan_stages(plan: dict[str, Any]) -> list[str]:
@@ -856,42 +902,42 @@ def _plan_stages(plan: dict[str, Any]) -> list[str]:
     return stages
 
 
-def test_every_query_uses_an_index(msettings: Settings) -> None:
+def test_every_query_uses_an_index(msettings: MongoConfig) -> None:
     """explain() of each query the CLI and demo make: an IXSCAN, never a COLLSCAN."""
-    mongo.upsert_episodes(msettings, _episodes())
-    mongo.upsert_opportunities(msettings, [spread(), opportunity()])
-    mongo.upsert_features(msettings, [feature()])
-    mongo.upsert_thresholds(msettings, [percentile()])
+    upsert_episodes(msettings, _episodes())
+    upsert_opportunities(msettings, [spread(), opportunity()])
+    upsert_features(msettings, [feature()])
+    upsert_thresholds(msettings, [percentile()])
     since, until = T0, T0 + H
     episode_queries = [
-        mongo._episode_filter(),
-        mongo._episode_filter(symbol="BTC-USD"),
-        mongo._episode_filter(since=since, until=until),
-        mongo._episode_filter(status="closed"),
-        mongo._episode_filter(cross_quote=True),
-        mongo._episode_filter(since=since, until=until, cross_quote=True),
-        mongo._episode_filter(min_peak_bps=10.0),
+        _episode_filter(),
+        _episode_filter(symbol="BTC-USD"),
+        _episode_filter(since=since, until=until),
+        _episode_filter(status="closed"),
+        _episode_filter(cross_quote=True),
+        _episode_filter(since=since, until=until, cross_quote=True),
+        _episode_filter(min_peak_bps=10.0),
     ]
-    with MongoClient(msettings.mongo_uri.get_secret_value()) as client:
-        db = client[msettings.mongo_db]
+    with MongoClient(msettings.uri.get_secret_value()) as client:
+        db = client[msettings.db]
         cursors = [
-            db[mongo.EPISODES].find(q).sort(keys)
-            for q in episode_queries for keys in mongo.EPISODE_SORTS.values()
+            db[EPISODES].find(q).sort(keys)
+            for q in episode_queries for keys in EPISODE_SORTS.values()
         ]
         cursors += [
-            db[mongo.OPPORTUNITIES].find(mongo._filter(*args)).sort(
+            db[OPPORTUNITIES].find(_filter(*args)).sort(
                 [("window_end", 1), ("net_bps", -1)])
             for args in [(), ("BTC-USD",), (None, since, until), (None, None, None, 5.0)]
         ]
         cursors += [
-            db[mongo.OPPORTUNITIES].find(mongo._filter(since=since, until=until)).sort(
+            db[OPPORTUNITIES].find(_filter(since=since, until=until)).sort(
                 [("net_bps", -1), ("window_end", 1)]),
-            db[mongo.OPPORTUNITIES].find({"cross_quote": True,
-                                          **mongo._filter(since=since, until=until)}),
-            db[mongo.FEATURES].find({"symbol": "USDC-USD", "exchange": "kraken",
+            db[OPPORTUNITIES].find({"cross_quote": True,
+                                          **_filter(since=since, until=until)}),
+            db[FEATURES].find({"symbol": "USDC-USD", "exchange": "kraken",
                                      "window_end": {"$gte": since}}),
-            db[mongo.FEATURES].find({"kind": "pair", "window_end": {"$gte": since}}),
-            db[mongo.THRESHOLDS].find({"symbol": "BTC-USD", "buy_exchange": "kraken",
+            db[FEATURES].find({"kind": "pair", "window_end": {"$gte": since}}),
+            db[THRESHOLDS].find({"symbol": "BTC-USD", "buy_exchange": "kraken",
                                        "sell_exchange": "coinbase"}).sort("hour_start", -1),
         ]
         for cursor in cursors:

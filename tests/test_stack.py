@@ -4,7 +4,7 @@ Every test here builds its own :class:`Settings` with a private state directory 
 loopback ports, so it never touches the session stack of ``conftest.settings`` (except to
 borrow its healthy endpoints where a test needs services that are already up). "External"
 endpoints use ``127.0.0.2``: a loopback address (connections are refused at once, nothing
-leaves the machine) that is not in :data:`arbstream.stack.LOCAL_HOSTS`.
+leaves the machine) that is not in :data:`arbstream.shell.stack.LOCAL_HOSTS`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 
-from arbstream import stack
 from arbstream.config import Settings
+from arbstream.shell import stack
 
 NAMES = ["kafka", "influxdb", "mongodb"]
 EXTERNAL = "127.0.0.2"

@@ -24,7 +24,8 @@ from test_engine_scenarios import config, engine_frame, quotes_frame, run
 
 from arbstream.config import Settings
 from arbstream.schemas import Book, Quote
-from producers.replay import load_iaqf_quotes
+from arbstream.timestamps import from_ms, iso_ms, to_ms
+from producers.replay.iaqf import load_iaqf_quotes
 from spark_jobs import tracker
 from spark_jobs.depth import size_from_books
 from spark_jobs.engine import EngineConfig
@@ -68,11 +69,11 @@ def test_episode_opens_grows_and_closes_on_the_gap() -> None:
     assert closed["expected_profit_usd"] == 9.0  # the best single execution
     spreads = of(out, "spread")
     assert [s["episode_id"] is not None for s in spreads] == [True, True, True, False, True]
-    assert timeout == tracker._ms(T0 + pd.Timedelta(seconds=8)) + CFG.gap_ms
+    assert timeout == to_ms(T0 + pd.Timedelta(seconds=8)) + CFG.gap_ms
     # the watermark passing second 8 + gap closes the open episode
     st, out, timeout = tracker.track_pair(st, [], timeout + 1, CFG)
     assert [(e["event"], e["windows"]) for e in of(out, "episode")] == [("closed", 1)]
-    assert timeout == tracker._ms(T0.floor("h")) + tracker.HOUR_MS  # the hour is still open
+    assert timeout == to_ms(T0.floor("h")) + tracker.HOUR_MS  # the hour is still open
 
 
 def test_batch_boundaries_do_not_matter() -> None:
@@ -150,9 +151,9 @@ def _plain(value: Any) -> Any:
     if value is None or value is pd.NaT:
         return None
     if isinstance(value, datetime):  # pd.Timestamp is a datetime too
-        ms = tracker._ms(value)
-        assert value.tzinfo is not None and value == tracker._ts(ms), value
-        return tracker._iso(ms)
+        ms = to_ms(value)
+        assert value.tzinfo is not None and value == from_ms(ms), value
+        return iso_ms(ms)
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and math.isnan(value):

@@ -66,7 +66,7 @@ def test_real_trades_parse_and_bad_ones_are_dead_lettered(spark: SparkSession,
     from itertools import islice
 
     from arbstream.schemas import Trade
-    from producers.binance_replay import binance_files, read_binance_file
+    from producers.replay.binance import binance_files, read_binance_file
 
     file = binance_files(data_dir, ["BTC-USDT"], ["spot"])[0]
     trades = list(islice((r for r in read_binance_file(file, trades=True)

@@ -1,3 +1,4 @@
-"""The stream's sinks, written from ``foreachBatch``: MongoDB (:mod:`.mongo`) and InfluxDB
-(:mod:`.influx`), both idempotent, and the records writer that also produces Kafka events and
-dead letters (:mod:`.records`)."""
+"""The stream's Spark-side sink glue, written from ``foreachBatch``: :mod:`.records` turns the
+market query's Arrow partitions into writes through the store (MongoDB and InfluxDB,
+:mod:`arbstream.store`, both idempotent) and produces the Kafka events and dead letters. The
+collections, measurements, writes and queries themselves belong to :mod:`arbstream.store`."""

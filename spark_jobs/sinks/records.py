@@ -3,9 +3,9 @@
 The foreachBatch body (:func:`write_batch`) runs :func:`write_partition` through
 ``DataFrame.mapInArrow``: each executor task unpacks the market query's packed tables
 (:func:`spark_jobs.market.pack`), converts them to dicts once (quotes: straight to line
-protocol, column-wise), groups
-them by ``record`` and writes them with clients cached per Python worker (one MongoDB client,
-one Kafka producer), in this order, so that a consumer of an event finds its documents:
+protocol, column-wise), groups them by ``record`` and writes them through the store
+(:mod:`arbstream.store`) with clients cached per Python worker (one MongoDB client, one Kafka
+producer), in this order, so that a consumer of an event finds its documents:
 
 1. MongoDB: opportunities (the last version of each id in the partition: ``early`` then
    ``final`` upserts, ``retracted`` deletes), episodes, hourly thresholds (features are
@@ -15,14 +15,18 @@ one Kafka producer), in this order, so that a consumer of an event finds its doc
 3. Kafka: dead letters to ``md.deadletter``, opportunity events (every stage, in order) and
    episode events to ``arb.opportunities``; flushed before the task ends, and a failed
    delivery fails the task (the micro-batch is retried; every sink is idempotent).
+
+The executors get a :class:`SinkConfig` (MongoDB, InfluxDB and Kafka slices of the settings),
+never the whole :class:`~arbstream.config.Settings` with its SMTP and Grafana secrets.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
@@ -30,11 +34,19 @@ import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 
 from arbstream.config import Settings
+from arbstream.kafka import KafkaConfig, reliable_producer_config
 from arbstream.schemas import SCHEMA_VERSION, DeadLetter
+from arbstream.store.config import InfluxConfig, MongoConfig
+from arbstream.store.influx import lines as influx_lines
+from arbstream.store.influx.schema import EPISODE, FEATURES, PERCENTILES, QUOTE, SPREAD, STREAM
+from arbstream.store.influx.writer import write_lines_with_rejects
+from arbstream.store.mongo.episodes import upsert_episodes
+from arbstream.store.mongo.opportunities import delete_opportunities, upsert_opportunities
+from arbstream.store.mongo.thresholds import upsert_thresholds
+from arbstream.timestamps import iso_ms, to_ms
 from arbstream.topics import DEADLETTER, OPPORTUNITIES
 from spark_jobs import tracker
 from spark_jobs.market import unpack
-from spark_jobs.sinks import influx, mongo
 
 log = logging.getLogger(__name__)
 
@@ -54,38 +66,46 @@ COUNT_SCHEMA = "record string, n bigint"
 
 #: InfluxDB measurement and line-protocol function of each record type (closed episodes only).
 INFLUX_LINES: dict[str, tuple[str, Any]] = {
-    "quote": ("quote", lambda r: r["line"]),  # built column-wise in write_partition
-    "spread": ("spread", influx.spread_line),
-    "episode": ("episode", lambda r: influx.episode_point(r).to_line_protocol()),
-    "feature": ("features", lambda r: influx.feature_point(r).to_line_protocol()),
-    "percentiles": ("spread_percentiles",
-                    lambda r: influx.percentile_point(r).to_line_protocol()),
-    "stream": ("stream", lambda r: influx.stream_point(r).to_line_protocol()),
+    "quote": (QUOTE, lambda r: r["line"]),  # built column-wise in write_partition
+    **{kind: (m, influx_lines.LINES[m]) for kind, m in (
+        ("spread", SPREAD), ("episode", EPISODE), ("feature", FEATURES),
+        ("percentiles", PERCENTILES), ("stream", STREAM))},
 }
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """What the records writer needs on the executors: the store's MongoDB and InfluxDB
+    configurations and the Kafka connection (secrets hidden from ``repr``)."""
+
+    mongo: MongoConfig
+    influx: InfluxConfig
+    kafka: KafkaConfig
+
+    @classmethod
+    def of(cls, settings: Settings) -> SinkConfig:
+        """The sink slices of ``settings``."""
+        return cls(MongoConfig.of(settings), InfluxConfig.of(settings), KafkaConfig.of(settings))
+
 
 _producers: dict[str, Any] = {}
 
 
-def producer(settings: Settings) -> Any:
-    """One idempotent Kafka producer per bootstrap address and Python worker."""
+def producer(kafka: KafkaConfig) -> Any:
+    """One idempotent Kafka producer per bootstrap address and Python worker
+    (:func:`arbstream.kafka.reliable_producer_config`, batching for at most 5 ms: latency
+    matters here)."""
     from confluent_kafka import Producer
 
-    key = settings.kafka_bootstrap
+    key = kafka.bootstrap
     if key not in _producers:
-        _producers[key] = Producer({
-            **settings.kafka_client_config(),
-            "enable.idempotence": True,  # no duplicates or reordering on internal retries
-            "acks": "all",  # a record counts as delivered once every replica has it
-            "linger.ms": 5,  # batch records for at most 5 ms: latency matters here
-            "compression.type": "lz4",  # cheap CPU, ~3x smaller JSON on the wire
-        })
+        _producers[key] = Producer(reliable_producer_config(kafka.client_config(), linger_ms=5))
     return _producers[key]
 
 
 def _json_value(value: Any) -> Any:
-    if isinstance(value, dt.datetime):
-        value = value.astimezone(dt.UTC)
-        return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    if isinstance(value, datetime):  # naive means UTC
+        return iso_ms(to_ms(value))
     return value
 
 
@@ -111,13 +131,13 @@ def _produce(prod: Any, topic: str, key: str | None, value: bytes, errors: list[
             prod.poll(0.05)
 
 
-def write_records(settings: Settings, by_type: dict[str, list[dict[str, Any]]]) -> None:
+def write_records(conf: SinkConfig, by_type: dict[str, list[dict[str, Any]]]) -> None:
     """Write one partition's records (grouped by ``record``) to every sink; see the module
     docstring for the order.
 
     Raises:
         RuntimeError: a Kafka delivery failed (after all were attempted).
-        pymongo.errors.PyMongoError, spark_jobs.sinks.influx.InfluxError: a sink failed.
+        pymongo.errors.PyMongoError, arbstream.store.influx.client.InfluxError: a sink failed.
     """
     opps = by_type.get("opportunity", [])
     last: dict[str, dict[str, Any]] = {}
@@ -125,23 +145,21 @@ def write_records(settings: Settings, by_type: dict[str, list[dict[str, Any]]]) 
         last[row["opportunity_id"]] = row
     live = [r for r in last.values() if r["stage"] != "retracted"]
     if live:
-        mongo.upsert_opportunities(settings, live)
-    mongo.delete_opportunities(settings, [i for i, r in last.items()
-                                          if r["stage"] == "retracted"])
+        upsert_opportunities(conf.mongo, live)
+    delete_opportunities(conf.mongo, [i for i, r in last.items() if r["stage"] == "retracted"])
     # Features go to InfluxDB only: per exchange they are about five points per quote, and the
     # pair features of an opportunity are fields of its own document (MongoDB here is a
     # Python server: half the demo's write time went to those duplicates).
-    for kind, write in (("episode", mongo.upsert_episodes),
-                        ("percentiles", mongo.upsert_thresholds)):
+    for kind, write in (("episode", upsert_episodes), ("percentiles", upsert_thresholds)):
         if by_type.get(kind):
-            write(settings, by_type[kind])
+            write(conf.mongo, by_type[kind])
     rejected: list[tuple[str, str]] = []
     for kind, (measurement, line) in INFLUX_LINES.items():
         rows = by_type.get(kind)
         if rows:
             lines = (line(r) for r in rows if kind != "episode" or r.get("event") == "closed")
-            rejected += influx.write_lines_with_rejects(settings, measurement, lines)[1]
-    prod = producer(settings)
+            rejected += write_lines_with_rejects(conf.influx, measurement, lines)[1]
+    prod = producer(conf.kafka)
     errors: list[str] = []
     for line, reason in rejected:
         letter = DeadLetter.of(line, f"sink_rejected: InfluxDB refused the point: {reason}",
@@ -164,7 +182,7 @@ def write_records(settings: Settings, by_type: dict[str, list[dict[str, Any]]]) 
                            f"{errors[:1]}")
 
 
-def write_partition(settings: Settings, batches: Iterator[pa.RecordBatch]
+def write_partition(conf: SinkConfig, batches: Iterator[pa.RecordBatch]
                     ) -> Iterator[pa.RecordBatch]:
     """``mapInArrow`` body: group the partition's rows by ``record`` and write them
     (:func:`write_records`); yield one row of counts per record type."""
@@ -175,8 +193,8 @@ def write_partition(settings: Settings, batches: Iterator[pa.RecordBatch]
                                  packed.column("payload").to_pylist(), strict=True):
             table = unpack(payload)
             if kind == "quotes":  # the per-quote path: columns straight to line protocol
-                quote_lines += influx.quote_lines(*[table.column(n).to_pylist()
-                                                    for n in QUOTE_FIELDS])
+                quote_lines += influx_lines.quote_lines(*[table.column(n).to_pylist()
+                                                          for n in QUOTE_FIELDS])
                 continue
             record = table.column("record")
             for name in pc.unique(record).to_pylist():
@@ -185,7 +203,7 @@ def write_partition(settings: Settings, batches: Iterator[pa.RecordBatch]
     if quote_lines:
         by_type["quote"] = [{"line": line} for line in quote_lines]
     if by_type:
-        write_records(settings, by_type)
+        write_records(conf, by_type)
     kinds = sorted(by_type)
     yield pa.RecordBatch.from_pydict({
         "record": pa.array(kinds, pa.string()),
@@ -194,11 +212,13 @@ def write_partition(settings: Settings, batches: Iterator[pa.RecordBatch]
 
 
 def write_batch(settings: Settings) -> Any:
-    """The market query's ``foreachBatch`` body; logs the records written per type."""
+    """The market query's ``foreachBatch`` body; logs the records written per type. Its
+    executor tasks carry only the :class:`SinkConfig` of ``settings``."""
+    conf = SinkConfig.of(settings)
 
     def run(batch: DataFrame, batch_id: int) -> None:
         counts: dict[str, int] = {}
-        for row in batch.mapInArrow(lambda it: write_partition(settings, it),
+        for row in batch.mapInArrow(lambda it: write_partition(conf, it),
                                     COUNT_SCHEMA).collect():
             counts[row["record"]] = counts.get(row["record"], 0) + row["n"]
         if counts:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from arbstream.timestamps import to_ms
+
 #: ``{topic: {partition (str): (start offset, end offset)}}``, end exclusive.
 Ranges = dict[str, dict[str, tuple[int, int]]]
 
@@ -86,10 +88,6 @@ def read_ranges(conf: dict[str, Any], ranges: Ranges,
         consumer.close()
 
 
-def _ms(iso: str) -> int:
-    return round(datetime.fromisoformat(iso).timestamp() * 1000)
-
-
 def detection_latency(conf: dict[str, Any], quotes: Ranges, events: Ranges) -> Latency:
     """Latency from each opportunity's later leg quote entering Kafka to its first event
     (any stage; the stream emits ``early`` first) entering Kafka, over the records in the
@@ -123,9 +121,9 @@ def latencies(published: dict[tuple[str, str, int], int],
     exchange_ts)``) and each opportunity's first event with its CreateTime (ms)."""
     values, unmatched = [], 0
     for e, ts in first_events:
-        legs = [published.get((e["buy_exchange"], e["symbol"], _ms(e["buy_ts"]))),
-                published.get((e["sell_exchange"], e.get("sell_symbol") or e["symbol"],
-                               _ms(e["sell_ts"])))]
+        buy_ms, sell_ms = (to_ms(datetime.fromisoformat(e[k])) for k in ("buy_ts", "sell_ts"))
+        legs = [published.get((e["buy_exchange"], e["symbol"], buy_ms)),
+                published.get((e["sell_exchange"], e.get("sell_symbol") or e["symbol"], sell_ms))]
         if None in legs:
             unmatched += 1
             continue

@@ -1,4 +1,5 @@
-"""cryptofeed :class:`~cryptofeed.feed.Feed` for the public Coinbase Exchange websocket feed.
+"""Coinbase adapter: a cryptofeed :class:`~cryptofeed.feed.Feed` for the public Coinbase Exchange
+websocket feed, and what its messages carry beyond cryptofeed's objects (:data:`PROFILE`).
 
 cryptofeed 2.4.1's ``Coinbase`` class speaks the Advanced Trade protocol
 (``wss://advanced-trade-ws.coinbase.com``, API keys required for symbols). The Coinbase
@@ -25,13 +26,16 @@ Channels (Coinbase Exchange docs, "Websocket channels"):
 
 Symbols come from REST ``GET /products`` (``id``, ``base_currency``, ``quote_currency``,
 ``status``, ``quote_increment``). cryptofeed timestamps are float seconds since the epoch, UTC.
+
+Identity: ticker ``sequence`` is the quote's dedupe id, ``trade_id`` the trade's (contiguous,
+so gaps are counted on it); ticker sizes are ``best_bid_size``/``best_ask_size``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -42,7 +46,9 @@ from cryptofeed.symbols import Symbol
 from cryptofeed.types import OrderBook, Ticker, Trade
 from yapic import json
 
-from producers.l2 import apply_level
+from arbstream.timestamps import to_utc
+from producers.exchanges.l2 import apply_level
+from producers.exchanges.profile import ExchangeProfile
 
 LOG = logging.getLogger("feedhandler")
 
@@ -51,8 +57,15 @@ COINBASE_EXCHANGE = "COINBASE_EXCHANGE"
 
 _LEVEL2_CHANNELS = ("level2_batch", "level2")
 
+#: Ticker sizes and sequence (dedupe id); trade ids are contiguous per product.
+PROFILE = ExchangeProfile(
+    ticker_sizes=lambda raw: (raw.get("best_bid_size"), raw.get("best_ask_size")),
+    ticker_id=lambda raw: raw.get("sequence"),
+    trade_ids_contiguous=True,
+)
 
-def parse_time(value: str | datetime | None) -> float | None:
+
+def parse_coinbase_time(value: str | datetime | None) -> float | None:
     """Coinbase UTC time → float seconds since the epoch, or None when absent.
 
     Accepts ISO-8601 text (``2021-04-17T16:43:30.244075Z``; digits beyond µs are truncated)
@@ -68,9 +81,7 @@ def parse_time(value: str | datetime | None) -> float | None:
             head, frac = text.split(".", 1)
             text = f"{head}.{frac[:6]:0<6}"
         when = datetime.fromisoformat(text)
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
+    return to_utc(when).timestamp()
 
 
 class CoinbaseExchange(Feed):
@@ -138,7 +149,7 @@ class CoinbaseExchange(Feed):
             self._ticker_seq[pair] = seq
         t = Ticker(
             self.id, pair, Decimal(msg["best_bid"]), Decimal(msg["best_ask"]),
-            parse_time(msg.get("time")), raw=msg,
+            parse_coinbase_time(msg.get("time")), raw=msg,
         )
         await self.callback(TICKER, t, timestamp)
 
@@ -149,7 +160,7 @@ class CoinbaseExchange(Feed):
             SELL if msg["side"] == "buy" else BUY,  # ``side`` is the maker's
             Decimal(msg["size"]),
             Decimal(msg["price"]),
-            parse_time(msg.get("time")),
+            parse_coinbase_time(msg.get("time")),
             id=str(msg["trade_id"]),
             raw=msg,
         )
@@ -163,8 +174,8 @@ class CoinbaseExchange(Feed):
             asks={Decimal(p): Decimal(s) for p, s, *_ in msg["asks"]},
         )
         await self.book_callback(
-            L2_BOOK, self._l2_book[pair], timestamp, timestamp=parse_time(msg.get("time")),
-            raw=msg,
+            L2_BOOK, self._l2_book[pair], timestamp,
+            timestamp=parse_coinbase_time(msg.get("time")), raw=msg,
         )
 
     async def _l2update(self, msg: dict, timestamp: float) -> None:
@@ -176,7 +187,8 @@ class CoinbaseExchange(Feed):
         for side_name, price, size in msg["changes"]:
             apply_level(book, BID if side_name == "buy" else ASK, price, size, delta)
         await self.book_callback(
-            L2_BOOK, book, timestamp, timestamp=parse_time(msg.get("time")), raw=msg, delta=delta
+            L2_BOOK, book, timestamp, timestamp=parse_coinbase_time(msg.get("time")), raw=msg,
+            delta=delta,
         )
 
     async def message_handler(self, msg: str, conn: AsyncConnection, timestamp: float) -> None:

@@ -1,4 +1,4 @@
-"""MongoDB state of the alert worker: idempotency claims and the decision log.
+"""The alert worker's MongoDB state: idempotency claims and the decision log.
 
 ``alert_claims``  one document per alert, ``_id`` = the idempotency key ``<rule>|<episode_id>``
     (unique by construction), inserted *before* anything is sent. ``state``:
@@ -12,7 +12,8 @@
 
     Also ``rule, episode_id, symbol, sell_symbol, buy_exchange, sell_exchange, event_ms``
     (event time of the triggering event, UTC ms), ``claimed_at, updated_at`` (UTC),
-    ``message_id``, ``digest_id`` and ``item`` (the :class:`~alerts.message.AlertItem`).
+    ``message_id``, ``digest_id`` and ``item`` (the alert item as JSON,
+    :class:`alerts.message.AlertItem`).
 ``alerts``  the decision log, one document per (key, decision, reason):
     ``_id`` = ``<key>|<decision>|<reason>``, ``decision`` one of ``sent``, ``queued``
     (digest), ``suppressed``, ``failed``, ``retracted`` (a retracted opportunity window);
@@ -25,75 +26,71 @@
     taken), ``first_at``, ``last_at`` (UTC wall clock). Re-taking a decision (a replayed
     event, every later window of an already alerted episode) increments ``count``.
 
-:data:`INDEXES` lists one index per query made here, plus one on the stream's
-``opportunities`` (``episode_id, window_end``) for the legs of an episode alert.
+Indexes: :data:`~arbstream.store.mongo.schema.ALERT_INDEXES`, one per query made here, and
+the ``opportunities`` index of :func:`AlertStore.latest_opportunity`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
-from pydantic import ValidationError
-from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
+from pymongo import DESCENDING, MongoClient, UpdateOne
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
-from alerts.events import AlertOpportunityEvent
-from alerts.message import AlertItem
-from arbstream.config import Settings
-from arbstream.schemas import OpportunityEvent
-from spark_jobs.sinks.mongo import OPPORTUNITIES, IndexKeys, connect
+from arbstream.store.config import MongoConfig
+from arbstream.store.mongo.client import connect
+from arbstream.store.mongo.opportunities import latest_window
+from arbstream.store.mongo.schema import ALERTS, CLAIMS, ensure_alert_indexes
 
-ALERTS = "alerts"
-CLAIMS = "alert_claims"
-UTC = dt.UTC
 #: States of a claim that count as "alerted" for the cooldown.
 ALERTED = ("queued", "sending", "sent", "unknown")
 
-INDEXES: dict[str, dict[str, tuple[IndexKeys, bool]]] = {
-    ALERTS: {
-        "last_at_desc": ([("last_at", DESCENDING)], False),  # alerts log
-        "rule_last_at": ([("rule", ASCENDING), ("last_at", DESCENDING)], False),
-        "decision_last_at": ([("decision", ASCENDING), ("last_at", DESCENDING)], False),
-        "episode_id": ([("episode_id", ASCENDING)], False),
-    },
-    CLAIMS: {
-        "pair_event_ms": (  # cooldown: the rule's alerts on one pair near an event time
-            [("rule", ASCENDING), ("symbol", ASCENDING), ("sell_symbol", ASCENDING),
-             ("buy_exchange", ASCENDING), ("sell_exchange", ASCENDING), ("event_ms", ASCENDING)],
-            False,
-        ),
-        "state_rule_claimed_at": (  # queued digests, stale sends
-            [("state", ASCENDING), ("rule", ASCENDING), ("claimed_at", ASCENDING)], False,
-        ),
-        "digest_id": ([("digest_id", ASCENDING)], False),
-    },
-    OPPORTUNITIES: {  # the stream's collection: latest window of an episode
-        "alerts_episode_window_end": (
-            [("episode_id", ASCENDING), ("window_end", DESCENDING)], False,
-        ),
-    },
-}
+
+class AlertKey(Protocol):
+    """What the store reads of an alert item (:class:`alerts.message.AlertItem` is one)."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def rule(self) -> str: ...
+    @property
+    def episode_id(self) -> str: ...
+    @property
+    def symbol(self) -> str: ...
+    @property
+    def sell_symbol(self) -> str: ...
+    @property
+    def buy_exchange(self) -> str: ...
+    @property
+    def sell_exchange(self) -> str: ...
+    @property
+    def event_ms(self) -> int: ...
+    def model_dump(self, *, mode: str) -> dict[str, Any]: ...
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(UTC)
+    return dt.datetime.now(dt.UTC)
 
 
 class AlertStore:
-    """Claims and decision log in ``settings.mongo_db``; one ``MongoClient`` for its lifetime
-    (close it, or use it as a context manager).
+    """Claims and decision log in ``conf.db``; one ``MongoClient`` for its lifetime (close
+    it, or use it as a context manager).
+
+    Args:
+        conf: the database.
+        client: a client to use instead of a new one (closed by :meth:`close`).
 
     Raises (every method):
         pymongo.errors.PyMongoError: connection or server errors.
     """
 
-    def __init__(self, settings: Settings, client: MongoClient | None = None) -> None:
-        self.settings = settings
-        self.client = client or connect(settings)
-        self.db: Database = self.client[settings.mongo_db]
+    def __init__(self, conf: MongoConfig, client: MongoClient | None = None) -> None:
+        self.conf = conf
+        self.client = client or connect(conf)
+        self.db: Database = self.client[conf.db]
         self.claims = self.db[CLAIMS]
         self.log = self.db[ALERTS]
 
@@ -107,13 +104,12 @@ class AlertStore:
         self.client.close()
 
     def ensure_indexes(self) -> None:
-        """Create every index of :data:`INDEXES` (idempotent)."""
-        for name, specs in INDEXES.items():
-            for index, (keys, unique) in specs.items():
-                self.db[name].create_index(keys, name=index, unique=unique)
+        """Create the indexes the methods query by (idempotent; see
+        :func:`~arbstream.store.mongo.schema.ensure_alert_indexes`)."""
+        ensure_alert_indexes(self.db)
 
     # --- claims ------------------------------------------------------------------------------
-    def claim(self, item: AlertItem, state: str, message_id: str | None = None) -> bool:
+    def claim(self, item: AlertKey, state: str, message_id: str | None = None) -> bool:
         """Insert the claim of ``item.key`` in ``state`` (``queued`` or ``sending``).
 
         Returns:
@@ -150,7 +146,7 @@ class AlertStore:
         was."""
         return self.claims.delete_one({"_id": key, "state": "queued"}).deleted_count == 1
 
-    def alerted_nearby(self, item: AlertItem, cooldown_ms: int) -> dict[str, Any] | None:
+    def alerted_nearby(self, item: AlertKey, cooldown_ms: int) -> dict[str, Any] | None:
         """Another alert of ``item``'s rule on the same pair whose event time is less than
         ``cooldown_ms`` away from ``item.event_ms`` (states :data:`ALERTED`), latest first."""
         return self.claims.find_one(
@@ -237,17 +233,8 @@ class AlertStore:
         return list(cursor.limit(limit) if limit else cursor)
 
     # --- the stream's documents --------------------------------------------------------------
-    def latest_opportunity(self, episode_id: str) -> OpportunityEvent | None:
-        """The latest stored opportunity window of an episode (written by the stream job
-        before its events), or ``None`` when there is none or it does not validate."""
-        doc = self.db[OPPORTUNITIES].find_one({"episode_id": episode_id},
-                                              sort=[("window_end", DESCENDING)])
-        if doc is None:
-            return None
-        fields = {k: v for k, v in doc.items()
-                  if k not in ("_id", "first_seen_at") and v is not None}
-        try:
-            return AlertOpportunityEvent.model_validate(
-                {"type": "opportunity", "opportunity_id": doc["_id"], **fields})
-        except ValidationError:
-            return None
+    def latest_opportunity(self, episode_id: str) -> dict[str, Any] | None:
+        """The latest stored opportunity window of an episode, on this store's client (see
+        :func:`~arbstream.store.mongo.opportunities.latest_window`: ``opportunity_id`` and
+        the non-``None`` stored fields), or ``None``."""
+        return latest_window(self.db, episode_id)

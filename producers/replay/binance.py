@@ -1,8 +1,9 @@
 """Replay the raw Binance websocket recording (``binance-ws-2024-08``) as canonical records.
 
 The files (``<data_dir>/binance-ws-2024-08/<market>_<pair>_<yyyymmdd>.gz``, see
-``shared/data/README.md``) hold one frame per line, ``<receive ns> <JSON frame>``, in Binance's
-combined-stream envelope ``{"stream": ..., "data": ...}``. Two markets, two venues:
+``shared/data/README.md``) are gzip text with one frame per line, ``<receive ns> <JSON frame>``,
+in Binance's combined-stream envelope ``{"stream": ..., "data": ...}``
+(:func:`read_binance_gz`). Two markets, two venues:
 
 * ``spot_*``: Binance spot, venue id ``binance``;
 * ``usdm_*``: Binance USD-M perpetual futures, venue id ``binanceusdm`` (its own taker fee in
@@ -26,14 +27,15 @@ Times, integer ms since the epoch, UTC:
   spot times to line the two up (0 by default: the receive time, as recorded).
 
 Spot and perp overlap from 2024-08-08 23:54:15 to 23:59:59 UTC (about 5.7 minutes); spot BTC
-goes on to 00:05:04. Publishing goes through :func:`producers.replay.publish_quotes` (same
-idempotent producer, per-exchange topics keyed by symbol, closing heartbeats), optionally capped
-at a rate in records per second.
+goes on to 00:05:04. Publishing goes through :func:`producers.replay.publish.publish_quotes`
+(same idempotent producer, per-exchange topics keyed by symbol, closing heartbeats), optionally
+capped at a rate in records per second.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import re
 import statistics
@@ -46,8 +48,10 @@ from pydantic import ValidationError
 
 from arbstream.config import Settings
 from arbstream.schemas import Quote, Trade, validation_reason
-from producers.capture import read_binance_gz
-from producers.replay import ReplayInputError, ReplayReport, canonical_symbol, publish_quotes
+from producers.capture import CaptureFormatError
+from producers.replay.errors import ReplayInputError, ReplayReport
+from producers.replay.pairs import symbol_from_pair
+from producers.replay.publish import publish_quotes
 
 #: Sub-directory of ``Settings.data_dir`` holding the recording.
 BINANCE_SUBDIR = "binance-ws-2024-08"
@@ -55,6 +59,28 @@ Market = Literal["spot", "usdm"]
 #: File-name market prefix -> arbstream venue (exchange) id.
 VENUES: dict[str, str] = {"spot": "binance", "usdm": "binanceusdm"}
 _FILE_RE = re.compile(r"^(spot|usdm)_([a-z0-9]+)_(\d{8})\.gz$")
+
+
+def read_binance_gz(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Stream ``(receive_ns, frame)`` from a ``binance-ws-2024-08/*.gz`` file, in file order.
+
+    ``receive_ns`` is the local receive time, integer nanoseconds since the epoch; ``frame``
+    the JSON text exactly as Binance sent it (combined-stream envelope).
+
+    Raises:
+        producers.capture.CaptureFormatError: a non-blank line lacks the ``<ns> <frame>``
+            shape.
+    """
+    path = Path(path)
+    with gzip.open(path, "rt", encoding="utf-8", newline="\n") as fp:
+        for lineno, raw in enumerate(fp, 1):
+            line = raw.rstrip("\n").rstrip("\r")
+            if not line:
+                continue
+            ns, sep, frame = line.partition(" ")
+            if not sep or not ns.isdigit():
+                raise CaptureFormatError(f"{path}:{lineno}: not '<ns> <frame>': {line[:120]!r}")
+            yield int(ns), frame
 
 
 @dataclass(frozen=True)
@@ -78,7 +104,7 @@ class BinanceFile:
         if not match:
             raise ValueError(f"{path.name}: expected <spot|usdm>_<pair>_<yyyymmdd>.gz")
         market, pair, day = match.groups()
-        return cls(path, market, VENUES[market], canonical_symbol(pair), day)  # type: ignore[arg-type]
+        return cls(path, market, VENUES[market], symbol_from_pair(pair), day)  # type: ignore[arg-type]
 
 
 def binance_files(
@@ -131,7 +157,7 @@ def quote_from_book_ticker(
     return Quote.build(
         sequence=data.get("u"),
         exchange=exchange,
-        symbol=canonical_symbol(data["s"]),
+        symbol=symbol_from_pair(data["s"]),
         bid=float(data["b"]),
         ask=float(data["a"]),
         bid_size=float(data["B"]),
@@ -149,7 +175,7 @@ def trade_from_frame(data: Mapping[str, Any], exchange: str, receive_ns: int) ->
     """
     return Trade(
         exchange=exchange,
-        symbol=canonical_symbol(data["s"]),
+        symbol=symbol_from_pair(data["s"]),
         trade_id=str(data["t"]),
         price=float(data["p"]),
         size=float(data["q"]),
@@ -238,7 +264,7 @@ def replay_binance(
     """Publish the recording to Kafka in event-time order, at most ``rate`` records/s.
 
     Loads with :func:`load_binance_records` from ``settings.data_dir`` and publishes with
-    :func:`producers.replay.publish_quotes` (quotes to ``md.<venue>.quotes``, trades to
+    :func:`producers.replay.publish.publish_quotes` (quotes to ``md.<venue>.quotes``, trades to
     ``md.<venue>.trades``, one closing heartbeat per venue). ``rate`` None is as fast as
     possible; it counts quotes and trades alike.
 
@@ -253,7 +279,7 @@ def replay_binance(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m producers.binance_replay [--rate N|max] [--trades]`` (``ARB_*`` config)."""
+    """``python -m producers.replay.binance [--rate N|max] [--trades]`` (``ARB_*`` config)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", default="max", help="records per second, or max")
     parser.add_argument("--symbols", default="BTC-USDT,ETH-USDT")

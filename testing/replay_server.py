@@ -1,5 +1,8 @@
 """A local exchange impersonator that replays REAL captured frames to a websocket client.
 
+Test and benchmark infrastructure, not shipped: the tests and benches run the live producers
+(:mod:`producers.live`) against it instead of the internet.
+
 :class:`ReplayServer` serves, on ``127.0.0.1`` only:
 
 * a websocket endpoint (``wss://`` with a runtime-generated certificate, or plain ``ws://``)
@@ -119,7 +122,9 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from producers.capture import capture_files, read_binance_gz, read_rest_capture, read_ws_capture
+from producers.capture import capture_files, read_rest_capture, read_ws_capture
+from producers.replay.binance import read_binance_gz
+from testing.tls import LocalTLS
 
 __all__ = [
     "EXCHANGES",
@@ -711,7 +716,8 @@ class ReplayServer:
         data_dir: shared data root or captures directory; default :func:`default_data_dir`.
         rest: extra REST bodies ``{url_or_path: body}``, overriding captured ones.
         tls: serve ``wss://`` (and REST over ``https://`` on the same port) with a certificate
-            for ``127.0.0.1``/``localhost`` signed by a CA made at start-up (``trustme``);
+            for ``127.0.0.1``/``localhost`` signed by a CA made at start-up
+            (:class:`testing.tls.LocalTLS`, ``trustme``);
             otherwise plain ``ws://``.
         port, http_port: websocket and plain-HTTP REST ports; 0 picks free ones.
         speed: ``None`` for full speed, else capture-time gaps divided by ``speed`` (> 0).
@@ -922,16 +928,9 @@ class ReplayServer:
         self.stop()
 
     def _make_tls(self) -> None:
-        import trustme  # test dependency; imported only when TLS is wanted
-
-        ca = trustme.CA()
-        cert = ca.issue_cert("127.0.0.1", "localhost")
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        cert.configure_cert(ctx)
-        self._server_ssl = ctx
         self._tmpdir = tempfile.mkdtemp(prefix="replay-ca-")
         self.ca_file = os.path.join(self._tmpdir, "ca.pem")
-        ca.cert_pem.write_to_path(self.ca_file)
+        self._server_ssl = LocalTLS.create(self.ca_file).server
 
     def _cleanup_tls(self) -> None:
         if self._tmpdir:

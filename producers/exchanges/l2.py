@@ -1,4 +1,5 @@
-"""Applying price-level updates to a cryptofeed ``OrderBook``, shared by our feed subclasses."""
+"""Applying price-level updates to a cryptofeed ``OrderBook``, shared by the adapters' feeds
+(:mod:`producers.exchanges.coinbase`, :mod:`producers.exchanges.bitstamp`)."""
 
 from __future__ import annotations
 
