@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install node
+.PHONY: demo test test-fast lint install node
 
 install: $(VENV)/.installed
 
@@ -36,3 +36,8 @@ PYTEST_WORKERS ?= 2
 
 test: lint node
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
+# The fast tier: every test that needs neither Spark nor the local services' fixtures
+# (marker e2e, set in tests/conftest.py); under a minute.
+test-fast: lint
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not e2e"

@@ -1,5 +1,8 @@
 """The alert worker: consume ``arb.opportunities``, decide, e-mail, log, commit.
 
+Long module: the consumer loop and its per-record decision (validate, match, cool down,
+claim, send, log, commit) share the worker's state; helpers live in the sibling modules.
+
 For each record (``poll()`` in a consumer group, manual offset commits):
 
 1. validate it (:func:`alerts.events.parse_event`: the stream's schema, no control

@@ -1,5 +1,8 @@
 """Canonical event schemas: the JSON that travels on every ``md.*`` and ``arb.*`` topic.
 
+Long module: it is the wire contract of every topic in one place (models, their field
+rules and the derived Spark schemas), read as one specification.
+
 Every record is a UTF-8 JSON object carrying ``schema_version`` (currently 1) and ``type``.
 Timestamps are integer milliseconds since the Unix epoch, UTC. Prices and sizes are JSON
 numbers (IEEE-754 doubles once parsed); sizes are ``null`` when the source has none.
@@ -9,7 +12,7 @@ within one partition.
 The stream job decodes quotes, books and heartbeats in Python (:mod:`spark_jobs.decode`, whose
 tests feed it these models' JSON) and parses trades and health records with Spark's
 ``from_json`` using :data:`TRADE_DDL` and :data:`HEALTH_DDL`, derived from :class:`Trade` and
-:class:`Health` (:mod:`arbstream.spark_schema`); ``tests/test_schemas.py`` pins those schemas
+:class:`Health` (:mod:`arbstream.spark_schema`); ``tests/core/test_schemas.py`` pins those schemas
 and parses real records of the models with them in Spark.
 """
 
@@ -34,6 +37,7 @@ from pydantic import (
 )
 
 from arbstream.spark_schema import spark_ddl
+from arbstream.timestamps import to_ms
 
 SCHEMA_VERSION = 1
 #: Sane range of event and receive times, UTC ms: [2009-01-01, 2100-01-01). Records outside it
@@ -336,7 +340,7 @@ def parse_quote(raw: bytes) -> Quote:
 # window and per episode event: ``schema_version`` and ``type`` first, then every column of
 # the tracker record (spark_jobs.tracker.RECORD_FIELDS), written by Spark's ``to_json``:
 # timestamps as ISO-8601 strings with the zone (``2023-03-11T04:00:05.000Z``) and null
-# columns left out. ``tests/test_alerts.py`` runs the real ``_events`` and validates it here.
+# columns left out. ``tests/alerts/test_alerts.py`` runs the real ``_events`` and validates it here.
 
 _ISO_MS_RE = re.compile(r"\|(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)$")
 
@@ -352,8 +356,7 @@ def episode_start_ms(episode_id: str) -> int:
     m = _ISO_MS_RE.search(episode_id)
     if not m:
         raise ValueError(f"episode id must end in |<start ISO-8601 ms>Z, got {episode_id!r}")
-    start = datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%f%z")
-    return round(start.timestamp() * 1000)
+    return to_ms(datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%f%z"))
 
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -459,7 +462,7 @@ class OpportunityEvent(_ArbEvent):
     @property
     def event_ms(self) -> int:
         """Event time: the window end, UTC ms."""
-        return round(self.window_end.timestamp() * 1000)
+        return to_ms(self.window_end)
 
     @property
     def duration_s(self) -> float:
@@ -499,7 +502,7 @@ class EpisodeEvent(_ArbEvent):
     @property
     def event_ms(self) -> int:
         """Event time: the end of the episode's last window so far, UTC ms."""
-        return round(self.end.timestamp() * 1000)
+        return to_ms(self.end)
 
 
 ArbEvent = Annotated[OpportunityEvent | EpisodeEvent, Field(discriminator="type")]

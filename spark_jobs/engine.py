@@ -1,5 +1,8 @@
 """The stream core's logic, without Spark: event time, dedupe, snapshots, pairs, early firing.
 
+Long module: :class:`Engine` is one state machine; its steps (time checks, dedupe, clocks,
+snapshots, pairs, runs) read and update the same state and invariants, so they stay together.
+
 One :class:`Engine` holds everything the market query remembers for one key (a bucket of base
 currencies, see :mod:`spark_jobs.market`), and :meth:`Engine.process` advances it over one
 micro-batch of parsed records (a pandas frame of :data:`INPUT_COLUMNS`), returning the records

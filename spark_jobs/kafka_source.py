@@ -1,5 +1,9 @@
 """Kafka as a Spark data source, written on PySpark's Python Data Source API with confluent-kafka.
 
+Long module: Spark's Python Data Source API splits a source into cooperating classes
+(data source, batch and streaming readers, partitions, writer) around one offset model; they
+stay together, as in PySpark's own data source examples.
+
 Registered as format ``arbkafka``. Its rows have the built-in ``format("kafka")`` source's
 columns (``key, value, topic, partition, offset, timestamp, timestampType``), so everything
 downstream is the same whichever source a deployment selects (``ARB_SPARK_KAFKA_SOURCE``).

@@ -1,5 +1,8 @@
 """A local exchange impersonator that replays REAL captured frames to a websocket client.
 
+Long module: one local server impersonating several exchanges' websocket and REST
+endpoints; it is test infrastructure and is read beside the recorded frames it serves.
+
 Test and benchmark infrastructure, not shipped: the tests and benches run the live producers
 (:mod:`producers.live`) against it instead of the internet.
 

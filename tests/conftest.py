@@ -7,7 +7,6 @@ from ``ARB_DATA_DIR`` (default ``../shared/data`` beside the repository).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,40 +15,7 @@ import pytest
 from arbstream.config import Settings
 from arbstream.shell import stack
 from arbstream.shell.stack import free_port
-
-REPO = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(os.environ.get("ARB_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
-
-
-def consume(settings: Settings, topic: str, start: dict[str, int] | None = None,
-            timeout: float = 30.0) -> list:
-    """Every record of ``topic`` from ``start`` (``{"partition": offset}``, missing = 0) to the
-    end of each partition, read with ``poll()`` up to the end-of-partition events."""
-    import time
-    import uuid
-
-    from confluent_kafka import Consumer, TopicPartition
-
-    start = start or {}
-    consumer = Consumer({**settings.kafka_client_config(), "group.id": f"test-{uuid.uuid4()}",
-                         "enable.partition.eof": True, "enable.auto.commit": False})
-    try:
-        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, start.get(str(p), 0)) for p in parts])
-        out, eof, deadline = [], set(), time.monotonic() + timeout
-        while len(eof) < len(parts) and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None:
-                continue
-            if msg.error():
-                eof.add(msg.partition())
-            else:
-                out.append(msg)
-        assert len(eof) == len(parts), f"timed out reading {topic}"
-        return out
-    finally:
-        consumer.close()
-
+from testing.support import DATA_DIR
 
 
 @pytest.fixture(scope="session")
@@ -92,3 +58,16 @@ def spark(tmp_path_factory: pytest.TempPathFactory):
     session = build_session(conf, app_name="arbstream-tests")
     yield session
     session.stop()
+
+
+#: Fixtures that start Spark or the real services: a test using any of them (directly or
+#: through another fixture) is end-to-end.
+E2E_FIXTURES = frozenset({"settings", "spark"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``e2e`` every test that needs Spark or the local stack, so ``pytest -m "not e2e"``
+    is the fast tier (pure Python, no services)."""
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)

@@ -4,5 +4,5 @@ services run as processes (:mod:`arbstream.shell.stack`), the demo
 (:mod:`arbstream.shell.demo`) and its detection-latency reading (:mod:`arbstream.shell.latency`).
 
 The shell is the top layer: it may import every component; no component, store or core module
-imports it (``tests/test_layers.py``).
+imports it (``tests/tools/test_layers.py``).
 """

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
-from test_sinks import T0_MS, isettings, quote  # noqa: F401 - isettings is a fixture
 
 from arbstream.config import Settings
 from arbstream.shell import stack
@@ -31,6 +30,7 @@ from arbstream.store.influx.writer import (
     write_lines_with_rejects,
     write_quotes,
 )
+from tests.store.test_sinks import T0_MS, quote
 
 FAR_FUTURE_MS = 9_300_000_000_000_000  # 9.3e15 ms = 9.3e21 ns: beyond 2262, outside int64 ns
 

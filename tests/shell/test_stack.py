@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 
 from arbstream.config import Settings
 from arbstream.shell import stack
+from arbstream.shell.stack import free_port
 
 NAMES = ["kafka", "influxdb", "mongodb"]
 EXTERNAL = "127.0.0.2"

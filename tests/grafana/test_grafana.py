@@ -41,10 +41,10 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from conftest import REPO
 
 import grafana as G
 from arbstream.config import Settings
+from testing.support import REPO
 
 VALIDATE = REPO / "grafana" / "validate"
 COMPOSE = REPO / "docker-compose.yml"
@@ -474,8 +474,8 @@ def test_cli_check_on_real_data(replayed, monkeypatch: pytest.MonkeyPatch, tmp_p
     stand for the variables not given."""
     from typer.testing import CliRunner
 
-    from arbstream.cli import app
     from arbstream.config import get_settings
+    from arbstream.shell.cli import app
 
     conf = replayed["settings"]
     for name in list(os.environ):
@@ -687,8 +687,8 @@ def test_publish_needs_credentials_and_a_server() -> None:
 def test_cli_publish(recorder: Recorder, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     from typer.testing import CliRunner
 
-    from arbstream.cli import app
     from arbstream.config import get_settings
+    from arbstream.shell.cli import app
 
     for name in list(os.environ):
         if name.startswith("ARB_"):

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import consume
 
 from arbstream.config import Settings
 from arbstream.schemas import Heartbeat, Quote, Trade
@@ -34,6 +33,7 @@ from producers.replay.binance import (
 from producers.replay.errors import ReplayInputError
 from producers.replay.publish import publish_quotes
 from spark_jobs.kafka_source import end_offsets
+from testing.support import consume
 
 #: bookTicker and trade frames per file, counted with zcat | grep on the raw files.
 COUNTS = {

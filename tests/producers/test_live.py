@@ -21,9 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import consume
 from cryptofeed.symbols import Symbols
-from test_exchanges import replay as replay_in_process
 
 from arbstream.config import Settings
 from arbstream.topics import DEADLETTER, ensure_topics, quotes_topic, trades_topic
@@ -31,6 +29,8 @@ from producers.capture import read_ws_capture
 from producers.live import produce, record
 from spark_jobs.kafka_source import end_offsets
 from testing.replay_server import ReplayServer, binance_gz_frames
+from testing.support import consume
+from tests.producers.test_exchanges import replay as replay_in_process
 
 FEEDS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "binance": ("BINANCE", ["NKN-USDT", "BLZ-ETH", "LRC-BTC", "RUNE-EUR"], {}),
@@ -244,7 +244,7 @@ def test_sigterm_flushes_before_exit(settings: Settings, captures: Path, tmp_pat
             "ARB_FEED_CA_FILE": str(srv.ca_file),
         }
         proc = subprocess.Popen(
-            [sys.executable, "-m", "arbstream.cli", "produce", "--exchange", "binance",
+            [sys.executable, "-m", "arbstream.shell.cli", "produce", "--exchange", "binance",
              "--symbols", ",".join(FEEDS["binance"][1])],
             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 import socket
 import time
 from dataclasses import replace
@@ -61,35 +60,11 @@ from arbstream.store.mongo.schema import (
 )
 from arbstream.store.mongo.thresholds import upsert_thresholds
 from arbstream.timestamps import to_ms, to_utc
+from testing.support import unique_name
 
 UTC = dt.UTC
 T0 = dt.datetime(2023, 3, 11, 4, 0, 5, tzinfo=UTC)
 T0_MS = 1678507205000
-
-
-def _unique_name(request: pytest.FixtureRequest) -> str:
-    return "t_sinks_" + re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40]
-
-
-@pytest.fixture
-def msettings(settings: Settings, request: pytest.FixtureRequest) -> MongoConfig:
-    """The session's MongoDB with a fresh database for this test."""
-    conf = MongoConfig.of(settings.model_copy(update={"mongo_db": _unique_name(request)}))
-    with MongoClient(conf.uri.get_secret_value()) as client:
-        client.drop_database(conf.db)
-    return conf
-
-
-@pytest.fixture
-def isettings(settings: Settings, request: pytest.FixtureRequest) -> InfluxConfig:
-    """The session's InfluxDB with a database of this test's own, created, whose ``raw``
-    and ``features`` policies keep 2023 points (INF: finite ones would drop them)."""
-    conf = InfluxConfig.of(settings.model_copy(update={
-        "influx_db": _unique_name(request), "influx_raw_retention": "INF",
-        "influx_features_retention": "INF",
-    }))
-    ensure_database(conf)
-    return conf
 
 
 def opportunity(
@@ -638,7 +613,7 @@ def test_write_trades_into_the_raw_policy(isettings: InfluxConfig) -> None:
 def test_ensure_database_creates_and_alters_retention_policies(
     settings: Settings, request: pytest.FixtureRequest
 ) -> None:
-    conf = InfluxConfig.of(settings.model_copy(update={"influx_db": _unique_name(request),
+    conf = InfluxConfig.of(settings.model_copy(update={"influx_db": unique_name(request),
                                                        "influx_raw_retention": "2w"}))
     ensure_database(conf)
     ensure_database(conf)  # idempotent
@@ -659,7 +634,7 @@ def test_points_beyond_retention_are_dropped_not_raised(
     settings: Settings, request: pytest.FixtureRequest
 ) -> None:
     conf = InfluxConfig.of(  # raw: 30d
-        settings.model_copy(update={"influx_db": _unique_name(request)}))
+        settings.model_copy(update={"influx_db": unique_name(request)}))
     ensure_database(conf)
     now_ms = int(time.time() * 1000)
     with InfluxWriter(conf) as writer:

@@ -13,10 +13,10 @@ import uuid
 import pytest
 from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
-from conftest import consume
 
 from arbstream.config import Settings
 from arbstream.schemas import DEADLETTER_MAX_RAW_BYTES, DeadLetter
+from testing.support import consume
 
 KAFKA_DEFAULT_MAX_BYTES = 1_000_000  # librdkafka's default message.max.bytes
 

@@ -34,7 +34,7 @@ from arbstream.shell.stack import free_port
 from arbstream.spark_schema import spark_columns, spark_ddl, spark_type
 from producers.publisher import Publisher
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 T0 = 1_700_000_000_123  # UTC ms: beyond 32 bits, as every epoch-ms value
 BIG = 2**40 + 1  # a counter beyond 32 bits
 COUNTERS = ("queue_depth", "frames", "records", "reconnects", "duplicates_dropped", "gaps",

@@ -32,17 +32,8 @@ from typing import Any, Literal
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
-from alert_events import (
-    event_dict,
-    iaqf_events,
-    iaqf_quotes,
-    reference_rows,
-    reference_runs,
-    tracker_records,
-)
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
-from conftest import REPO, consume, free_port
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
@@ -59,9 +50,19 @@ from arbstream.schemas import (
     episode_start_ms,
     parse_arb_event,
 )
+from arbstream.shell.stack import free_port
 from arbstream.store.config import MongoConfig
 from arbstream.store.mongo.alert_log import AlertStore
 from arbstream.store.mongo.schema import ALERTS, CLAIMS
+from testing.alert_events import (
+    event_dict,
+    iaqf_events,
+    iaqf_quotes,
+    reference_rows,
+    reference_runs,
+    tracker_records,
+)
+from testing.support import REPO, consume
 
 START = datetime(2023, 3, 11, 4, tzinfo=UTC)
 END = datetime(2023, 3, 11, 5, tzinfo=UTC)

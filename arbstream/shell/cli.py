@@ -1,0 +1,92 @@
+"""``arbstream``: the command line. It mounts each component's Typer sub-app (producers,
+the stream job, alerts, Grafana) and adds what runs on a developer's machine: the local stack
+(``up``, ``down``, ``status``, ``topics``) and ``demo``."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from alerts.cli import app as alerts_app
+from arbstream.console import console, fail, settings_or_exit
+from arbstream.shell import stack
+from arbstream.shell.demo import DEMO_HELP, demo
+from grafana.cli import app as grafana_app
+from producers.cli import app as producers_app
+from producers.cli import replay_app
+from spark_jobs.cli import app as stream_app
+
+app = typer.Typer(help="Real-time cross-exchange crypto arbitrage.", no_args_is_help=True)
+
+
+def _status_table(rows: list[stack.ServiceStatus]) -> Table:
+    table = Table("service", "endpoint", "healthy", "pid", "detail")
+    for s in rows:
+        mark = "[green]yes[/green]" if s.healthy else "[red]no[/red]"
+        table.add_row(s.name, s.endpoint, mark, str(s.pid or "-"), s.detail)
+    return table
+
+
+@app.command()
+def up() -> None:
+    """Start local Kafka (tansu), InfluxDB and MongoDB-protocol servers; create topics."""
+    from arbstream.topics import ensure_topics
+
+    settings = settings_or_exit()
+    try:
+        rows = stack.up(settings)
+        stack.ensure_java()  # for `arbstream stream` and `demo` on this machine
+        created = ensure_topics(settings)
+    except (stack.StackError, RuntimeError) as exc:
+        raise fail(exc) from None
+    console.print(_status_table(rows))
+    if created:
+        console.print(f"created {len(created)} topics")
+
+
+@app.command()
+def down() -> None:
+    """Stop the local services started from this state directory."""
+    stopped = stack.down(settings_or_exit())
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@app.command()
+def status() -> None:
+    """Health-check every service (exit code 1 if any is unhealthy)."""
+    rows = stack.status(settings_or_exit())
+    console.print(_status_table(rows))
+    if not all(r.healthy for r in rows):
+        raise typer.Exit(1)
+
+
+@app.command()
+def topics() -> None:
+    """Create any missing topic with its configured partition count; list them as they are."""
+    from arbstream.topics import ensure_topics, partition_counts, topic_layout
+
+    settings = settings_or_exit()
+    try:
+        created = ensure_topics(settings)
+        actual = partition_counts(settings)
+    except RuntimeError as exc:
+        raise fail(exc) from None
+    for name, wanted in topic_layout(settings).items():
+        note = "  (created)" if name in created else ""
+        if actual.get(name, wanted) != wanted:
+            note += f"  (configured {wanted})"
+        console.print(f"{name:32} {actual.get(name, '?')} partition(s){note}")
+
+
+# The components' commands, in the order of `arbstream --help`.
+app.registered_commands.extend(stream_app.registered_commands)
+app.registered_commands.extend(producers_app.registered_commands)
+app.add_typer(replay_app, name="replay")
+app.registered_groups.extend(stream_app.registered_groups)
+app.command(help=DEMO_HELP)(demo)
+app.add_typer(grafana_app, name="grafana")
+app.add_typer(alerts_app, name="alerts")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,194 @@
+"""The stream job's command line: ``stream`` runs the Spark job, ``opportunities list`` queries
+what it wrote to MongoDB (through :mod:`arbstream.store`). Mounted by the ``arbstream`` shell."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from arbstream.console import console, fail, settings_or_exit
+from arbstream.console import time_option as _time
+
+app = typer.Typer(help="The Spark streaming job and its results.")
+opportunities_app = typer.Typer(help="Query detected opportunities and episodes (MongoDB).")
+app.add_typer(opportunities_app, name="opportunities")
+
+#: Columns of ``opportunities list`` (an opportunity holds from ``valid_from`` to
+#: ``valid_to``, over ``windows`` windows: one snapshot of its legs).
+COLUMNS = [
+    "valid_from", "valid_to", "windows", "symbol", "buy_exchange", "sell_exchange", "buy_ask",
+    "sell_bid", "gross_bps", "net_bps",
+]
+EPISODE_COLUMNS = [
+    "episode_id", "symbol", "sell_symbol", "cross_quote", "buy_exchange", "sell_exchange",
+    "start", "end", "duration_s", "windows", "peak_net_bps", "mean_net_bps", "size_base",
+    "size_source", "expected_profit", "profit_currency", "expected_profit_usd", "status",
+]
+EPISODE_TABLE = [
+    "symbol", "buy → sell", "start (UTC)", "duration (s)", "windows", "peak bps", "mean bps",
+    "size", "profit USD", "status",
+]
+
+@app.command()
+def stream() -> None:
+    """Run the Spark streaming job (ARB_SPARK_MASTER, default local[2]); needs Java 17."""
+    from spark_jobs.arbitrage import main
+
+    main()
+
+
+class Format(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, float):
+        return f"{value:.6g}" if abs(value) < 1 else f"{value:.2f}"
+    return str(value)
+
+
+def print_opportunities(rows: list[dict[str, Any]], fmt: Format) -> None:
+    """Print opportunity documents as a table, CSV or JSON lines."""
+    if fmt is Format.json:
+        for row in rows:
+            sys.stdout.write(json.dumps(row, default=_cell) + "\n")
+    elif fmt is Format.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(COLUMNS)
+        for row in rows:
+            writer.writerow([_cell(v) if isinstance(v, datetime) else v
+                             for v in (row.get(c) for c in COLUMNS)])
+    else:
+        table = Table(*COLUMNS)
+        for row in rows:
+            table.add_row(*[_cell(row.get(c)) for c in COLUMNS])
+        console.print(table)
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _pair_symbol(row: dict[str, Any]) -> str:
+    """``BTC-USD``, or ``BTC-USDC/BTC-USD`` (buy leg / sell leg) for a cross-quote pair."""
+    sell = row.get("sell_symbol") or row.get("symbol")
+    return str(row.get("symbol")) if sell == row.get("symbol") else f"{row['symbol']}/{sell}"
+
+
+def _size(value: Any) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
+def episode_table(rows: list[dict[str, Any]], title: str | None = None) -> Table:
+    """Episode documents as a rich table (columns :data:`EPISODE_TABLE`)."""
+    table = Table(*EPISODE_TABLE, title=title)
+    for row in rows:
+        start = row.get("start")
+        table.add_row(
+            _pair_symbol(row),
+            f"{row.get('buy_exchange')} → {row.get('sell_exchange')}",
+            start.strftime("%Y-%m-%d %H:%M:%S") if isinstance(start, datetime) else "-",
+            _num(row.get("duration_s"), 0),
+            str(row.get("windows", "-")),
+            _num(row.get("peak_net_bps")),
+            _num(row.get("mean_net_bps")),
+            _size(row.get("size_base")),
+            _num(row.get("expected_profit_usd")),
+            str(row.get("status", "-")),
+        )
+    return table
+
+
+def print_episodes(rows: list[dict[str, Any]], fmt: Format) -> None:
+    """Print episode documents as a table, CSV (:data:`EPISODE_COLUMNS`) or JSON lines."""
+    if fmt is Format.json:
+        for row in rows:
+            sys.stdout.write(json.dumps(row, default=_cell) + "\n")
+    elif fmt is Format.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(EPISODE_COLUMNS)
+        for row in rows:
+            writer.writerow([
+                _cell(v) if isinstance(v := row.get(c), datetime) else v
+                for c in EPISODE_COLUMNS
+            ])
+    else:
+        console.print(episode_table(rows))
+
+
+class Status(StrEnum):
+    open = "open"
+    closed = "closed"
+
+
+class EpisodeSort(StrEnum):
+    peak_net_bps = "peak_net_bps"
+    duration_s = "duration_s"
+    expected_profit_usd = "expected_profit_usd"
+    start = "start"
+
+
+@opportunities_app.command("list")
+def opportunities_list(
+    symbol: Annotated[str | None, typer.Option(
+        help="canonical BASE-QUOTE (with --episodes: of the buy leg)")] = None,
+    since: Annotated[str | None, typer.Option(
+        help="window_end (episodes: start) >= since, ISO-8601")] = None,
+    until: Annotated[str | None, typer.Option(
+        help="window_end (episodes: start) < until, ISO-8601")] = None,
+    min_net_bps: Annotated[float | None, typer.Option(
+        help="net spread floor, bps (episodes: on the peak)")] = None,
+    limit: Annotated[int | None, typer.Option(min=0, help="at most this many rows")] = 100,
+    fmt: Annotated[Format, typer.Option("--format")] = Format.table,
+    episodes: Annotated[bool, typer.Option(
+        "--episodes", help="list episodes (runs of consecutive opportunities) instead")] = False,
+    status: Annotated[Status | None, typer.Option(help="episodes: open or closed")] = None,
+    cross_quote: Annotated[bool | None, typer.Option(
+        "--cross-quote/--same-quote",
+        help="episodes: only cross-quote (e.g. BTC-USDC/BTC-USD) or same-quote pairs")] = None,
+    sort: Annotated[EpisodeSort, typer.Option(
+        help="episodes: largest first, or earliest start first")] = EpisodeSort.peak_net_bps,
+) -> None:
+    """List opportunities ordered by window_end, then net bps; or, with --episodes, episodes
+    ordered by --sort."""
+    from pymongo.errors import PyMongoError
+
+    from arbstream.store.config import MongoConfig
+    from arbstream.store.mongo.episodes import find_episodes
+    from arbstream.store.mongo.opportunities import find_opportunities
+
+    if not episodes:
+        given = [name for name, value in (("--status", status), ("--cross-quote", cross_quote))
+                 if value is not None]
+        if sort is not EpisodeSort.peak_net_bps:
+            given.append("--sort")
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)} need(s) --episodes")
+    mongo = MongoConfig.of(settings_or_exit())
+    try:
+        if episodes:
+            found = find_episodes(
+                mongo, symbol=symbol, since=_time(since), until=_time(until),
+                status=status.value if status else None, cross_quote=cross_quote,
+                sort=sort.value, limit=limit, min_peak_bps=min_net_bps,
+            )
+            print_episodes(found, fmt)
+            return
+        rows = find_opportunities(
+            mongo, symbol=symbol, since=_time(since), until=_time(until),
+            min_net_bps=min_net_bps, limit=limit,
+        )
+    except PyMongoError as exc:
+        raise fail(exc) from None
+    print_opportunities(rows, fmt)

@@ -1,0 +1,1 @@
+"""Tests of the CLI shell (arbstream/shell/) and deployment files."""

@@ -1,0 +1,1 @@
+"""Tests of the stream job (spark_jobs/)."""
