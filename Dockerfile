@@ -24,6 +24,7 @@ COPY arbstream ./arbstream
 COPY producers ./producers
 COPY spark_jobs ./spark_jobs
 COPY alerts ./alerts
+COPY ml ./ml
 # The grafana package ships its provisioning files (dashboards) as package data.
 COPY grafana/__init__.py grafana/*.py ./grafana/
 COPY grafana/provisioning ./grafana/provisioning

@@ -136,7 +136,7 @@ def log_cmd(
     limit: Annotated[int, typer.Option(help="At most this many (0: all)")] = 20,
     rule: Annotated[str | None, typer.Option(help="Only this rule")] = None,
     decision: Annotated[str | None, typer.Option(
-        help="sent, queued, suppressed or failed")] = None,
+        help="sent, queued, suppressed, skipped, failed or retracted")] = None,
     episode: Annotated[str | None, typer.Option(help="Only this episode id")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines")] = False,
 ) -> None:
@@ -150,13 +150,15 @@ def log_cmd(
         for doc in docs:
             console.print_json(json.dumps(doc, default=str))
         return
-    table = Table("last (UTC)", "decision", "reason", "rule", "episode", "net bps", "count",
-                  "detail / error")
+    table = Table("last (UTC)", "decision", "reason", "rule", "episode", "net bps", "score",
+                  "count", "detail / error")
     for d in docs:
+        score = (f"{d['score']:.3f} (v{d.get('score_version')})"
+                 if d.get("score") is not None else "-")
         table.add_row(
             d["last_at"].strftime("%Y-%m-%d %H:%M:%S"), d["decision"], d["reason"], d["rule"],
             d["episode_id"], f"{d['net_bps']:.1f}" if d.get("net_bps") is not None else "-",
-            str(d.get("count", 1)), escape(str(d.get("error") or d.get("detail") or "")),
+            score, str(d.get("count", 1)), escape(str(d.get("error") or d.get("detail") or "")),
         )
     console.print(table)
 
@@ -172,14 +174,21 @@ def rules() -> None:
         console.print("no alert rules configured (ARB_ALERT_RULES)")
         return
     table = Table("name", "symbols", "buy", "sell", "cross-quote", "min net bps",
-                  "min profit USD", "min duration s", "stage", "digest", "recipients")
+                  "min profit USD", "min duration s", "min score", "min predicted bps", "stage",
+                  "digest", "recipients")
+
+    def optional(value: float | None) -> str:
+        return "-" if value is None else f"{value:g}"
+
     for r in config.rules:
         table.add_row(r.name, ",".join(r.symbols) or "any", ",".join(r.buy_exchanges) or "any",
                       ",".join(r.sell_exchanges) or "any", str(r.cross_quote),
                       f"{r.min_net_bps:g}", f"{r.min_profit_usd:g}", f"{r.min_duration_s:g}",
-                      rule_stage(r), str(r.digest), ", ".join(r.recipients))
+                      optional(r.min_score), optional(r.min_predicted_bps), rule_stage(r),
+                      str(r.digest), ", ".join(r.recipients))
     console.print(table)
     smtp = config.smtp
     console.print(f"cooldown {config.cooldown_seconds:g} s (event time), digest every "
                   f"{config.digest_seconds:g} s, SMTP {smtp.host}:{smtp.port} "
-                  f"({smtp.security})")
+                  f"({smtp.security}); models from {config.registry.models_dir}, champions "
+                  f"looked up every {config.model_reload_seconds:g} s")

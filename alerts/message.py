@@ -7,6 +7,10 @@ Every e-mail carries a deterministic ``Message-ID`` derived from its idempotency
 ``Auto-Submitted: auto-generated`` (RFC 3834) and a Grafana link to the ``arbstream-monitor``
 dashboard around the episode.
 
+When champion models scored the window (:mod:`alerts.scoring`), the e-mail shows the
+opportunity scorer's probability and the regressor's predicted net bps with their model
+versions.
+
 Header values built from event fields (the subject, the alert keys) go through
 :func:`header_text`: events with control characters are rejected before they get here
 (:mod:`alerts.events`), and an item from elsewhere (a claim stored by an older worker) cannot
@@ -32,8 +36,10 @@ from pydantic import BaseModel, ConfigDict
 
 from alerts.events import FORBIDDEN_CATEGORIES, stage_of
 from alerts.rules import alert_key, figures
+from alerts.scoring import ModelScores
 from arbstream.config import AlertRule
 from arbstream.schemas import EpisodeEvent, OpportunityEvent, episode_start_ms
+from arbstream.store.models import REGRESSOR, SCORER
 
 if TYPE_CHECKING:
     from arbstream.config import Settings
@@ -70,7 +76,10 @@ class AlertItem(BaseModel):
     digest survives a restart. Prices are in each leg's quote currency, fees fractions,
     ``*_bps`` basis points, sizes base units, times UTC ms, durations seconds. The leg fields
     (``buy_ask`` … ``window_end_ms``) come from the episode's latest opportunity window and
-    are ``None`` when it is not known (an episode event seen before any of its windows)."""
+    are ``None`` when it is not known (an episode event seen before any of its windows).
+    ``score`` (probability, 0..1) and ``predicted_bps`` (net bps at ``predicted_horizon_s``)
+    are the champion models' outputs for that window, with their registry versions
+    (``None``: not scored)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -109,6 +118,11 @@ class AlertItem(BaseModel):
     conversion_exchange: str | None = None
     conversion_rate: float | None = None
     conversion_fee: float | None = None
+    score: float | None = None
+    score_version: int | None = None
+    predicted_bps: float | None = None
+    predicted_version: int | None = None
+    predicted_horizon_s: float | None = None
     grafana_url: str
 
     @property
@@ -132,6 +146,7 @@ def build_item(
     event: OpportunityEvent | EpisodeEvent,
     legs: OpportunityEvent | None,
     config: MessageConfig,
+    scores: ModelScores | None = None,
 ) -> AlertItem:
     """The alert of ``event``'s episode under ``rule``.
 
@@ -139,6 +154,7 @@ def build_item(
         legs: the episode's latest opportunity window (``event`` itself for an opportunity
             event), for prices and fees; ``None`` when unknown.
         config: its ``grafana_url`` is the base of the item's Grafana link.
+        scores: the champion models' outputs for that window (``None``: not scored).
 
     Raises:
         pydantic.ValidationError: the event's fields do not make a valid item.
@@ -157,6 +173,10 @@ def build_item(
             "conversion_exchange": legs.conversion_exchange,
             "conversion_rate": legs.conversion_rate, "conversion_fee": legs.conversion_fee,
         }
+    if scores is not None:
+        fields.update(scores.log_fields())
+        if scores.predicted.value is not None:
+            fields["predicted_horizon_s"] = scores.predicted.horizon_s
     is_episode = isinstance(event, EpisodeEvent)
     return AlertItem(
         key=alert_key(rule.name, event.episode_id), rule=rule.name,
@@ -231,6 +251,19 @@ def fmt_profit(item: AlertItem) -> str:
     return text
 
 
+def model_rows(item: AlertItem) -> list[tuple[str, str]]:
+    """The e-mail rows of the champion models' outputs (none when not scored)."""
+    rows = []
+    if item.score is not None:
+        rows.append(("Model score", f"{item.score:.3f} (probability still executable; "
+                                    f"{SCORER} v{item.score_version})"))
+    if item.predicted_bps is not None:
+        rows.append(("Predicted net", f"{fmt_bps(item.predicted_bps)} in "
+                                      f"{item.predicted_horizon_s or 0:g} s "
+                                      f"({REGRESSOR} v{item.predicted_version})"))
+    return rows
+
+
 def view(item: AlertItem) -> dict[str, Any]:
     """The template context of one item: every figure already formatted."""
     quote_buy, quote_sell = item.symbol.split("-")[1], item.sell_symbol.split("-")[1]
@@ -253,6 +286,7 @@ def view(item: AlertItem) -> dict[str, Any]:
         ("Size", fmt_size(item.size_base, item.base)
          + (f" ({item.size_source})" if item.size_source else "")),
         ("Expected profit", fmt_profit(item)),
+        *model_rows(item),
         ("Duration", fmt_duration(item.duration_s)),
         ("Episode start", fmt_time(item.start_ms)),
         ("Last seen", fmt_time(item.event_ms)),

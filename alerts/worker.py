@@ -13,10 +13,16 @@ For each record (``poll()`` in a consumer group, manual offset commits):
 2. a ``retracted`` opportunity window alerts nothing: for each rule watching its pair it is
    logged ``retracted`` (``alerted`` when it had triggered the rule's alert, ``withdrawn`` when
    that alert was still queued for a digest and is taken out of it, else ``no_alert``);
-3. for each rule the event makes its episode alertable under (:mod:`alerts.rules`: stage,
+3. a valid opportunity window is scored by the champion models (:mod:`alerts.scoring`,
+   reloaded when a new champion is promoted), and the scores are written to InfluxDB
+   ``ml_score`` with the next commit;
+4. for each rule the event makes its episode alertable under (:mod:`alerts.rules`: stage,
    filters, minimums), with key ``<rule>|<episode_id>``:
 
    * already claimed → ``suppressed``/``duplicate`` (at most one alert per rule and episode);
+   * a model threshold (``min_score``, ``min_predicted_bps``) whose champion gave no value →
+     ``skipped``/``no_model`` with the reason (the rule does not fire); one not reached → no
+     match (like any other minimum, not logged; the score is in ``ml_score``);
    * another episode of the same pair alerted under the rule within
      ``ARB_ALERT_COOLDOWN_SECONDS`` of event time → ``suppressed``/``cooldown`` (re-checked on
      the episode's later events);
@@ -25,12 +31,13 @@ For each record (``poll()`` in a consumer group, manual offset commits):
    * otherwise → claim ``sending`` (inserted first, unique ``_id`` = key), send with retries,
      claim ``sent``/``failed``, logged ``sent``/``failed``;
 
-4. store the record's offset; stored offsets are committed (synchronously) after at most 100
+5. store the record's offset; stored offsets are committed (synchronously) after at most 100
    records or 1 s, when the topic goes quiet, on a rebalance and at shutdown: a record's
    offset is committed only after its decisions are logged. ``sent``, ``failed`` and
-   ``queued`` decisions are written at once; ``suppressed`` ones (one per later window of an
-   alerted episode) are aggregated in memory and written in one bulk write just before each
-   commit (:meth:`AlertWorker.flush_log`).
+   ``queued`` decisions are written at once; ``suppressed`` and ``skipped`` ones (one per
+   later window of an episode) are aggregated in memory and written in one bulk write just
+   before each commit (:meth:`AlertWorker.flush_log`). Every decision on a scored window
+   carries ``score``/``score_version`` and ``predicted_bps``/``predicted_version``.
 
 Delivery is **at most once** per (rule, episode): a crash after the claim and before the
 SMTP server accepted the message loses that alert rather than risking a second e-mail; the
@@ -40,7 +47,8 @@ their claims. MongoDB or Kafka errors stop the worker (exit 1) without committin
 under a supervisor (``restart: unless-stopped``).
 
 The worker takes :class:`AlertsConfig` (``AlertsConfig.of(settings)``): the rules, topics and
-timings of the alerts section, with the Kafka, MongoDB, SMTP and message slices.
+timings of the alerts section, with the Kafka, MongoDB, SMTP, message, model-registry and
+InfluxDB slices.
 """
 
 from __future__ import annotations
@@ -68,11 +76,15 @@ from alerts.message import (
     message_id,
 )
 from alerts.rules import Event, alert_key, figures, filter_mismatch, fires_on, mismatch, rule_stage
+from alerts.scoring import NO_SCORES, ModelScores, Scorer, model_mismatch, required_models
 from alerts.smtp import SmtpConfig, SmtpError, SmtpTransport, send_budget_seconds
 from arbstream.config import AlertRule
 from arbstream.kafka import KafkaConfig, reliable_producer_config
 from arbstream.schemas import DeadLetter, OpportunityEvent
-from arbstream.store.config import MongoConfig
+from arbstream.store.config import InfluxConfig, MongoConfig
+from arbstream.store.influx.client import InfluxError
+from arbstream.store.influx.writer import write_ml_scores
+from arbstream.store.models import RegistryConfig
 from arbstream.store.mongo.alert_log import AlertStore
 
 if TYPE_CHECKING:
@@ -85,6 +97,10 @@ LEGS_CACHE = 10_000
 COMMIT_EVERY = 100
 COMMIT_SECONDS = 1.0
 POLL_SECONDS = 0.5
+#: ``ml_score`` rows kept while InfluxDB is unreachable (the oldest are dropped beyond it).
+MAX_PENDING_SCORES = 10_000
+#: Pause before writing ``ml_score`` again after a failed write, seconds.
+SCORE_RETRY_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -97,9 +113,11 @@ class AlertsConfig:
     ``starting_offsets`` where a new group starts (``earliest``/``latest``);
     ``session_timeout_seconds`` the consumer group session timeout, ``cooldown_seconds`` the
     event time between two alerts of a rule on a pair, ``digest_seconds`` the wall-clock
-    interval batched into one digest e-mail (all seconds). Every secret sits in a slice that
-    hides it from ``repr`` (Kafka SASL password, MongoDB URI, SMTP password), so the config
-    can be logged.
+    interval batched into one digest e-mail (all seconds); ``model_reload_seconds`` how often
+    the champion pointers are looked at (wall-clock seconds), ``registry`` the model registry,
+    ``influx`` where ``ml_score`` points go. Every secret sits in a slice that hides it from
+    ``repr`` (Kafka SASL password, MongoDB URI, SMTP password, InfluxDB credentials), so the
+    config can be logged.
     """
 
     rules: tuple[AlertRule, ...]
@@ -114,6 +132,9 @@ class AlertsConfig:
     mongo: MongoConfig
     smtp: SmtpConfig
     message: MessageConfig
+    registry: RegistryConfig
+    influx: InfluxConfig
+    model_reload_seconds: float
 
     @classmethod
     def of(cls, settings: Settings) -> AlertsConfig:
@@ -127,6 +148,8 @@ class AlertsConfig:
             digest_seconds=settings.alert_digest_seconds,
             kafka=KafkaConfig.of(settings), mongo=MongoConfig.of(settings),
             smtp=SmtpConfig.of(settings), message=MessageConfig.of(settings),
+            registry=RegistryConfig.of(settings), influx=InfluxConfig.of(settings),
+            model_reload_seconds=settings.alert_model_reload_seconds,
         )
 
 
@@ -164,10 +187,15 @@ def consumer_config(config: AlertsConfig) -> dict[str, Any]:
     }
 
 
-def _context(rule: str, key: str, source: Event | AlertItem) -> dict[str, Any]:
-    """The identifying and figure fields of a decision log document."""
+def _context(rule: str, key: str, source: Event | AlertItem,
+             scores: ModelScores = NO_SCORES) -> dict[str, Any]:
+    """The identifying and figure fields of a decision log document, with the model outputs
+    (``scores``, or those stored in an item)."""
+    model = scores.log_fields()
     if isinstance(source, AlertItem):
         net, profit, duration = source.net_bps, source.profit_usd, source.duration_s
+        model = {k: v for k in ("score", "score_version", "predicted_bps", "predicted_version")
+                 if (v := getattr(source, k)) is not None}
     else:
         f = figures(source)
         net, profit, duration = f.net_bps, f.profit_usd, f.duration_s
@@ -182,6 +210,7 @@ def _context(rule: str, key: str, source: Event | AlertItem) -> dict[str, Any]:
         stage_of(source) if isinstance(source, OpportunityEvent) else None)
     if stage is not None:
         ctx["stage"] = stage
+    ctx.update(model)
     return ctx
 
 
@@ -205,6 +234,8 @@ class AlertWorker:
             ``config.smtp``).
         store: claims and decision log (default
             :class:`~arbstream.store.mongo.alert_log.AlertStore` of ``config.mongo``).
+        scorer: the champion models (default :class:`~alerts.scoring.Scorer` of
+            ``config.registry``, reloaded every ``config.model_reload_seconds``).
 
     Raises:
         ValueError: no rule configured, or a rule with an unknown stage
@@ -212,29 +243,43 @@ class AlertWorker:
     """
 
     def __init__(self, config: AlertsConfig, transport: SmtpTransport | None = None,
-                 store: AlertStore | None = None) -> None:
+                 store: AlertStore | None = None, scorer: Scorer | None = None) -> None:
         check_config(config)
         self.config = config
         self.rules: list[AlertRule] = list(config.rules)
         self.by_name = {r.name: r for r in self.rules}
         self.transport = transport or SmtpTransport(config.smtp)
         self.store = store or AlertStore(config.mongo)
+        self.scorer = scorer or Scorer(config.registry, config.model_reload_seconds)
         self.stats: Counter[str] = Counter()
         self._legs: OrderedDict[str, OpportunityEvent] = OrderedDict()
         #: keys known to be claimed (by this worker, or found claimed): no lookup needed
         self._claimed: OrderedDict[str, None] = OrderedDict()
         #: (rule, pair) -> the latest claim known on it: key, episode_id, event_ms
         self._last_alert: dict[tuple[str, ...], dict[str, Any]] = {}
-        #: suppressed decisions not yet written: (key, reason) -> ctx, detail, source, times
-        self._pending: dict[tuple[str, str], dict[str, Any]] = {}
+        #: buffered decisions not yet written: (decision, key, reason) -> ctx, detail, source,
+        #: times
+        self._pending: dict[tuple[str, str, str], dict[str, Any]] = {}
+        #: ``ml_score`` rows not yet written, and when writing may be tried again (epoch s)
+        self._scores: list[dict[str, Any]] = []
+        self._scores_retry_at = 0.0
         #: rule -> key -> (item, queued at, epoch seconds)
         self._digests: dict[str, dict[str, tuple[AlertItem, float]]] = {}
         self._producer: Producer | None = None
 
     # --- start-up ----------------------------------------------------------------------------
     def start(self) -> None:
-        """Create indexes, mark sends interrupted by a previous crash, reload queued digests."""
+        """Create indexes, load the champion models, mark sends interrupted by a previous
+        crash, reload queued digests."""
         self.store.ensure_indexes()
+        self.scorer.refresh(force=True)
+        log.info("champion models: %s", self.scorer.versions())
+        for rule in self.rules:
+            missing = [self.scorer.problems[n] for n in required_models(rule)
+                       if n in self.scorer.problems and n not in self.scorer.models]
+            if missing:
+                log.warning("rule %s has model thresholds and will not fire until a champion "
+                            "is available: %s", rule.name, "; ".join(missing))
         for claim in self.store.mark_interrupted(send_budget_seconds(self.config.smtp)):
             item = AlertItem.model_validate(claim["item"])
             log.warning("alert %s was being sent when a worker stopped: delivery unknown, "
@@ -282,6 +327,7 @@ class AlertWorker:
             return
         self.stats["events"] += 1
         try:
+            self.scorer.refresh()
             self._handle_event(event, source)
         except (PyMongoError, KafkaException):
             raise
@@ -295,11 +341,27 @@ class AlertWorker:
         if isinstance(event, OpportunityEvent) and stage_of(event) == "retracted":
             self._retract(event, source)
             return
+        scores: ModelScores | None = None
         if isinstance(event, OpportunityEvent):
             self._remember(event)
+            if self.scorer.active:
+                scores = self._score(event, write=True)
         for rule in self.rules:
             if fires_on(rule, event) and mismatch(rule, event) is None:
-                self._decide(rule, event, source)
+                if scores is None:  # an episode event (its latest window), or nothing loaded
+                    scores = (self._score(self._legs_of(event)) if self.scorer.active
+                              else self.scorer.score(None))
+                self._decide(rule, event, source, scores)
+
+    def _score(self, window: OpportunityEvent | None, write: bool = False) -> ModelScores:
+        """The champions' outputs for ``window``; with ``write``, its ``ml_score`` rows are
+        queued for InfluxDB (:meth:`flush_scores`)."""
+        row = window.model_dump() if window is not None else None
+        scores = self.scorer.score(row)
+        if write and row is not None:
+            self._scores.extend(scores.points(row))
+            self.stats["scored"] += 1
+        return scores
 
     def _retract(self, event: OpportunityEvent, source: dict[str, Any]) -> None:
         """A retracted window: never alerted; logged ``retracted`` for each rule watching its
@@ -353,23 +415,46 @@ class AlertWorker:
             self.store.latest_opportunity(event.episode_id))
 
     def _suppress(self, reason: str, ctx: dict[str, Any], detail: str,
-                  source: dict[str, Any]) -> None:
-        """Buffer a suppressed decision (written by :meth:`flush_log`, before any commit)."""
-        entry = self._pending.setdefault((ctx["key"], reason), {"times": 0})
+                  source: dict[str, Any], decision: str = "suppressed") -> None:
+        """Buffer a ``suppressed`` (or other repeated) decision, written by :meth:`flush_log`
+        before any commit."""
+        entry = self._pending.setdefault((decision, ctx["key"], reason), {"times": 0})
         entry.update(ctx=ctx, detail=detail, source=source)
         entry["times"] += 1
-        self.stats[f"suppressed_{reason}"] += 1
-        log.debug("suppressed %s (%s): %s", ctx["key"], reason, detail)
+        self.stats[f"{decision}_{reason}"] += 1
+        log.debug("%s %s (%s): %s", decision, ctx["key"], reason, detail)
 
     def flush_log(self) -> None:
-        """Write the buffered suppressed decisions (one bulk write, counts aggregated)."""
+        """Write the buffered decisions (one bulk write, counts aggregated)."""
         if not self._pending:
             return
-        entries = [("suppressed", reason, e["ctx"],
+        entries = [(decision, reason, e["ctx"],
                     {"detail": e["detail"], "source": e["source"]}, e["times"])
-                   for (_, reason), e in self._pending.items()]
+                   for (decision, _, reason), e in self._pending.items()]
         self.store.record_many(entries)
         self._pending.clear()
+
+    def flush_scores(self, force: bool = False) -> None:
+        """Write the queued ``ml_score`` rows to InfluxDB. A failure is logged and counted,
+        never raised (alerts do not depend on it): the rows are kept (at most
+        :data:`MAX_PENDING_SCORES`, newest) and writing pauses :data:`SCORE_RETRY_SECONDS`
+        unless ``force``."""
+        if not self._scores or (not force and time.time() < self._scores_retry_at):
+            return
+        try:
+            written = write_ml_scores(self.config.influx, self._scores)
+        except InfluxError as exc:
+            self.stats["ml_score_write_failures"] += 1
+            dropped = max(0, len(self._scores) - MAX_PENDING_SCORES)
+            if dropped:
+                self.stats["ml_scores_dropped"] += dropped
+                del self._scores[:dropped]
+            self._scores_retry_at = time.time() + SCORE_RETRY_SECONDS
+            log.warning("ml_score points not written to InfluxDB (%d kept, %d dropped): %s",
+                        len(self._scores), dropped, exc)
+            return
+        self.stats["ml_scores"] += written
+        self._scores.clear()
 
     def _known_claimed(self, key: str) -> None:
         self._claimed[key] = None
@@ -393,9 +478,10 @@ class AlertWorker:
             self._last_alert[self._pair(item, item.rule)] = other
         return other
 
-    def _decide(self, rule: AlertRule, event: Event, source: dict[str, Any]) -> None:
+    def _decide(self, rule: AlertRule, event: Event, source: dict[str, Any],
+                scores: ModelScores = NO_SCORES) -> None:
         key = alert_key(rule.name, event.episode_id)
-        ctx = _context(rule.name, key, event)
+        ctx = _context(rule.name, key, event, scores)
         if key in self._claimed:
             self._suppress("duplicate", ctx, "already alerted", source)
             return
@@ -404,7 +490,13 @@ class AlertWorker:
             self._known_claimed(key)
             self._suppress("duplicate", ctx, f"already alerted (claim {claim['state']})", source)
             return
-        item = build_item(rule, event, self._legs_of(event), self.config.message)
+        below = model_mismatch(rule, scores)
+        if below is not None:
+            why, detail = below
+            if why == "no_model":  # would have matched: say why it does not fire
+                self._suppress("no_model", ctx, detail, source, decision="skipped")
+            return
+        item = build_item(rule, event, self._legs_of(event), self.config.message, scores)
         cooldown_ms = round(self.config.cooldown_seconds * 1000)
         if cooldown_ms > 0:
             other = self._cooldown_blocker(item, cooldown_ms)
@@ -520,8 +612,10 @@ class AlertWorker:
                     self.config.deadletter_topic, printable(reason))
 
     def _commit(self, consumer: Consumer) -> None:
-        """Write buffered decisions, then commit the stored offsets (synchronously)."""
+        """Write buffered decisions and model scores, then commit the stored offsets
+        (synchronously)."""
         self.flush_log()
+        self.flush_scores()
         try:
             consumer.commit(asynchronous=False)
         except KafkaException as exc:
@@ -567,6 +661,7 @@ class AlertWorker:
                 self.flush_digests()
             if uncommitted:
                 self._commit(consumer)
+            self.flush_scores(force=True)
             self.flush_digests(force=True)
         finally:
             consumer.close()

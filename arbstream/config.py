@@ -44,7 +44,10 @@ class AlertRule(BaseModel):
 
     An episode matches when every filter given matches and its figures reach every minimum
     (see ``alerts/README.md``). Empty filter lists match everything. Units: ``min_net_bps`` in
-    basis points, ``min_profit_usd`` in USD, ``min_duration_s`` in seconds.
+    basis points, ``min_profit_usd`` in USD, ``min_duration_s`` in seconds. ``min_score``
+    (probability 0..1) and ``min_predicted_bps`` (bps) are checked against the champion models
+    of the registry; when one is set and no champion is available the rule does not fire (and
+    the worker logs why).
 
     Raises:
         pydantic.ValidationError: an invalid name, symbol, exchange id or address, or no
@@ -70,6 +73,12 @@ class AlertRule(BaseModel):
     opportunity_stage: Literal["early", "final"] = Field(
         "early", description="Opportunity events the rule fires on: early = the first matching "
         "early or final window, final = final windows only")
+    min_score: float | None = Field(
+        None, ge=0, le=1, description="Minimum champion opportunity-scorer probability (0..1) "
+        "that the window is still executable after the model's latency; None: not checked")
+    min_predicted_bps: float | None = Field(
+        None, description="Minimum champion regressor prediction of the net spread at the "
+        "model's horizon, bps; None: not checked")
 
     @field_validator("symbols")
     @classmethod
@@ -102,6 +111,23 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path(".state"), description="Local services' data, checkpoints, logs")
     data_dir: Path = Field(Path("../shared/data"), description="Recorded market data root")
     config_file: Path | None = Field(None, description="Optional TOML or YAML settings file")
+    models_dir: Path | None = Field(
+        None, description="Model registry root (<models_dir>/<name>/<version>/); None: "
+        "<state_dir>/models"
+    )
+    lake_dir: Path | None = Field(
+        None, description="Parquet history of the stream's records (<lake_dir>/<record>/"
+        "date=YYYY-MM-DD/<key>.parquet); None: <state_dir>/lake"
+    )
+    ml_output_dir: Path = Field(
+        Path(".state/ml"), description="Where `ml/retrain.py` writes each result "
+        "(<ml_output_dir>/<dataset>/), registered or not"
+    )
+    ml_folds: int = Field(5, ge=1, le=50, description="Walk-forward folds of a retrain")
+    ml_seed: int = Field(42, ge=0, description="Seed of every random choice of a retrain")
+    ml_retrain_every_seconds: float = Field(
+        86_400.0, gt=0, description="`arbstream ml retrain --every` default interval, s"
+    )
 
     # --- exchanges and fees ------------------------------------------------------------
     exchanges: list[str] = Field(
@@ -277,6 +303,10 @@ class Settings(BaseSettings):
         300.0, gt=0, description="Digest rules: wall-clock interval batched into one e-mail"
     )
     alert_from: str = Field("arbstream <alerts@arbstream.local>", description="From header")
+    alert_model_reload_seconds: float = Field(
+        10.0, gt=0, description="How often the alert worker looks for a newly promoted "
+        "champion model (wall clock)"
+    )
     smtp_host: str = Field("127.0.0.1", min_length=1)
     smtp_port: int = Field(587, ge=1, le=65535)
     smtp_security: Literal["starttls", "tls", "none"] = Field(
@@ -401,6 +431,16 @@ class Settings(BaseSettings):
     @property
     def checkpoint_dir(self) -> Path:
         return self.state_dir / "checkpoints"
+
+    @property
+    def lake_root(self) -> Path:
+        """``lake_dir``, or ``<state_dir>/lake`` when it is not set."""
+        return self.lake_dir if self.lake_dir is not None else self.state_dir / "lake"
+
+    @property
+    def model_registry_dir(self) -> Path:
+        """``models_dir``, or ``<state_dir>/models`` when it is not set."""
+        return self.models_dir if self.models_dir is not None else self.state_dir / "models"
 
 
 @lru_cache(maxsize=1)

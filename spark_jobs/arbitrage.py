@@ -10,7 +10,8 @@ Three streaming queries, each reading its own topics once:
   per-exchange features. Sinks (:mod:`spark_jobs.sinks.records`): InfluxDB ``quote``,
   ``spread``, ``features``, ``spread_percentiles``, ``episode``, ``stream``; MongoDB
   ``opportunities``, ``episodes``, ``thresholds``; Kafka ``arb.opportunities`` events and
-  ``md.deadletter``.
+  ``md.deadletter``; the Parquet history of spreads, features, episodes and final
+  opportunities (:mod:`arbstream.store.lake`, ``ARB_LAKE_DIR``).
 * ``trades``: ``md.<exchange>.trades`` parsed and validated (:mod:`spark_jobs.transforms`):
   valid trades to InfluxDB ``trade``, invalid ones to ``md.deadletter``.
 * ``health``: the producers' ``md.health`` records, enriched with interval deltas, staleness
@@ -197,7 +198,7 @@ def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = Non
     topics = query_topics(settings)
     bodies = {
         "market": (market_stream(read_market(spark, settings, topics["market"]), settings),
-                   records.write_batch(settings)),
+                   records.write_batch(settings, root / "market")),
         "trades": (T.parse_trades(read_records(spark, settings, topics["trades"])),
                    validated_batch(settings, T.valid_trades, write_trades)),
         "health": (H.health_stream(T.parse_health(read_records(spark, settings,

@@ -52,6 +52,13 @@ import numpy as np
 
 from arbstream.config import Settings
 from arbstream.fees import BPS
+from arbstream.records import (  # noqa: F401 (defined in core; re-exported for the engine)
+    EPISODE_FIELDS,
+    FEATURE_FIELDS,
+    PERCENTILE_FIELDS,
+    RECORD_FIELDS,
+    SPREAD_FIELDS,
+)
 from arbstream.timestamps import from_ms, iso_ms, to_ms
 from spark_jobs.depth import size_from_books
 
@@ -59,47 +66,6 @@ HOUR_MS = 3_600_000
 #: Values needed before a rolling mean/std (and so a z-score) is reported.
 MIN_PERIODS = 10
 
-SPREAD_FIELDS: dict[str, str] = {
-    "opportunity_id": "string", "symbol": "string", "sell_symbol": "string",
-    "cross_quote": "boolean", "window_start": "timestamp", "window_end": "timestamp",
-    "buy_exchange": "string", "buy_ask": "double", "buy_ask_size": "double",
-    "buy_ts": "timestamp", "sell_exchange": "string", "sell_bid": "double",
-    "sell_bid_size": "double", "sell_ts": "timestamp", "conversion_symbol": "string",
-    "conversion_exchange": "string", "conversion_rate": "double", "conversion_fee": "double",
-    "buy_fee": "double", "sell_fee": "double", "haircut": "double", "gross": "double",
-    "net": "double", "gross_bps": "double", "net_bps": "double", "size_base": "double",
-    "size_source": "string", "expected_profit": "double", "profit_currency": "string",
-    "usd_rate": "double", "expected_profit_usd": "double", "buy_vwap": "double",
-    "sell_vwap": "double", "is_opportunity": "boolean",
-    "episode_id": "string", "spread_mean_bps": "double", "spread_std_bps": "double",
-    "spread_z": "double", "anomaly": "boolean",
-}
-EPISODE_FIELDS: dict[str, str] = {
-    "episode_id": "string", "event": "string", "status": "string", "symbol": "string",
-    "sell_symbol": "string", "cross_quote": "boolean", "buy_exchange": "string",
-    "sell_exchange": "string", "start": "timestamp", "end": "timestamp",
-    "duration_s": "double", "windows": "bigint", "peak_net_bps": "double",
-    "mean_net_bps": "double", "size_base": "double", "size_source": "string",
-    "expected_profit": "double", "profit_currency": "string", "expected_profit_usd": "double",
-}
-FEATURE_FIELDS: dict[str, str] = {
-    "feature_id": "string", "symbol": "string", "exchange": "string",
-    "window_end": "timestamp", "mid": "double", "log_return": "double",
-    "volatility": "double", "quote_spread_bps": "double", "imbalance": "double",
-    "latency_ms": "double", "message_rate": "double", "volume": "double",
-    "volume_z": "double", "volume_spike": "boolean", "quote_age_s": "double",
-}
-PERCENTILE_FIELDS: dict[str, str] = {
-    "threshold_id": "string", "symbol": "string", "sell_symbol": "string",
-    "cross_quote": "boolean", "buy_exchange": "string", "sell_exchange": "string",
-    "hour_start": "timestamp", "count": "bigint", "mean_bps": "double", "p50_bps": "double",
-    "p75_bps": "double", "p95_bps": "double", "max_bps": "double", "aggressive_bps": "double",
-    "moderate_bps": "double", "conservative_bps": "double",
-}
-RECORD_FIELDS = {
-    "spread": SPREAD_FIELDS, "episode": EPISODE_FIELDS, "feature": FEATURE_FIELDS,
-    "percentiles": PERCENTILE_FIELDS,
-}
 #: The processor's output: ``record`` (a key of :data:`RECORD_FIELDS`) and the union of the
 #: record fields (a field absent from a record type is null there).
 OUTPUT_FIELDS: dict[str, str] = {"record": "string"}

@@ -10,8 +10,10 @@ from rich.table import Table
 from alerts.cli import app as alerts_app
 from arbstream.console import console, fail, settings_or_exit
 from arbstream.shell import stack
+from arbstream.shell.backfill import backfill
 from arbstream.shell.demo import DEMO_HELP, demo
 from grafana.cli import app as grafana_app
+from ml.cli import app as ml_app
 from producers.cli import app as producers_app
 from producers.cli import replay_app
 from spark_jobs.cli import app as stream_app
@@ -84,8 +86,10 @@ app.registered_commands.extend(producers_app.registered_commands)
 app.add_typer(replay_app, name="replay")
 app.registered_groups.extend(stream_app.registered_groups)
 app.command(help=DEMO_HELP)(demo)
+app.command()(backfill)
 app.add_typer(grafana_app, name="grafana")
 app.add_typer(alerts_app, name="alerts")
+app.add_typer(ml_app, name="ml")
 
 
 if __name__ == "__main__":

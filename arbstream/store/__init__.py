@@ -17,7 +17,10 @@ Owners:
   name, indexes and TTL; :mod:`~.mongo.client` the connections and bulk upserts; the
   documents of ``opportunities`` :mod:`~.mongo.opportunities`, ``episodes``
   :mod:`~.mongo.episodes`, ``features`` :mod:`~.mongo.features`, ``thresholds``
-  :mod:`~.mongo.thresholds`, ``alerts`` and ``alert_claims`` :mod:`~.mongo.alert_log`.
+  :mod:`~.mongo.thresholds`, ``alerts`` and ``alert_claims`` :mod:`~.mongo.alert_log`,
+  ``ml_eval`` :mod:`~.mongo.ml_eval`.
+* The model registry (:mod:`arbstream.store.models`): the model files under
+  ``ARB_MODELS_DIR``, the champion pointers and the MongoDB ``models`` mirror.
 * InfluxDB (:mod:`arbstream.store.influx`): :mod:`~.influx.schema` owns the database,
   retention policies and measurement names; :mod:`~.influx.lines` the point and line protocol
   of each measurement; :mod:`~.influx.client` HTTP, retries and errors;

@@ -14,10 +14,19 @@ producer), in this order, so that a consumer of an event finds its documents:
    per-exchange stream counters; a point InfluxDB refuses becomes a dead letter;
 3. Kafka: dead letters to ``md.deadletter``, opportunity events (every stage, in order) and
    episode events to ``arb.opportunities``; flushed before the task ends, and a failed
-   delivery fails the task (the micro-batch is retried; every sink is idempotent).
+   delivery fails the task (the micro-batch is retried; every sink is idempotent);
+4. the Parquet history (:mod:`arbstream.store.lake`): every ``spread``, ``feature`` and
+   ``episode`` record (``opened`` and ``closed`` events), and of ``opportunity`` records the
+   ``final`` and ``retracted`` versions (:data:`LAKE_STAGES`): what MongoDB ends with, plus
+   the retractions that deleted early documents; ``early`` versions are not history (the
+   final one follows, or a retraction). Files are keyed ``market-<query id>-<batch id>-<task
+   partition>`` (:func:`lake_key`): a retried or replayed micro-batch computes the same rows
+   and overwrites its own files; a fresh checkpoint (a new query id) never overwrites another
+   run's. A failed write fails the task, like a failed delivery.
 
-The executors get a :class:`SinkConfig` (MongoDB, InfluxDB and Kafka slices of the settings),
-never the whole :class:`~arbstream.config.Settings` with its SMTP and Grafana secrets.
+The executors get a :class:`SinkConfig` (MongoDB, InfluxDB, Kafka and lake slices of the
+settings), never the whole :class:`~arbstream.config.Settings` with its SMTP and Grafana
+secrets.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -35,7 +45,9 @@ from pyspark.sql import DataFrame
 
 from arbstream.config import Settings
 from arbstream.kafka import KafkaConfig, reliable_producer_config
+from arbstream.records import OPPORTUNITY_FIELDS as OPPORTUNITY_TYPES
 from arbstream.schemas import SCHEMA_VERSION, DeadLetter
+from arbstream.store import lake
 from arbstream.store.config import InfluxConfig, MongoConfig
 from arbstream.store.influx import lines as influx_lines
 from arbstream.store.influx.schema import EPISODE, FEATURES, PERCENTILES, QUOTE, SPREAD, STREAM
@@ -52,8 +64,9 @@ log = logging.getLogger(__name__)
 
 #: Fields of an ``opportunity`` record: a spread row (its first window) plus its stage,
 #: emission time and the windows its snapshot holds.
-OPPORTUNITY_FIELDS = [*tracker.SPREAD_FIELDS, "stage", "emitted_ts", "valid_from", "valid_to",
-                      "windows"]
+OPPORTUNITY_FIELDS = list(OPPORTUNITY_TYPES)
+#: The versions of an opportunity the lake keeps (module docstring, step 4).
+LAKE_STAGES = ("final", "retracted")
 QUOTE_FIELDS = ["exchange", "symbol", "bid", "ask", "bid_size", "ask_size", "exchange_ts"]
 STREAM_FIELDS = ["exchange", "received", "duplicates", "late", "future", "watermark_ms",
                  "emitted_ts"]
@@ -75,17 +88,19 @@ INFLUX_LINES: dict[str, tuple[str, Any]] = {
 
 @dataclass(frozen=True)
 class SinkConfig:
-    """What the records writer needs on the executors: the store's MongoDB and InfluxDB
+    """What the records writer needs on the executors: the store's MongoDB, InfluxDB and lake
     configurations and the Kafka connection (secrets hidden from ``repr``)."""
 
     mongo: MongoConfig
     influx: InfluxConfig
     kafka: KafkaConfig
+    lake: lake.LakeConfig
 
     @classmethod
     def of(cls, settings: Settings) -> SinkConfig:
         """The sink slices of ``settings``."""
-        return cls(MongoConfig.of(settings), InfluxConfig.of(settings), KafkaConfig.of(settings))
+        return cls(MongoConfig.of(settings), InfluxConfig.of(settings), KafkaConfig.of(settings),
+                   lake.LakeConfig.of(settings))
 
 
 _producers: dict[str, Any] = {}
@@ -182,11 +197,62 @@ def write_records(conf: SinkConfig, by_type: dict[str, list[dict[str, Any]]]) ->
                            f"{errors[:1]}")
 
 
-def write_partition(conf: SinkConfig, batches: Iterator[pa.RecordBatch]
+def lake_key(batch_id: int, partition: int, run: str = "market") -> str:
+    """The lake file key of one task of one micro-batch: ``<run>-<batch id, 10 digits>-<task
+    partition, 5 digits>``; ``run`` names the checkpoint (:func:`checkpoint_run`), so a query
+    started on a fresh checkpoint (batch ids from 0 again) never overwrites an earlier run's
+    files, while a replayed batch of the same checkpoint overwrites its own."""
+    return f"{run}-{batch_id:010d}-{partition:05d}"
+
+
+def checkpoint_run(checkpoint: Path | None) -> str:
+    """``market-<first 12 hex digits of the query id>``: the id Spark keeps in the
+    checkpoint's ``metadata`` file (stable across restarts of that checkpoint); ``market``
+    when there is no checkpoint directory.
+
+    Raises:
+        OSError, ValueError: the metadata file exists but cannot be read as JSON.
+    """
+    meta = checkpoint / "metadata" if checkpoint else None
+    if meta is None or not meta.is_file():
+        return "market"
+    return "market-" + json.loads(meta.read_text().splitlines()[0])["id"].replace("-", "")[:12]
+
+
+def lake_rows(record: str, tables: list[pa.Table]) -> pa.Table:
+    """The rows of ``record`` (tables of its :data:`FIELDS`) the lake keeps: all of them, but
+    only the :data:`LAKE_STAGES` versions of opportunities."""
+    table = pa.concat_tables(tables)
+    if record == "opportunity":
+        table = table.filter(pc.is_in(table.column("stage"), value_set=pa.array(LAKE_STAGES)))
+    return table
+
+
+def by_record(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
+    """The rows of one output table of the market query (:data:`spark_jobs.market.
+    OUTPUT_SCHEMA`) per ``record`` type, each with its :data:`FIELDS`."""
+    record = table.column("record")
+    for name in pc.unique(record).to_pylist():
+        yield name, table.filter(pc.equal(record, name)).select(FIELDS[name])
+
+
+def write_partition(conf: SinkConfig, batches: Iterator[pa.RecordBatch], batch_id: int,
+                    partition: int | None = None, run: str = "market"
                     ) -> Iterator[pa.RecordBatch]:
     """``mapInArrow`` body: group the partition's rows by ``record`` and write them
-    (:func:`write_records`); yield one row of counts per record type."""
+    (:func:`write_records`, then the lake under :func:`lake_key` of ``batch_id``,
+    ``partition`` (default the task's partition id) and ``run``); yield one row of counts per record
+    type.
+
+    Raises:
+        ValueError, OSError: the lake cannot be written (the task fails and is retried).
+    """
+    if partition is None:
+        from pyspark import TaskContext
+
+        partition = TaskContext.get().partitionId()  # type: ignore[union-attr]
     by_type: dict[str, list[dict[str, Any]]] = {}
+    history: dict[str, list[pa.Table]] = {}
     quote_lines: list[str] = []
     for packed in batches:
         for kind, payload in zip(packed.column("kind").to_pylist(),
@@ -196,14 +262,16 @@ def write_partition(conf: SinkConfig, batches: Iterator[pa.RecordBatch]
                 quote_lines += influx_lines.quote_lines(*[table.column(n).to_pylist()
                                                           for n in QUOTE_FIELDS])
                 continue
-            record = table.column("record")
-            for name in pc.unique(record).to_pylist():
-                sub = table.filter(pc.equal(record, name)).select(FIELDS[name])
+            for name, sub in by_record(table):
                 by_type.setdefault(name, []).extend(sub.to_pylist())
+                if name in lake.RECORDS:
+                    history.setdefault(name, []).append(sub)
     if quote_lines:
         by_type["quote"] = [{"line": line} for line in quote_lines]
     if by_type:
         write_records(conf, by_type)
+    for name, tables in sorted(history.items()):
+        lake.write(conf.lake, name, lake_rows(name, tables), lake_key(batch_id, partition, run))
     kinds = sorted(by_type)
     yield pa.RecordBatch.from_pydict({
         "record": pa.array(kinds, pa.string()),
@@ -211,14 +279,20 @@ def write_partition(conf: SinkConfig, batches: Iterator[pa.RecordBatch]
     })
 
 
-def write_batch(settings: Settings) -> Any:
+def write_batch(settings: Settings, checkpoint: Path | None = None) -> Any:
     """The market query's ``foreachBatch`` body; logs the records written per type. Its
-    executor tasks carry only the :class:`SinkConfig` of ``settings``."""
+    executor tasks carry only the :class:`SinkConfig` of ``settings``; lake files are named
+    after the query's ``checkpoint`` (:func:`checkpoint_run`, read at the first batch, when
+    Spark has written the metadata)."""
     conf = SinkConfig.of(settings)
+    tag: list[str] = []
 
     def run(batch: DataFrame, batch_id: int) -> None:
+        if not tag:
+            tag.append(checkpoint_run(checkpoint))
+        name = tag[0]
         counts: dict[str, int] = {}
-        for row in batch.mapInArrow(lambda it: write_partition(conf, it),
+        for row in batch.mapInArrow(lambda it: write_partition(conf, it, batch_id, run=name),
                                     COUNT_SCHEMA).collect():
             counts[row["record"]] = counts.get(row["record"], 0) + row["n"]
         if counts:

@@ -381,11 +381,32 @@ def replayed(spark, settings: Settings, tmp_path_factory, data_dir: Path) -> dic
     finally:
         for q in queries:
             q.stop()
+    score_opportunities(conf)
     timing = {"start_s": t_start - t0, "iaqf_s": t_iaqf - t_start,
               "live_s": time.monotonic() - t_iaqf}
     return {"settings": conf, "wall_s": time.monotonic() - t0, "stats": stats["binance"],
             "timing": timing,
             "live_from": live_start - 300_000, "now": int(time.time() * 1000) + 5_000}
+
+
+def score_opportunities(conf: Settings) -> int:
+    """``ml_score`` points for the replayed depeg opportunities, written through the store
+    writer as the alert worker writes them (its scoring is tested in
+    tests/alerts/test_alert_models.py): a persistence stand-in for the champion net-bps
+    regressor (predicted = net at the window), version 1. Returns the points written."""
+    from arbstream.store.config import InfluxConfig
+    from arbstream.store.influx.queries import PAIR_TAGS, query
+    from arbstream.store.influx.writer import write_ml_scores
+    from arbstream.store.models import REGRESSOR
+
+    influx = InfluxConfig.of(conf)
+    tags = ", ".join(f'"{t}"' for t in (*PAIR_TAGS, "cross_quote"))
+    rows = query(influx, f'SELECT "net_bps" FROM "spread" WHERE "net_bps" > 0 AND time >= '
+                         f"{ms(DEPEG_START)}ms AND time <= {ms(DEPEG_END)}ms GROUP BY {tags}")
+    points = [{**r, "cross_quote": r["cross_quote"] == "true", "window_end": r["time"],
+               "model": REGRESSOR, "version": 1, "predicted_bps": r["net_bps"]} for r in rows]
+    assert points, "the depeg slice has opportunities"
+    return write_ml_scores(influx, points)
 
 
 def views(replayed: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -33,7 +33,10 @@ def env_of(service: dict[str, Any]) -> dict[str, str]:
 def test_services(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert set(services) == {"kafka", "influxdb", "mongodb", "grafana", "stream", "producers",
-                             "replay", "alerts"}
+                             "replay", "alerts", "ml"}
+    assert services["ml"]["command"] == ["arbstream", "ml", "retrain", "--every", "3600"]
+    assert "state:/state" in services["ml"]["volumes"]  # the registry the alert worker reads
+    assert "state:/state" in services["alerts"]["volumes"]
     assert services["producers"]["command"] == ["arbstream", "produce", "--all"]
     assert services["producers"]["restart"] == "unless-stopped"
     assert services["kafka"]["image"] == "apache/kafka:3.8.0"

@@ -25,6 +25,8 @@ Retention policies: :mod:`~arbstream.store.influx.schema`.
 * ``features`` tags ``symbol``, ``exchange``; fields the non-``None`` of
   :data:`FEATURE_FIELDS` and ``volume_spike`` (bool); time = ``window_end``.
 * ``stream``, see :func:`stream_point`; ``health``, see :func:`health_point`.
+* ``ml_score`` (one point per scored opportunity window and model), see
+  :func:`ml_score_point`.
 
 Writes are idempotent: InfluxDB keeps one point per (measurement, tag set, timestamp) and a
 rewrite replaces its fields, so replaying a micro-batch does not add points. (Two different
@@ -47,6 +49,7 @@ from arbstream.store.influx.schema import (
     EPISODE,
     FEATURES,
     HEALTH,
+    ML_SCORE,
     PERCENTILES,
     QUOTE,
     SPREAD,
@@ -277,6 +280,44 @@ def health_point(row: Mapping[str, Any]) -> Point:
     return point.time(to_ms(row["ts"]), WritePrecision.MS)
 
 
+#: Optional float fields of ``ml_score`` points.
+ML_SCORE_FIELDS = ("score", "predicted_bps", "net_bps")
+#: Prefix of the ``ml_score`` fields holding the model's input features.
+ML_FEATURE_PREFIX = "f_"
+
+
+def pair_label(row: Mapping[str, Any]) -> str:
+    """``<symbol>|<buy_exchange>|<sell_exchange>``, or ``<symbol>/<sell_symbol>|...`` for a
+    cross-quote pair: the pair part of an ``episode_id``."""
+    symbol, sell = row["symbol"], row.get("sell_symbol") or row["symbol"]
+    pair = symbol if sell == symbol else f"{symbol}/{sell}"
+    return f"{pair}|{row['buy_exchange']}|{row['sell_exchange']}"
+
+
+def ml_score_point(row: Mapping[str, Any]) -> Point:
+    """The ``ml_score`` point of one opportunity window scored by one model.
+
+    Tags: the pair's (see :func:`spread_point`), ``pair`` (:func:`pair_label` unless given),
+    ``model`` (registry name) and ``version`` (its version, as text). Fields, each only when
+    not ``None`` and finite: ``score`` (classifier probability, 0..1), ``predicted_bps``
+    (regressor prediction of the net spread at the model's horizon, bps), ``net_bps`` (the
+    window's net spread when scored, bps) and ``f_<name>`` for each item of the optional
+    mapping ``features`` (the model's inputs, for drift monitoring). Time = ``window_end``
+    (datetime, naive = UTC, or UTC ms).
+
+    Raises:
+        KeyError: a pair tag, ``model``, ``version`` or ``window_end`` is missing.
+    """
+    point = (_pair_tags(Point(ML_SCORE), row)
+             .tag("pair", row.get("pair") or pair_label(row))
+             .tag("model", row["model"]).tag("version", str(row["version"])))
+    _optional_fields(point, row, ML_SCORE_FIELDS)
+    for name, value in (row.get("features") or {}).items():
+        if value is not None and math.isfinite(value):
+            point.field(ML_FEATURE_PREFIX + name, float(value))
+    return point.time(to_ms(row["window_end"]), WritePrecision.MS)
+
+
 def quote_line(row: Mapping[str, Any]) -> str:
     """Line protocol (ms precision) of one quote row; ``""`` when it has no finite field."""
     return quote_point(row).to_line_protocol()
@@ -353,4 +394,5 @@ LINES: dict[str, Callable[[Mapping[str, Any]], str]] = {
     FEATURES: _line(feature_point),
     STREAM: _line(stream_point),
     HEALTH: _line(health_point),
+    ML_SCORE: _line(ml_score_point),
 }

@@ -1,4 +1,5 @@
-"""InfluxQL reads: arbitrary queries (dashboards, checks) and the demo's lowest mid."""
+"""InfluxQL reads: arbitrary queries (dashboards, checks), the demo's lowest mid, and the
+model scores and spread series the live model evaluation labels them with."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from arbstream.store.config import InfluxConfig
 from arbstream.store.influx.client import run_query
-from arbstream.store.influx.schema import QUOTE, ref
+from arbstream.store.influx.schema import ML_SCORE, QUOTE, SPREAD, ident, ref
 from arbstream.timestamps import from_ms, to_ms
 
 
@@ -44,6 +45,11 @@ def _time_clause(since: dt.datetime | None, until: dt.datetime | None) -> str:
     return clause
 
 
+def _literal(text: str) -> str:
+    """An InfluxQL string literal of ``text``, quoted and escaped."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def min_mid(
     conf: InfluxConfig,
     symbol: str,
@@ -61,8 +67,7 @@ def min_mid(
     Raises:
         InfluxError, InfluxUnavailableError: as :func:`query`.
     """
-    literal = symbol.replace("\\", "\\\\").replace("'", "\\'")
-    inner = (f"SELECT (bid + ask) / 2 AS mid FROM {ref(QUOTE)} WHERE symbol = '{literal}'"
+    inner = (f"SELECT (bid + ask) / 2 AS mid FROM {ref(QUOTE)} WHERE symbol = {_literal(symbol)}"
              + _time_clause(since, until))
     rows = query(conf, f"SELECT min(mid) FROM ({inner}) GROUP BY exchange")
     rows = [r for r in rows if r.get("min") is not None]
@@ -71,3 +76,53 @@ def min_mid(
     best = min(rows, key=lambda r: (r["min"], r["time"], r["exchange"]))
     return {"mid": float(best["min"]), "exchange": best["exchange"],
             "time": from_ms(best["time"])}
+
+
+#: Tags that name a pair in ``spread`` and ``ml_score``.
+PAIR_TAGS = ("symbol", "sell_symbol", "buy_exchange", "sell_exchange")
+
+
+def ml_scores(conf: InfluxConfig, model: str, since: dt.datetime | None = None,
+              until: dt.datetime | None = None) -> list[dict[str, Any]]:
+    """Every ``ml_score`` point of registry model ``model`` with time in ``[since, until)``
+    (naive means UTC), oldest first.
+
+    Returns:
+        One dict per point: ``time`` (UTC ms), its tags (``symbol, sell_symbol,
+        buy_exchange, sell_exchange, cross_quote, pair, model, version``) and fields
+        (``score``, ``predicted_bps``, ``net_bps``, ``f_<feature>``; ``None`` when absent).
+
+    Raises:
+        InfluxError, InfluxUnavailableError: as :func:`query`.
+    """
+    return query(conf, f"SELECT * FROM {ref(ML_SCORE)} WHERE \"model\" = {_literal(model)}"
+                       + _time_clause(since, until) + " ORDER BY time ASC")
+
+
+def net_bps_series(conf: InfluxConfig, since: dt.datetime | None = None,
+                   until: dt.datetime | None = None) -> list[dict[str, Any]]:
+    """The ``net_bps`` of every ``spread`` point with time in ``[since, until)`` (naive means
+    UTC), per pair, oldest first within a pair.
+
+    Returns:
+        One dict per point: ``time`` (UTC ms), ``net_bps`` (bps) and the pair tags
+        :data:`PAIR_TAGS`.
+
+    Raises:
+        InfluxError, InfluxUnavailableError: as :func:`query`.
+    """
+    group = ", ".join(ident(t) for t in PAIR_TAGS)
+    where = _time_clause(since, until).removeprefix(" AND ")
+    return query(conf, f'SELECT "net_bps" FROM {ref(SPREAD)}'
+                       + (f" WHERE {where}" if where else "") + f" GROUP BY {group}")
+
+
+def last_time(conf: InfluxConfig, measurement: str, field: str) -> int | None:
+    """Time (UTC ms) of the latest point of ``measurement`` with ``field``, or ``None`` when
+    there is none: how far a series has progressed.
+
+    Raises:
+        InfluxError, InfluxUnavailableError: as :func:`query`.
+    """
+    rows = query(conf, f"SELECT last({ident(field)}) FROM {ref(measurement)}")
+    return int(rows[0]["time"]) if rows else None

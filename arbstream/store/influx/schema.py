@@ -2,7 +2,8 @@
 
 Measurements (points and fields in :mod:`~arbstream.store.influx.lines`): ``quote`` and
 ``trade`` in retention policy ``raw``, ``features`` in ``features``; ``spread``, ``episode``,
-``spread_percentiles``, ``stream`` and ``health`` in the default policy.
+``spread_percentiles``, ``stream``, ``health`` and ``ml_score`` (the alert worker's model
+scores) in the default policy.
 
 Retention: in v1, :func:`ensure_database` keeps retention policies ``raw``
 (``conf.raw_retention``) and ``features`` (``conf.features_retention``) beside the default
@@ -31,6 +32,7 @@ PERCENTILES = "spread_percentiles"
 FEATURES = "features"
 STREAM = "stream"
 HEALTH = "health"
+ML_SCORE = "ml_score"
 
 RP_RAW = "raw"
 RP_FEATURES = "features"

@@ -39,6 +39,7 @@ from arbstream.store.influx.schema import (
     FEATURES,
     HEALTH,
     MEASUREMENT_RP,
+    ML_SCORE,
     PERCENTILES,
     QUOTE,
     SPREAD,
@@ -410,3 +411,14 @@ def write_percentiles(conf: InfluxConfig, rows: Iterable[Mapping[str, Any]]) -> 
         :meth:`InfluxWriter.write_lines`.
     """
     return _write_rows(conf, PERCENTILES, rows)
+
+
+def write_ml_scores(conf: InfluxConfig, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Write scored opportunity windows (see :func:`~arbstream.store.influx.lines.
+    ml_score_point`) as ``ml_score`` points, time = ``window_end``.
+
+    Returns:
+        Number of points stored. Raises as ``ml_score_point`` and
+        :meth:`InfluxWriter.write_lines`.
+    """
+    return _write_rows(conf, ML_SCORE, rows)

@@ -16,12 +16,15 @@
     :class:`alerts.message.AlertItem`).
 ``alerts``  the decision log, one document per (key, decision, reason):
     ``_id`` = ``<key>|<decision>|<reason>``, ``decision`` one of ``sent``, ``queued``
-    (digest), ``suppressed``, ``failed``, ``retracted`` (a retracted opportunity window);
-    ``reason`` (``delivered``, ``digest``, ``duplicate``, ``cooldown``, ``permanent``,
-    ``transient``, ``interrupted``; retractions: ``alerted``, ``withdrawn``, ``no_alert``),
-    ``detail``, ``error``, ``rule, episode_id, symbol, sell_symbol, buy_exchange,
-    sell_exchange, event_ms, net_bps, profit_usd, duration_s, stage`` (of an opportunity
-    event), ``recipients, message_id, digest_id, attempts, source``
+    (digest), ``suppressed``, ``skipped`` (a rule with model thresholds whose champion gave
+    no value), ``failed``, ``retracted`` (a retracted opportunity window);
+    ``reason`` (``delivered``, ``digest``, ``duplicate``, ``cooldown``, ``no_model``,
+    ``permanent``, ``transient``, ``interrupted``; retractions: ``alerted``, ``withdrawn``,
+    ``no_alert``), ``detail``, ``error``, ``rule, episode_id, symbol, sell_symbol,
+    buy_exchange, sell_exchange, event_ms, net_bps, profit_usd, duration_s, stage`` (of an
+    opportunity event), ``score, score_version, predicted_bps, predicted_version`` (the
+    champion models' outputs for the window and their registry versions, when scored),
+    ``recipients, message_id, digest_id, attempts, source``
     (topic/partition/offset of the last event), ``count`` (how many times this decision was
     taken), ``first_at``, ``last_at`` (UTC wall clock). Re-taking a decision (a replayed
     event, every later window of an already alerted episode) increments ``count``.

@@ -7,12 +7,15 @@ Collections (documents described by their owner module):
 ``features``  :mod:`~arbstream.store.mongo.features`; TTL.
 ``thresholds``  :mod:`~arbstream.store.mongo.thresholds`; kept.
 ``alerts``, ``alert_claims``  :mod:`~arbstream.store.mongo.alert_log`; kept.
+``models``  :mod:`~arbstream.store.models` (the registry's mirror of every model card); kept.
+``ml_eval``  :mod:`~arbstream.store.mongo.ml_eval` (live metrics and drift); kept.
 
 Every stream document gets ``first_seen_at``, the UTC wall-clock time of its first upsert.
 Retention: a TTL index on ``first_seen_at`` expires ``opportunities`` and ``features``
 documents ``MongoConfig.ttl_days`` after they were first written (wall clock, so replaying
 old market data does not expire at once). :data:`INDEXES` and :data:`ALERT_INDEXES` list
-every other index, one for each query of the store (or of a dashboard, noted).
+every other index, one for each query of the store (or of a dashboard, noted);
+:data:`ML_INDEXES` those of the model registry (:func:`ensure_ml_indexes`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ FEATURES = "features"
 THRESHOLDS = "thresholds"
 ALERTS = "alerts"
 CLAIMS = "alert_claims"
+MODELS = "models"
+ML_EVAL = "ml_eval"
 
 IndexKeys = list[tuple[str, int]]
 #: index name -> (keys, unique)
@@ -115,6 +120,18 @@ ALERT_INDEXES: dict[str, IndexSpecs] = {
         "digest_id": ([("digest_id", ASCENDING)], False),
     },
 }
+#: Collections of the model registry -> their indexes (see :mod:`arbstream.store.models`
+#: and :mod:`arbstream.store.mongo.ml_eval`).
+ML_INDEXES: dict[str, IndexSpecs] = {
+    MODELS: {
+        # one document per (name, version); a name's versions in order (mirrored)
+        "uniq_name_version": ([("name", ASCENDING), ("version", ASCENDING)], True),
+    },
+    ML_EVAL: {
+        # the latest evaluation of a name (where the next one starts)
+        "name_until_desc": ([("name", ASCENDING), ("until", DESCENDING)], False),
+    },
+}
 #: Single-field TTL index on ``first_seen_at`` in these collections only.
 TTL_INDEX = "ttl_first_seen_at"
 TTL_COLLECTIONS = (OPPORTUNITIES, FEATURES)
@@ -193,3 +210,13 @@ def ensure_alert_indexes(db: Database) -> None:
         create_indexes(db, name, specs)
     create_indexes(db, OPPORTUNITIES,
                    {EPISODE_WINDOW_INDEX: INDEXES[OPPORTUNITIES][EPISODE_WINDOW_INDEX]})
+
+
+def ensure_ml_indexes(db: Database) -> None:
+    """Create every index of :data:`ML_INDEXES` (idempotent).
+
+    Raises:
+        pymongo.errors.OperationFailure: an index of the same name exists with other keys.
+    """
+    for name, specs in ML_INDEXES.items():
+        create_indexes(db, name, specs)
