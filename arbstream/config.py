@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     )
     ml_folds: int = Field(5, ge=1, le=50, description="Walk-forward folds of a retrain")
     ml_seed: int = Field(42, ge=0, description="Seed of every random choice of a retrain")
+    ml_promotion_folds: int = Field(
+        3, ge=1, le=50, description="K of the promotion rule: a new model version becomes "
+        "champion only if it beats persistence (or the scorer baselines) and the current "
+        "champion on each of the last K walk-forward folds"
+    )
     ml_retrain_every_seconds: float = Field(
         86_400.0, gt=0, description="`arbstream ml retrain --every` default interval, s"
     )

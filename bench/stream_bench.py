@@ -90,6 +90,9 @@ from spark_jobs import arbitrage
 from spark_jobs.kafka_source import end_offsets
 from spark_jobs.session import build_session
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu import CpuSampler  # noqa: E402 (bench/ is not a package)
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PUBLISHER = Path(__file__).resolve().with_name("publisher_proc.py")
 PHASES = ("addBatch", "getBatch", "latestOffset", "queryPlanning", "walCommit", "commitOffsets")
@@ -118,69 +121,6 @@ def dist(values: Sequence[float]) -> dict[str, float]:
     """p50/p95/p99/max and n of ``values``."""
     return {"p50": pct(values, 50), "p95": pct(values, 95), "p99": pct(values, 99),
             "max": max(values, default=float("nan")), "n": len(values)}
-
-
-# --- CPU accounting ------------------------------------------------------------------------
-
-_TICK = os.sysconf("SC_CLK_TCK")
-#: Process kinds by command line, first match wins: CPU time is summed per kind.
-KINDS = (
-    ("publisher_proc", "publisher"), ("tansu", "broker"), ("influxd", "influxd"),
-    ("secantusd", "mongo"), ("python_streaming_source_runner", "py source planner"),
-    ("pyspark.daemon", "py workers"), ("pyspark.worker", "py workers"), ("java", "spark jvm"),
-)
-
-
-def _tree(root: int) -> dict[tuple[int, int], tuple[str, float]]:
-    """(pid, start time) -> (kind, own CPU seconds) of ``root`` and all its descendants."""
-    procs: dict[int, tuple[int, int, float, str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        cpu = (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
-        procs[int(entry)] = (int(fields[1]), int(fields[19]), cpu, cmd)
-    out: dict[tuple[int, int], tuple[str, float]] = {}
-    for pid, (_, started, cpu, cmd) in procs.items():
-        ancestor = pid
-        while ancestor not in (root, 0, 1) and ancestor in procs:
-            ancestor = procs[ancestor][0]
-        if ancestor == root:
-            kind = "driver" if pid == root else next(
-                (k for needle, k in KINDS if needle in cmd), "other")
-            out[(pid, started)] = (kind, cpu)
-    return out
-
-
-class CpuSampler(threading.Thread):
-    """Samples the own CPU time of this process and its descendants every 0.5 s; ``delta()``
-    is the CPU seconds used per kind of process since the sampler started. A process that
-    exits is counted up to its last sample (at most 0.5 s of it is missed)."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.first = _tree(os.getpid())
-        self.last = dict(self.first)
-        self.stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop_event.wait(0.5):
-            self.last.update(_tree(os.getpid()))
-
-    def delta(self) -> dict[str, float]:
-        """Stop sampling; CPU seconds per kind since the start."""
-        self.stop_event.set()
-        self.last.update(_tree(os.getpid()))
-        out: dict[str, float] = {}
-        for key, (kind, cpu) in self.last.items():
-            used = cpu - self.first.get(key, (kind, 0.0))[1]
-            out[kind] = out.get(kind, 0.0) + used
-        return dict(sorted(out.items()))
 
 
 # --- the publisher process -----------------------------------------------------------------

@@ -14,9 +14,12 @@ same table hash, the same scikit-learn models (pickle bytes) and the same metric
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,13 +41,14 @@ from ml.walkforward import LONGEST_WINDOW, fit_models, make_folds, metric_table,
 @dataclass(frozen=True)
 class RetrainParams:
     """One run: the lake, the data set (its :data:`ml.table.DATASETS` defaults), the table,
-    model and clustering parameters, ``folds`` (K), ``gap_steps`` (``None``: h + 20)."""
+    model and clustering parameters (``cluster=None``: no clustering), ``folds`` (K),
+    ``gap_steps`` (``None``: h + 20)."""
 
     lake: str
     dataset: str = "iaqf"
     table: TableParams = field(default_factory=TableParams)
     model: ModelParams = field(default_factory=ModelParams)
-    cluster: ClusterParams = field(default_factory=ClusterParams)
+    cluster: ClusterParams | None = field(default_factory=ClusterParams)
     folds: int = 5
     gap_steps: int | None = None
 
@@ -61,6 +65,8 @@ class RetrainParams:
                                   "folds": self.folds, "gap_ms": self.gap_ms}
         for prefix, part in (("table", self.table), ("model", self.model),
                              ("cluster", self.cluster)):
+            if part is None:
+                continue
             for k, v in dataclasses.asdict(part).items():
                 out[f"{prefix}.{k}"] = v if isinstance(v, int | float | str | None) else str(v)
         return out
@@ -74,6 +80,18 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def checkpoint_dir(spark: SparkSession) -> None:
+    """Give the SparkContext a checkpoint directory when it has none (a temporary one, removed
+    at exit). MLlib's ``GBTRegressor`` checkpoints its running predictions every
+    ``checkpointInterval`` (10) iterations only when one is set; without it the lineage of
+    every boosting iteration grows with the iterations before it, and so does its time."""
+    sc = spark.sparkContext
+    if sc.getCheckpointDir() is None:
+        path = tempfile.mkdtemp(prefix="arb-retrain-checkpoint-")
+        atexit.register(shutil.rmtree, path, True)
+        sc.setCheckpointDir(path)
 
 
 def _utc(ts: pd.Timestamp) -> pd.Timestamp:
@@ -91,6 +109,7 @@ def retrain(spark: SparkSession, p: RetrainParams, progress: bool = True) -> Tra
 
     seconds: dict[str, float] = {}
     start = time.perf_counter()
+    checkpoint_dir(spark)
     # few partitions: MLlib's trees aggregate per partition, and the table is small
     parts = spark.sparkContext.defaultParallelism
     table = (load_table(spark, p.lake, p.table).dropna(subset=list(LABELS))
@@ -109,7 +128,7 @@ def retrain(spark: SparkSession, p: RetrainParams, progress: bool = True) -> Tra
     final = fit_models(local, table, p.model)
     seconds["final_fit"] = time.perf_counter() - step
     step = time.perf_counter()
-    clusters = cluster(table, p.cluster, progress)
+    clusters = None if p.cluster is None else cluster(table, p.cluster, progress)
     seconds["cluster"] = time.perf_counter() - step
     seconds["total"] = time.perf_counter() - start
     table.unpersist()
@@ -124,8 +143,8 @@ def retrain(spark: SparkSession, p: RetrainParams, progress: bool = True) -> Tra
         code_version=code_version(), folds=folds, metrics=metrics, predictions=preds,
         sklearn_models=sklearn,
         mllib_models={**{k: v for k, v in final.items() if k.startswith("mllib")},
-                      **clusters.models},
-        cluster=clusters.summary(), seconds=seconds,
+                      **(clusters.models if clusters else {})},
+        cluster=clusters.summary() if clusters else {}, seconds=seconds,
         train_online=local[list(FEATURE_NAMES)].to_numpy(float),
     )
 
@@ -157,8 +176,10 @@ def register(result: TrainingResult, out: Path, p: RetrainParams) -> dict[str, s
                 load(cfg, name, current, features=list(FEATURE_NAMES)).model, current, task,
                 p.table.horizon_steps)
             version, decision = register_result(cfg, name, result.registry_result(
-                name, lag * step, p.table.min_net * 1e4, mllib, scored))
-            outcome[name] = f"v{version}: {decision.reason}"
+                name, lag * step, p.table.min_net * 1e4, mllib, scored),
+                k=min(settings.ml_promotion_folds, p.folds))
+            verdict = "promoted" if decision.promote else "not promoted"
+            outcome[name] = f"v{version}: {verdict}: {decision.reason}"
         except Exception as exc:  # noqa: BLE001 (reported; the directory has the result)
             outcome[name] = f"not registered: {type(exc).__name__}: {exc}"
     return outcome
@@ -181,6 +202,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[RetrainParams, Path, bool]:
     ap.add_argument("--seed", type=int, help="seed of every random choice")
     ap.add_argument("--k-max", type=int, default=8, help="largest k of KMeans (from 2)")
     ap.add_argument("--lsh-queries", type=int, default=20, help="LSH recall queries")
+    ap.add_argument("--cluster-rows", type=int, default=ClusterParams.max_rows,
+                    help="rows sampled for KMeans")
+    ap.add_argument("--lsh-rows", type=int, default=ClusterParams.lsh_rows,
+                    help="rows sampled for the LSH recall and speed-up")
+    ap.add_argument("--no-cluster", action="store_true",
+                    help="skip KMeans and LSH (they are reported, not registered)")
     ap.add_argument("--out", type=Path, help="result directory (default ARB_ML_OUTPUT_DIR)")
     ap.add_argument("--no-register", action="store_true", help="do not use the registry")
     a = ap.parse_args(argv)
@@ -195,8 +222,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[RetrainParams, Path, bool]:
         model = dataclasses.replace(model, gbr_trees=a.trees, rf_trees=a.trees)
     p = RetrainParams(lake=a.lake or str(s.lake_root), dataset=a.dataset,
                       table=dataclasses.replace(DATASETS[a.dataset], **over), model=model,
-                      cluster=ClusterParams(seed=model.seed, k_range=tuple(range(2, a.k_max + 1)),
-                                            queries=a.lsh_queries),
+                      cluster=None if a.no_cluster else ClusterParams(
+                          seed=model.seed, k_range=tuple(range(2, a.k_max + 1)),
+                          queries=a.lsh_queries, max_rows=a.cluster_rows, lsh_rows=a.lsh_rows),
                       folds=a.folds or s.ml_folds, gap_steps=a.gap_steps)
     return p, a.out or s.ml_output_dir / a.dataset, a.no_register
 
@@ -210,6 +238,7 @@ def session(master: str | None = None, driver_memory: str = "4g") -> SparkSessio
     return (builder.appName("arbstream-retrain")
             .config("spark.sql.session.timeZone", "UTC")
             .config("spark.sql.shuffle.partitions", "8")
+            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
             .config("spark.ui.showConsoleProgress", "false").getOrCreate())
 
 
