@@ -71,13 +71,13 @@ def read_quotes(settings: Settings, source: Input, start: datetime | None = None
     """
     if source is Input.iaqf:
         from producers.replay.iaqf import load_iaqf_quotes
-        from producers.replay.publish import _iter_frame
+        from producers.replay.publish import quotes_of
 
         if paths:
             raise ValueError("--path is not used with --input iaqf (it reads ARB_DATA_DIR)")
         frame = load_iaqf_quotes(settings.data_dir, start, end)
         _check_exchanges(settings, frame["exchange"].unique().tolist())
-        return len(frame), _iter_frame(frame.sort_values("exchange_ts", kind="stable"))
+        return len(frame), quotes_of(frame.sort_values("exchange_ts", kind="stable"))
     elif source is Input.binance:
         from producers.replay.binance import BinanceFile, binance_files, read_binance_file
 

@@ -12,6 +12,7 @@ from arbstream.console import console, fail, settings_or_exit
 from arbstream.shell import stack
 from arbstream.shell.backfill import backfill
 from arbstream.shell.demo import DEMO_HELP, demo
+from arbstream.shell.lake import app as lake_app
 from grafana.cli import app as grafana_app
 from ml.cli import app as ml_app
 from producers.cli import app as producers_app
@@ -87,6 +88,7 @@ app.add_typer(replay_app, name="replay")
 app.registered_groups.extend(stream_app.registered_groups)
 app.command(help=DEMO_HELP)(demo)
 app.command()(backfill)
+app.add_typer(lake_app, name="lake")
 app.add_typer(grafana_app, name="grafana")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(ml_app, name="ml")

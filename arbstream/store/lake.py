@@ -26,6 +26,12 @@ Versions: ``episode`` holds every event (``opened``, ``closed``), ``opportunity`
 exchange went idle, the stream emits an open episode or opportunity again, complete, under
 the same id: take the last version per id (:func:`latest`).
 
+Compaction (:func:`compact`, ``arbstream lake compact``): the stream writes a file per
+micro-batch, task and date (about 30,000 an hour at a 0.5 s trigger); compaction merges a
+date partition's stream files into one ``compacted-<digest>.parquet`` that names its sources
+in its metadata, and leaves alone the newest micro-batch of each checkpoint (the one Spark may
+still replay after a crash, which would rewrite its files).
+
 Configuration: :class:`LakeConfig` (``ARB_LAKE_DIR``, default ``<state_dir>/lake``), small and
 picklable for Spark executors.
 """
@@ -33,6 +39,8 @@ picklable for Spark executors.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import operator
 import os
 import re
@@ -281,3 +289,89 @@ def latest(table: pa.Table, record: str) -> pa.Table:
     rows = order["row"].to_pylist()
     first = [rows[i] for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
     return table.take(pa.array(first, pa.int64()))
+
+
+# --- compaction ---------------------------------------------------------------------------------
+
+#: A stream file's key: ``market[-<query id, 12 hex>]-<batch, 10 digits>-<partition, 5>``.
+STREAM_KEY = re.compile(r"^(?P<run>market(?:-[0-9a-f]{12})?)-(?P<batch>\d{10})-\d{5}$")
+#: Prefix of a compacted file's name; its Parquet metadata lists its sources.
+COMPACTED = "compacted-"
+_SOURCES = b"arbstream.sources"
+
+
+def _sources(file: Path) -> set[str]:
+    """The source file names a compacted file merged (its Parquet key-value metadata)."""
+    meta = pq.read_schema(file).metadata or {}
+    return set(json.loads(meta.get(_SOURCES, b"[]")))
+
+
+def compact(cfg: LakeConfig, records: Iterable[str] | None = None,
+            dry_run: bool = False) -> dict[str, int]:
+    """Merge the stream's small files (:data:`STREAM_KEY`) of each record type and date into
+    one ``compacted-<sha256 of the source names, 16 hex>.parquet`` per run of compaction,
+    rows sorted by the record's time column, written atomically; then delete the sources.
+
+    Safe to run while the stream writes, and after a crash at any point:
+
+    * the newest micro-batch of each checkpoint run (across all records and dates) is left
+      alone: Spark replays at most that batch after a restart, and a replay rewrites its
+      files by key;
+    * a compacted file lists its sources in its metadata: sources that are already in one
+      (a compaction that stopped before deleting them) are deleted, not merged again;
+    * backfill files (``backfill-*``) are left alone: they are written in large chunks.
+
+    Args:
+        cfg: the lake.
+        records: the record types (default all of :data:`RECORDS`).
+        dry_run: count only, change nothing.
+
+    Returns:
+        ``{"partitions": merged date partitions, "merged": source files merged, "removed":
+        source files deleted (merged or already merged), "kept": stream files left as they
+        are (the newest batches, single files)}``.
+
+    Raises:
+        ValueError: an unknown record type.
+        OSError, pyarrow.ArrowInvalid: a file cannot be read or written.
+    """
+    chosen = list(records) if records is not None else list(RECORDS)
+    for record in chosen:
+        _check_record(record)
+    files = [(record, f) for record in chosen
+             for f in sorted(path(cfg, record).glob(f"{PARTITION}=*/market*.parquet"))
+             if STREAM_KEY.match(f.stem)]
+    newest: dict[str, int] = {}
+    for _, f in files:
+        m = STREAM_KEY.match(f.stem)
+        newest[m["run"]] = max(newest.get(m["run"], -1), int(m["batch"]))
+    counts = {"partitions": 0, "merged": 0, "removed": 0, "kept": 0}
+    groups: dict[Path, list[Path]] = {}
+    for _, f in files:
+        m = STREAM_KEY.match(f.stem)
+        if int(m["batch"]) == newest[m["run"]]:
+            counts["kept"] += 1
+        else:
+            groups.setdefault(f.parent, []).append(f)
+    for directory, sources in groups.items():
+        done = set().union(*(_sources(c) for c in directory.glob(f"{COMPACTED}*.parquet")))
+        merged = [f for f in sources if f.name in done]
+        todo = [f for f in sources if f.name not in done]
+        if len(todo) == 1 and not merged:
+            counts["kept"] += 1
+            continue
+        if not dry_run and todo:
+            record = directory.parent.name
+            table = pa.concat_tables([to_table(record, pq.read_table(f)) for f in todo])
+            table = table.sort_by([(TIME_COLUMN[record], "ascending")])
+            names = sorted(f.name for f in todo)
+            digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+            table = table.replace_schema_metadata({_SOURCES: json.dumps(names).encode()})
+            _atomic_write(table, directory / f"{COMPACTED}{digest}.parquet")
+        if not dry_run:
+            for f in [*merged, *todo]:
+                f.unlink()
+        counts["partitions"] += 1 if todo else 0
+        counts["merged"] += len(todo)
+        counts["removed"] += len(merged) + len(todo)
+    return counts

@@ -90,7 +90,14 @@ def _size(value: Any) -> float | None:
     return None if value is None or value != value else float(value)
 
 
-def _iter_frame(frame: pd.DataFrame) -> Iterator[Quote]:
+def quotes_of(frame: pd.DataFrame) -> Iterator[Quote]:
+    """The :class:`~arbstream.schemas.Quote` of each row of a recorded-quote frame, in row
+    order: columns ``QUOTE_COLUMNS`` (times in UTC ms, prices in the quote currency, sizes in
+    the base currency or null) and optionally ``received_ts`` (default: ``exchange_ts``).
+
+    Raises:
+        pydantic.ValidationError: a row that is not a valid quote (e.g. bid above ask).
+    """
     columns = [frame[c].tolist() for c in QUOTE_COLUMNS]
     received = frame["received_ts"].tolist() if "received_ts" in frame.columns else columns[2]
     for ex, sym, ts, bid, ask, bsz, asz, rts in zip(*columns, received, strict=True):
@@ -184,7 +191,7 @@ def publish_quotes(
         frame = quotes.sort_values("exchange_ts", kind="stable")
         total = len(frame)
         exchanges = set(frame["exchange"].unique().tolist())
-        items = _iter_frame(frame)
+        items = quotes_of(frame)
     elif isinstance(quotes, Sequence):
         ordered = sorted(quotes, key=lambda q: q.exchange_ts)
         total = len(ordered)

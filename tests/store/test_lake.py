@@ -8,6 +8,7 @@ needs more than the filesystem.
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -198,6 +199,102 @@ def test_latest_keeps_the_last_version_of_each_id() -> None:
          "windows": 1}])
     [last] = lake.latest(ep, "episode").to_pylist()
     assert (last["event"], last["end"]) == ("closed", t + timedelta(seconds=9))
+
+
+def _stream_batches(cfg: lake.LakeConfig, rows: list[dict], run: str, batches: int,
+                    parts: int = 2) -> list[dict]:
+    """Write ``rows`` spread over ``batches`` micro-batches x ``parts`` tasks of stream run
+    ``run`` (keys as :func:`spark_jobs.sinks.records.lake_key`); the rows written."""
+    chunks = [rows[i::batches * parts] for i in range(batches * parts)]
+    for i, chunk in enumerate(chunks):
+        lake.write(cfg, "spread", chunk, f"{run}-{i // parts:010d}-{i % parts:05d}")
+    return [r for chunk in chunks for r in chunk]
+
+
+def _content(table: pa.Table) -> list[tuple]:
+    """The rows as sorted tuples (NaN as None, which compares equal): a multiset, so a
+    duplicate shows."""
+    return sorted((tuple(None if v != v else v for v in r.values()) for r in table.to_pylist()),
+                  key=repr)
+
+
+def _stream_files(cfg: lake.LakeConfig) -> list[str]:
+    return sorted(p.name for p in cfg.dir.rglob("*.parquet")
+                  if lake.STREAM_KEY.match(p.name.removesuffix(".parquet")))
+
+
+def test_compaction_merges_stream_files_and_keeps_the_newest_batch(cfg, rows) -> None:
+    run_a, run_b = "market-0123456789ab", "market-ba9876543210"
+    _stream_batches(cfg, rows, run_a, batches=4)
+    _stream_batches(cfg, rows[:40], run_b, batches=2)
+    lake.write(cfg, "spread", rows[:10], "backfill-iaqf-00000001-0")
+    before = _content(lake.read(cfg, "spread"))
+    files = sorted(p.name for p in cfg.dir.rglob("*.parquet"))
+    stream_before = _stream_files(cfg)
+    assert lake.compact(cfg, dry_run=True)["merged"] > 0
+    assert sorted(p.name for p in cfg.dir.rglob("*.parquet")) == files  # dry run: no change
+
+    counts = lake.compact(cfg)
+    assert _content(lake.read(cfg, "spread")) == before  # same rows, none twice
+    left = sorted(p.name for p in cfg.dir.rglob("*.parquet"))
+    assert len([n for n in left if n.startswith(lake.COMPACTED)]) == counts["partitions"] == 2
+    # the newest batch of each run is left for a replay: run a's 3, run b's 1
+    assert {n.rsplit("-", 1)[0] for n in _stream_files(cfg)} == {
+        f"{run_a}-0000000003", f"{run_b}-0000000001"}
+    assert "backfill-iaqf-00000001-0.parquet" in left
+    assert counts["merged"] == counts["removed"] == len(stream_before) - len(_stream_files(cfg))
+    for file in cfg.dir.rglob(f"{lake.COMPACTED}*.parquet"):
+        table = pq.read_table(file)
+        assert table.schema.names == list(SPREAD_FIELDS)
+        ends = table.column("window_end").to_pylist()
+        assert ends == sorted(ends)
+    assert lake.compact(cfg)["merged"] == 0  # nothing left to merge
+
+    # a replay of run a's newest batch rewrites its own files: still no duplicate
+    for part, chunk in enumerate(rows[i::8] for i in (6, 7)):
+        lake.write(cfg, "spread", chunk, f"{run_a}-0000000003-{part:05d}")
+    assert _content(lake.read(cfg, "spread")) == before
+
+
+def test_compaction_stopped_before_deleting_its_sources_does_not_duplicate(
+    cfg, rows, monkeypatch,
+) -> None:
+    run = "market-0123456789ab"
+    written = _stream_batches(cfg, rows, run, batches=3)
+    once = _content(lake.read(cfg, "spread"))
+    assert once == _content(lake.to_table("spread", written))
+    unlink = Path.unlink
+
+    def killed(self: Path, missing_ok: bool = False) -> None:
+        if self.name.startswith(run):  # the sources survive the compacted file's write
+            raise OSError("killed")
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", killed)
+    with pytest.raises(OSError, match="killed"):
+        lake.compact(cfg)
+    monkeypatch.undo()
+    assert len(_content(lake.read(cfg, "spread"))) > len(once)  # sources and compacted
+
+    more = _stream_batches(cfg, rows[:20], "market-ffffffffffff", batches=2)
+    sources = len(_stream_files(cfg))
+    stale = [n for n in _stream_files(cfg) if not n.startswith(f"{run}-0000000002")
+             and n.startswith(run)]  # already in the compacted files
+    fresh = [n for n in _stream_files(cfg) if n.startswith("market-ffffffffffff-0000000000")]
+    merged_before = {n for f in cfg.dir.rglob(f"{lake.COMPACTED}*.parquet")
+                     for n in json.loads(pq.read_schema(f).metadata[b"arbstream.sources"])}
+    assert merged_before and merged_before <= set(stale)
+    counts = lake.compact(cfg)  # the sources already merged are deleted, not merged again
+    assert counts["removed"] == len(fresh) + len(stale)
+    assert counts["merged"] == counts["removed"] - len(merged_before)
+    assert _content(lake.read(cfg, "spread")) == _content(lake.to_table("spread",
+                                                                         [*written, *more]))
+    assert len(_stream_files(cfg)) == sources - counts["removed"]
+
+
+def test_compaction_refuses_an_unknown_record(cfg) -> None:
+    with pytest.raises(ValueError, match="unknown lake record"):
+        lake.compact(cfg, ["spreads"])
 
 
 def test_spark_reads_the_lake_with_the_date_partition(spark, cfg, rows) -> None:
