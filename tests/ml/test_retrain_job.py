@@ -34,6 +34,7 @@ from ml import models as M
 from ml.result import table_sha256
 from ml.table import DATASETS, FEATURES, KEYS, LABELS, load_table
 from ml.walkforward import LONGEST_WINDOW, make_folds
+from testing.spark_cluster import standalone_cluster
 from testing.support import REPO
 
 P = DATASETS["iaqf"]
@@ -59,8 +60,8 @@ def registry(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> R.
 
 
 def submit(settings: Settings, registry: R.RegistryConfig, lake: Path, out: Path,
-           *args: str) -> Job:
-    """``spark-submit --master local[2] ml/retrain.py --lake LAKE --out OUT ARGS`` with the
+           *args: str, master: str = "local[2]") -> Job:
+    """``spark-submit --master MASTER ml/retrain.py --lake LAKE --out OUT ARGS`` with the
     stack's settings as ``ARB_*`` variables, from an empty working directory."""
     from arbstream.shell.stack import ensure_java
 
@@ -73,7 +74,7 @@ def submit(settings: Settings, registry: R.RegistryConfig, lake: Path, out: Path
             "ARB_MODELS_DIR": str(registry.models_dir), "ARB_ML_PROMOTION_FOLDS": "2"}
     out.parent.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
-        [str(spark_submit), "--master", "local[2]", str(REPO / "ml" / "retrain.py"),
+        [str(spark_submit), "--master", master, str(REPO / "ml" / "retrain.py"),
          "--lake", str(lake), "--out", str(out), "--k-max", "3", "--lsh-queries", "3",
          "--cluster-rows", "20000", "--lsh-rows", "5000", *args],
         cwd=out.parent, env=env, capture_output=True, text=True, timeout=900)
@@ -292,16 +293,22 @@ def test_a_second_retrain_scores_the_champion_on_its_own_folds(
     job: Job, settings: Settings, registry: R.RegistryConfig, iaqf_lake: Path,
     tmp_path: Path,
 ) -> None:
-    """Run the job again on the depeg day alone with 3 trees: each new version's folds carry
-    the current champion's metrics on the same test rows, recomputed here from the
-    champion's model and the job's saved features; the decision follows the rule."""
+    """Run the job again, on a Spark standalone cluster (a master and a worker started from
+    the pyspark distribution: the command a real cluster takes), on the depeg day alone with
+    3 trees: each new version's folds carry the current champion's metrics on the same test
+    rows, recomputed here from the champion's model and the job's saved features; the
+    decision follows the rule."""
     from ml.result import REGISTERED
 
     champions = {name: R.load(registry, name, features=list(FEATURE_NAMES))
                  for name in REGISTERED if R.champion_version(registry, name) is not None}
     assert champions
-    again = submit(settings, registry, iaqf_lake, tmp_path / "again", "--start", "2023-03-10",
-                   "--end", "2023-03-10", "--folds", "2", "--trees", "3", "--no-cluster")
+    with standalone_cluster(tmp_path / "cluster") as master:
+        again = submit(settings, registry, iaqf_lake, tmp_path / "again", "--start",
+                       "2023-03-10", "--end", "2023-03-10", "--folds", "2", "--trees", "3",
+                       "--no-cluster", master=master)
+        apps = list((tmp_path / "cluster" / "work").glob("app-*/*/stderr"))
+    assert apps, "no executor ran on the cluster's worker"
     assert json.loads((again.out / "result.json").read_text())["cluster"] == {}  # --no-cluster
     preds = pd.read_parquet(again.out / "predictions.parquet")
     x = preds[list(FEATURE_NAMES)]
