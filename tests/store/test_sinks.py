@@ -44,6 +44,7 @@ from arbstream.store.mongo.episodes import (
 from arbstream.store.mongo.features import upsert_features, upsert_pair_features
 from arbstream.store.mongo.opportunities import (
     _filter,
+    delete_opportunities,
     find_opportunities,
     summary,
     upsert_opportunities,
@@ -790,6 +791,17 @@ def test_upsert_pair_features(msettings: MongoConfig) -> None:
     }
     assert upsert_pair_features(msettings, [spread(), minimal]) == 2
     assert _docs(msettings, FEATURES) == docs  # identical, first_seen_at included
+
+
+def test_delete_opportunities_removes_them_and_their_pair_features(msettings: MongoConfig
+                                                                    ) -> None:
+    kept, gone = opportunity(), opportunity(sell="bitstamp")
+    upsert_opportunities(msettings, [kept, gone])
+    upsert_pair_features(msettings, [kept, gone])
+    assert delete_opportunities(msettings, [gone["opportunity_id"], "never-stored"]) == 1
+    assert set(_docs(msettings, OPPORTUNITIES)) == {kept["opportunity_id"]}
+    assert set(_docs(msettings, FEATURES)) == {"pair|" + kept["opportunity_id"]}
+    assert delete_opportunities(msettings, []) == 0
 
 
 def test_upsert_features_and_thresholds(msettings: MongoConfig) -> None:

@@ -50,7 +50,8 @@ def upsert_opportunities(conf: MongoConfig, rows: Iterable[Mapping[str, Any]]) -
 
 
 def delete_opportunities(conf: MongoConfig, ids: Iterable[str]) -> int:
-    """Delete retracted opportunities (and their pair feature documents) by id.
+    """Delete retracted opportunities and their pair feature documents (``_id`` = "pair|" +
+    id, :mod:`arbstream.store.mongo.features`) by id.
 
     Returns:
         Number of opportunity documents deleted (0 when none was stored).
@@ -62,7 +63,7 @@ def delete_opportunities(conf: MongoConfig, ids: Iterable[str]) -> int:
     if not ids:
         return 0
     deleted = C.collection(conf, OPPORTUNITIES).delete_many({"_id": {"$in": ids}})
-    C.collection(conf, FEATURES).delete_many({"_id": {"$in": ids}})
+    C.collection(conf, FEATURES).delete_many({"_id": {"$in": [f"pair|{i}" for i in ids]}})
     return deleted.deleted_count
 
 
