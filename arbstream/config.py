@@ -370,6 +370,10 @@ class Settings(BaseSettings):
             value = getattr(self, name)
             if value is not None and urlparse(value).scheme not in ("http", "https"):
                 raise ValueError(f"{name} must be http(s)://host:port, got {value!r}")
+        if self.ml_promotion_folds > self.ml_folds:
+            raise ValueError(f"ml_promotion_folds ({self.ml_promotion_folds}) must be <= "
+                             f"ml_folds ({self.ml_folds}): a version is judged on its last K "
+                             "walk-forward folds")
         self._check_alerts()
         return self
 

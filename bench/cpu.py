@@ -13,15 +13,17 @@ from pathlib import Path
 _TICK = os.sysconf("SC_CLK_TCK")
 #: Process kinds by command line, first match wins: CPU time is summed per kind.
 KINDS = (
-    ("publisher_proc", "publisher"), ("tansu", "broker"), ("influxd", "influxd"),
+    ("arbstream backfill", "backfill"), ("publisher_proc", "publisher"), ("tansu", "broker"),
+    ("influxd", "influxd"),
     ("secantusd", "mongo"), ("python_streaming_source_runner", "py source planner"),
     ("pyspark.daemon", "py workers"), ("pyspark.worker", "py workers"), ("java", "spark jvm"),
     ("retrain.py", "py driver (retrain.py)"),
 )
 
 
-def _tree(root: int) -> dict[tuple[int, int], tuple[str, float]]:
-    """(pid, start time) -> (kind, own CPU seconds) of ``root`` and all its descendants."""
+def _tree(root: int, root_kind: str = "driver") -> dict[tuple[int, int], tuple[str, float]]:
+    """(pid, start time) -> (kind, own CPU seconds) of ``root`` (kind ``root_kind``) and all
+    its descendants."""
     procs: dict[int, tuple[int, int, float, str]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -40,7 +42,7 @@ def _tree(root: int) -> dict[tuple[int, int], tuple[str, float]]:
         while ancestor not in (root, 0, 1) and ancestor in procs:
             ancestor = procs[ancestor][0]
         if ancestor == root:
-            kind = "driver" if pid == root else next(
+            kind = root_kind if pid == root else next(
                 (k for needle, k in KINDS if needle in cmd), "other")
             out[(pid, started)] = (kind, cpu)
     return out
@@ -52,21 +54,22 @@ class CpuSampler(threading.Thread):
     process that exits is counted up to its last sample (at most ``interval`` s of it is
     missed)."""
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, interval: float = 0.5, root_kind: str = "driver") -> None:
         super().__init__(daemon=True)
         self.interval = interval
-        self.first = _tree(os.getpid())
+        self.root_kind = root_kind  # this process: the Spark driver of the stream bench
+        self.first = _tree(os.getpid(), root_kind)
         self.last = dict(self.first)
         self.stop_event = threading.Event()
 
     def run(self) -> None:
         while not self.stop_event.wait(self.interval):
-            self.last.update(_tree(os.getpid()))
+            self.last.update(_tree(os.getpid(), self.root_kind))
 
     def delta(self) -> dict[str, float]:
         """Stop sampling; CPU seconds per kind since the start."""
         self.stop_event.set()
-        self.last.update(_tree(os.getpid()))
+        self.last.update(_tree(os.getpid(), self.root_kind))
         out: dict[str, float] = {}
         for key, (kind, cpu) in self.last.items():
             used = cpu - self.first.get(key, (kind, 0.0))[1]

@@ -47,7 +47,7 @@ def backfill(lake: Path, dataset: str, data_dir: Path) -> dict[str, Any]:
     """``arbstream backfill --input <dataset>`` into ``lake``; wall and CPU seconds."""
     env = {**os.environ, "ARB_LAKE_DIR": str(lake), "ARB_DATA_DIR": str(data_dir),
            "PYSPARK_PYTHON": sys.executable}
-    sampler = CpuSampler(interval=2.0)
+    sampler = CpuSampler(interval=2.0, root_kind="bench")
     sampler.start()
     start = time.perf_counter()
     subprocess.run([str(Path(sys.executable).with_name("arbstream")), "backfill", "--input",
@@ -65,7 +65,7 @@ def retrain(lake: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     if args.trees:
         cmd += ["--trees", str(args.trees)]
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
-    sampler = CpuSampler(interval=2.0)
+    sampler = CpuSampler(interval=2.0, root_kind="bench")
     sampler.start()
     start = time.perf_counter()
     subprocess.run(cmd, env=env, check=True)

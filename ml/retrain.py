@@ -30,6 +30,7 @@ import pandas as pd
 from pyspark.sql import SparkSession
 
 from arbstream.features import FEATURE_NAMES
+from arbstream.store import lake
 from arbstream.store.models import feature_schema_hash
 from ml.cluster import ClusterParams, cluster
 from ml.models import ModelParams
@@ -83,12 +84,14 @@ def code_version() -> str:
 
 
 def checkpoint_dir(spark: SparkSession) -> None:
-    """Give the SparkContext a checkpoint directory when it has none (a temporary one, removed
-    at exit). MLlib's ``GBTRegressor`` checkpoints its running predictions every
+    """Give a local SparkContext a checkpoint directory when it has none (a temporary one,
+    removed at exit). MLlib's ``GBTRegressor`` checkpoints its running predictions every
     ``checkpointInterval`` (10) iterations only when one is set; without it the lineage of
-    every boosting iteration grows with the iterations before it, and so does its time."""
+    every boosting iteration grows with the iterations before it, and so does its time. On a
+    cluster the directory must be on storage every executor shares: set ``spark.checkpoint.dir``
+    (``--conf``); without it the job runs without checkpoints."""
     sc = spark.sparkContext
-    if sc.getCheckpointDir() is None:
+    if sc.getCheckpointDir() is None and sc.master.startswith("local"):
         path = tempfile.mkdtemp(prefix="arb-retrain-checkpoint-")
         atexit.register(shutil.rmtree, path, True)
         sc.setCheckpointDir(path)
@@ -102,9 +105,17 @@ def _utc(ts: pd.Timestamp) -> pd.Timestamp:
 def retrain(spark: SparkSession, p: RetrainParams, progress: bool = True) -> TrainingResult:
     """Run every step over the lake ``p.lake``; the result (nothing written).
 
+    The run holds the lake's shared lock (:func:`arbstream.store.lake.locked`), so a
+    compaction waits for it.
+
     Raises:
         ValueError: the lake holds too few labelled windows for ``p.folds`` folds.
     """
+    with lake.locked(lake.LakeConfig(Path(p.lake))):  # no compaction while it reads
+        return _retrain(spark, p, progress)
+
+
+def _retrain(spark: SparkSession, p: RetrainParams, progress: bool) -> TrainingResult:
     from ml.registry import library_versions
 
     seconds: dict[str, float] = {}
@@ -177,7 +188,7 @@ def register(result: TrainingResult, out: Path, p: RetrainParams) -> dict[str, s
                 p.table.horizon_steps)
             version, decision = register_result(cfg, name, result.registry_result(
                 name, lag * step, p.table.min_net * 1e4, mllib, scored),
-                k=min(settings.ml_promotion_folds, p.folds))
+                k=settings.ml_promotion_folds)  # fewer folds than K: never promoted
             verdict = "promoted" if decision.promote else "not promoted"
             outcome[name] = f"v{version}: {verdict}: {decision.reason}"
         except Exception as exc:  # noqa: BLE001 (reported; the directory has the result)
@@ -220,6 +231,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[RetrainParams, Path, bool]:
     model = ModelParams(seed=a.seed if a.seed is not None else s.ml_seed)
     if a.trees:
         model = dataclasses.replace(model, gbr_trees=a.trees, rf_trees=a.trees)
+    if a.folds is not None and a.folds < s.ml_promotion_folds and not a.no_register:
+        ap.error(f"--folds {a.folds} is below the promotion rule's K = "
+                 f"{s.ml_promotion_folds} (ARB_ML_PROMOTION_FOLDS): no version could be "
+                 "promoted; give more folds, a smaller K, or --no-register")
     p = RetrainParams(lake=a.lake or str(s.lake_root), dataset=a.dataset,
                       table=dataclasses.replace(DATASETS[a.dataset], **over), model=model,
                       cluster=None if a.no_cluster else ClusterParams(

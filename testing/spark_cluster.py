@@ -32,7 +32,7 @@ def _alive_workers(webui: str) -> int:
 
 @contextmanager
 def standalone_cluster(work: Path, cores: int = 2, memory: str = "2g",
-                       timeout: float = 60.0) -> Iterator[str]:
+                       timeout: float = 180.0) -> Iterator[str]:
     """Start a master and one worker (``cores``, ``memory``) with logs and scratch under
     ``work``; yield the master URL once the worker has registered; stop both.
 

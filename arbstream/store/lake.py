@@ -28,9 +28,10 @@ the same id: take the last version per id (:func:`latest`).
 
 Compaction (:func:`compact`, ``arbstream lake compact``): the stream writes a file per
 micro-batch, task and date (about 30,000 an hour at a 0.5 s trigger); compaction merges a
-date partition's stream files into one ``compacted-<digest>.parquet`` that names its sources
-in its metadata, and leaves alone the newest micro-batch of each checkpoint (the one Spark may
-still replay after a crash, which would rewrite its files).
+date partition's stream files into one ``compacted-<digest>.parquet`` (a manifest beside it
+while it runs makes it crash-safe), and leaves alone the newest micro-batch of each checkpoint
+(the one Spark may still replay after a crash, which would rewrite its files). Readers of many
+files take the lake's shared lock (:func:`locked`) and compaction the exclusive one.
 
 Configuration: :class:`LakeConfig` (``ARB_LAKE_DIR``, default ``<state_dir>/lake``), small and
 picklable for Spark executors.
@@ -38,14 +39,18 @@ picklable for Spark executors.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import operator
 import os
 import re
+import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -262,8 +267,9 @@ def read(cfg: LakeConfig, record: str, since: datetime | None = None,
         where += [time >= _utc(since), day >= pa.scalar(to_utc(since).date(), pa.date32())]
     if until is not None:
         where += [time < _utc(until), day <= pa.scalar(to_utc(until).date(), pa.date32())]
-    return dataset.to_table(columns=schema.names,
-                            filter=functools.reduce(operator.and_, where) if where else None)
+    with locked(cfg):  # no compaction deletes a listed file meanwhile
+        return dataset.to_table(columns=schema.names, filter=functools.reduce(
+            operator.and_, where) if where else None)
 
 
 def latest(table: pa.Table, record: str) -> pa.Table:
@@ -295,15 +301,69 @@ def latest(table: pa.Table, record: str) -> pa.Table:
 
 #: A stream file's key: ``market[-<query id, 12 hex>]-<batch, 10 digits>-<partition, 5>``.
 STREAM_KEY = re.compile(r"^(?P<run>market(?:-[0-9a-f]{12})?)-(?P<batch>\d{10})-\d{5}$")
-#: Prefix of a compacted file's name; its Parquet metadata lists its sources.
+#: Prefix of a compacted file's name.
 COMPACTED = "compacted-"
-_SOURCES = b"arbstream.sources"
+#: Prefix of a compaction's manifest (``_``: pyarrow and Spark do not read it as data).
+MANIFEST = "_compaction-"
+#: Hidden temporary files older than this are a crashed writer's and are removed, s.
+STALE_TMP_S = 3600.0
+LOCK_FILE = ".lock"
 
 
-def _sources(file: Path) -> set[str]:
-    """The source file names a compacted file merged (its Parquet key-value metadata)."""
-    meta = pq.read_schema(file).metadata or {}
-    return set(json.loads(meta.get(_SOURCES, b"[]")))
+@contextmanager
+def locked(cfg: LakeConfig, shared: bool = True) -> Iterator[None]:
+    """Hold the lake's lock (``<lake>/.lock``, ``fcntl.flock``): shared for readers of many
+    files (a retrain), exclusive for :func:`compact`, so a compaction never deletes a file
+    a reader listed and a reader never sees a file and its compacted copy. Blocks until
+    granted. The stream's writers take no lock (see :func:`compact`). ``flock`` is
+    per-host: on a lake shared by several hosts, run compaction where nothing reads.
+
+    Raises:
+        OSError: the lock file cannot be created.
+    """
+    cfg.dir.mkdir(parents=True, exist_ok=True)
+    with open(cfg.dir / LOCK_FILE, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_json(data: dict[str, Any], target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+
+
+def _recover(directory: Path, dry_run: bool) -> int:
+    """Finish or discard the compactions a crash interrupted in ``directory``: a manifest
+    whose compacted file exists has its remaining sources deleted; one without it (the crash
+    came before the compacted file was in place) is discarded, its sources untouched.
+    Returns the source files deleted."""
+    removed = 0
+    for manifest in sorted(directory.glob(f"{MANIFEST}*.json")):
+        entry = json.loads(manifest.read_text())
+        if (directory / entry["compacted"]).is_file():
+            for name in entry["sources"]:
+                source = directory / name
+                if source.is_file():
+                    removed += 1
+                    if not dry_run:
+                        source.unlink()
+        if not dry_run:
+            manifest.unlink()
+    return removed
+
+
+def _remove_stale_tmp(directory: Path, now: float) -> None:
+    for tmp in directory.glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if now - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink()
 
 
 def compact(cfg: LakeConfig, records: Iterable[str] | None = None,
@@ -311,15 +371,19 @@ def compact(cfg: LakeConfig, records: Iterable[str] | None = None,
     """Merge the stream's small files (:data:`STREAM_KEY`) of each record type and date into
     one ``compacted-<sha256 of the source names, 16 hex>.parquet`` per run of compaction,
     rows sorted by the record's time column, written atomically; then delete the sources.
+    Run it once a day after the date closed and each date ends as one file.
 
-    Safe to run while the stream writes, and after a crash at any point:
+    Safe while the stream writes, while readers hold :func:`locked` (it waits for them), and
+    after a crash at any point:
 
     * the newest micro-batch of each checkpoint run (across all records and dates) is left
       alone: Spark replays at most that batch after a restart, and a replay rewrites its
       files by key;
-    * a compacted file lists its sources in its metadata: sources that are already in one
-      (a compaction that stopped before deleting them) are deleted, not merged again;
-    * backfill files (``backfill-*``) are left alone: they are written in large chunks.
+    * before the compacted file, a manifest ``_compaction-<digest>.json`` (ignored by pyarrow
+      and Spark) names it and its sources; a later run finishes a compaction whose compacted
+      file exists (deletes the sources left) and discards one whose compacted file does not;
+    * backfill files (``backfill-*``) are left alone: they are written in large chunks;
+    * hidden temporary files older than :data:`STALE_TMP_S` (a crashed writer's) are removed.
 
     Args:
         cfg: the lake.
@@ -327,9 +391,9 @@ def compact(cfg: LakeConfig, records: Iterable[str] | None = None,
         dry_run: count only, change nothing.
 
     Returns:
-        ``{"partitions": merged date partitions, "merged": source files merged, "removed":
-        source files deleted (merged or already merged), "kept": stream files left as they
-        are (the newest batches, single files)}``.
+        ``{"partitions": date partitions merged, "merged": source files merged, "removed":
+        source files deleted (merged now, or by an interrupted run), "kept": stream files
+        left as they are (the newest batches, single files)}``.
 
     Raises:
         ValueError: an unknown record type.
@@ -338,40 +402,45 @@ def compact(cfg: LakeConfig, records: Iterable[str] | None = None,
     chosen = list(records) if records is not None else list(RECORDS)
     for record in chosen:
         _check_record(record)
-    files = [(record, f) for record in chosen
-             for f in sorted(path(cfg, record).glob(f"{PARTITION}=*/market*.parquet"))
-             if STREAM_KEY.match(f.stem)]
-    newest: dict[str, int] = {}
-    for _, f in files:
-        m = STREAM_KEY.match(f.stem)
-        newest[m["run"]] = max(newest.get(m["run"], -1), int(m["batch"]))
     counts = {"partitions": 0, "merged": 0, "removed": 0, "kept": 0}
-    groups: dict[Path, list[Path]] = {}
-    for _, f in files:
-        m = STREAM_KEY.match(f.stem)
-        if int(m["batch"]) == newest[m["run"]]:
-            counts["kept"] += 1
-        else:
-            groups.setdefault(f.parent, []).append(f)
-    for directory, sources in groups.items():
-        done = set().union(*(_sources(c) for c in directory.glob(f"{COMPACTED}*.parquet")))
-        merged = [f for f in sources if f.name in done]
-        todo = [f for f in sources if f.name not in done]
-        if len(todo) == 1 and not merged:
-            counts["kept"] += 1
-            continue
-        if not dry_run and todo:
-            record = directory.parent.name
-            table = pa.concat_tables([to_table(record, pq.read_table(f)) for f in todo])
-            table = table.sort_by([(TIME_COLUMN[record], "ascending")])
-            names = sorted(f.name for f in todo)
+    with locked(cfg, shared=False):
+        now = time.time()
+        directories = [d for r in chosen for d in sorted(path(cfg, r).glob(f"{PARTITION}=*"))]
+        for directory in directories:
+            counts["removed"] += _recover(directory, dry_run)
+            if not dry_run:
+                _remove_stale_tmp(directory, now)
+        files = [f for d in directories for f in sorted(d.glob("market*.parquet"))
+                 if STREAM_KEY.match(f.stem) and f.is_file()]
+        newest: dict[str, int] = {}
+        for f in files:
+            m = STREAM_KEY.match(f.stem)
+            newest[m["run"]] = max(newest.get(m["run"], -1), int(m["batch"]))
+        groups: dict[Path, list[Path]] = {}
+        for f in files:
+            m = STREAM_KEY.match(f.stem)
+            if int(m["batch"]) == newest[m["run"]]:
+                counts["kept"] += 1
+            else:
+                groups.setdefault(f.parent, []).append(f)
+        for directory, sources in groups.items():
+            if len(sources) == 1:
+                counts["kept"] += 1
+                continue
+            counts["partitions"] += 1
+            counts["merged"] += len(sources)
+            counts["removed"] += len(sources)
+            if dry_run:
+                continue
+            names = sorted(f.name for f in sources)
             digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
-            table = table.replace_schema_metadata({_SOURCES: json.dumps(names).encode()})
-            _atomic_write(table, directory / f"{COMPACTED}{digest}.parquet")
-        if not dry_run:
-            for f in [*merged, *todo]:
+            target = directory / f"{COMPACTED}{digest}.parquet"
+            manifest = directory / f"{MANIFEST}{digest}.json"
+            _write_json({"compacted": target.name, "sources": names}, manifest)
+            record = directory.parent.name
+            table = pa.concat_tables([to_table(record, pq.read_table(f)) for f in sources])
+            _atomic_write(table.sort_by([(TIME_COLUMN[record], "ascending")]), target)
+            for f in sources:
                 f.unlink()
-        counts["partitions"] += 1 if todo else 0
-        counts["merged"] += len(todo)
-        counts["removed"] += len(merged) + len(todo)
+            manifest.unlink()
     return counts

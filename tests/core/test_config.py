@@ -473,3 +473,9 @@ def test_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ARB_WINDOW_SECONDS", "")
     s = Settings()
     assert s.smtp_username is None and s.smtp_password is None and s.window_seconds == 1.0
+
+
+def test_promotion_folds_cannot_exceed_the_folds() -> None:
+    assert Settings(ml_folds=3, ml_promotion_folds=3).ml_promotion_folds == 3
+    with pytest.raises(ValidationError, match=r"ml_promotion_folds \(4\) must be <= ml_folds"):
+        Settings(ml_folds=3, ml_promotion_folds=4)

@@ -68,7 +68,8 @@ def submit(settings: Settings, registry: R.RegistryConfig, lake: Path, out: Path
     ensure_java()
     spark_submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARB_")}
-    env |= {"PYSPARK_PYTHON": sys.executable, "ARB_STATE_DIR": str(out.parent / "state"),
+    env |= {"PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1",
+            "ARB_STATE_DIR": str(out.parent / "state"),
             "ARB_MONGO_URI": settings.mongo_uri.get_secret_value(),
             "ARB_MONGO_DB": registry.mongo.db, "ARB_INFLUX_URL": settings.influx_url,
             "ARB_MODELS_DIR": str(registry.models_dir), "ARB_ML_PROMOTION_FOLDS": "2"}
@@ -272,6 +273,8 @@ def test_the_job_registers_both_models_and_applies_the_promotion_rule(
         docs = {d["version"]: d for d in R.mirrored(registry.mongo, name)}
         assert docs[1]["status"] == card.status and docs[1]["champion"] == promoted
         decided[name] = promoted
+        if promoted:  # on the last K = 2 folds (ARB_ML_PROMOTION_FOLDS), not all 3
+            assert "each of the last 2 folds (2, 3)" in card.reason, card.reason
         if promoted:  # the champion loads, its artifact is the job's model file
             loaded = R.load(registry, name, features=list(FEATURE_NAMES))
             assert R.file_sha256(loaded.path / R.MODEL_FILE) == R.file_sha256(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -281,15 +282,44 @@ def test_compaction_stopped_before_deleting_its_sources_does_not_duplicate(
     stale = [n for n in _stream_files(cfg) if not n.startswith(f"{run}-0000000002")
              and n.startswith(run)]  # already in the compacted files
     fresh = [n for n in _stream_files(cfg) if n.startswith("market-ffffffffffff-0000000000")]
-    merged_before = {n for f in cfg.dir.rglob(f"{lake.COMPACTED}*.parquet")
-                     for n in json.loads(pq.read_schema(f).metadata[b"arbstream.sources"])}
+    manifests = list(cfg.dir.rglob(f"{lake.MANIFEST}*.json"))
+    assert manifests and all((m.parent / json.loads(m.read_text())["compacted"]).is_file()
+                             for m in manifests)
+    merged_before = {n for m in manifests for n in json.loads(m.read_text())["sources"]}
     assert merged_before and merged_before <= set(stale)
     counts = lake.compact(cfg)  # the sources already merged are deleted, not merged again
     assert counts["removed"] == len(fresh) + len(stale)
     assert counts["merged"] == counts["removed"] - len(merged_before)
+    assert not list(cfg.dir.rglob(f"{lake.MANIFEST}*"))
     assert _content(lake.read(cfg, "spread")) == _content(lake.to_table("spread",
                                                                          [*written, *more]))
     assert len(_stream_files(cfg)) == sources - counts["removed"]
+
+
+def test_compaction_discards_a_manifest_whose_compacted_file_never_came(cfg, rows) -> None:
+    written = _stream_batches(cfg, rows, "market-0123456789ab", batches=3)
+    [directory, *_] = sorted(lake.path(cfg, "spread").glob("date=*"))
+    sources = sorted(f.name for f in directory.glob("market*.parquet"))
+    (directory / f"{lake.MANIFEST}0000000000000000.json").write_text(json.dumps(
+        {"compacted": f"{lake.COMPACTED}0000000000000000.parquet", "sources": sources}))
+    stale = directory / ".compacted-x.parquet.0123.tmp"
+    stale.write_bytes(b"partial")
+    os.utime(stale, (0, 0))  # a crashed writer's, long ago
+    lake.compact(cfg)
+    assert _content(lake.read(cfg, "spread")) == _content(lake.to_table("spread", written))
+    assert not list(cfg.dir.rglob(f"{lake.MANIFEST}*")) and not stale.exists()
+
+
+def test_a_reader_holding_the_lock_makes_compaction_wait(cfg, rows) -> None:
+    _stream_batches(cfg, rows, "market-0123456789ab", batches=3)
+    done = threading.Event()
+    with lake.locked(cfg):  # a retrain reading the lake
+        worker = threading.Thread(target=lambda: (lake.compact(cfg), done.set()))
+        worker.start()
+        assert not done.wait(1.0)  # compaction waits for the reader
+        assert not list(cfg.dir.rglob(f"{lake.COMPACTED}*"))
+    worker.join(30)
+    assert done.is_set() and list(cfg.dir.rglob(f"{lake.COMPACTED}*"))
 
 
 def test_compaction_refuses_an_unknown_record(cfg) -> None:
