@@ -340,3 +340,32 @@ def test_a_second_retrain_scores_the_champion_on_its_own_folds(
         assert card.status == ("champion" if wins else "rejected"), card.reason
         assert R.champion_version(registry, name) == (2 if wins else 1)
         assert f"{name}: v2: {card.reason}" in again.stdout
+
+
+def test_kmeans_silhouette_recomputes_from_the_saved_models(spark, saved_files, job: Job,
+                                                            table) -> None:
+    """The job's KMeans (k by silhouette) applied here with numpy: the saved imputer medians,
+    scaler and centres; scikit-learn's silhouette (squared Euclidean, as Spark's
+    ``ClusteringEvaluator``) on a fresh sample is close to the reported one."""
+    from pyspark.ml import PipelineModel
+    from pyspark.ml.clustering import KMeansModel
+    from sklearn.metrics import silhouette_score
+
+    summary = saved_files[0]["cluster"]
+    scores = {int(k): v for k, v in summary["silhouettes"].items()}
+    assert sorted(scores) == [2, 3] and summary["k"] == max(scores, key=scores.get)
+    assert 0.0 <= summary["recall_at_10"] <= 1.0 and summary["rows"] > 10_000
+    prep = PipelineModel.load(str(job.out / "mllib" / "cluster_prep"))
+    imputer, _, scaler = prep.stages
+    medians = imputer.surrogateDF.first().asDict()
+    cols = summary["features"]
+    x = table[cols].astype(float).fillna({c: medians[c] for c in cols}).to_numpy()
+    std = scaler.std.toArray()  # Spark's scaler maps a constant column to 0
+    z = np.where(std > 0, (x - scaler.mean.toArray()) / np.where(std > 0, std, 1.0), 0.0)
+    centres = np.array(KMeansModel.load(str(job.out / "mllib" / "kmeans")).clusterCenters())
+    assert centres.shape == (summary["k"], len(cols))
+    labels = ((z[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1)
+    assert len(np.unique(labels)) == summary["k"]
+    pick = np.random.default_rng(1).choice(len(z), 4000, replace=False)
+    ours = silhouette_score(z[pick], labels[pick], metric="sqeuclidean")
+    assert ours == pytest.approx(scores[summary["k"]], abs=0.05), (ours, scores)
