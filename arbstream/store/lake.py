@@ -49,12 +49,12 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -161,14 +161,14 @@ def to_table(record: str, rows: pa.Table | Iterable[Mapping[str, Any]]) -> pa.Ta
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _atomic_write(table: pa.Table, target: Path) -> None:
-    """Write ``table`` to ``target`` through a hidden temporary file in the same directory
-    (ignored by pyarrow and Spark), fsynced, then renamed over ``target``."""
+def _atomic_write(target: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``target`` through a hidden temporary file in the same directory (ignored by
+    pyarrow and Spark): ``write(handle)``, fsync, then rename over ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as handle:
-            pq.write_table(table, handle, compression="zstd")
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -215,7 +215,7 @@ def write(cfg: LakeConfig, record: str, rows: pa.Table | Iterable[Mapping[str, A
     for day in sorted(pc.unique(days).to_pylist()):
         part = table.filter(pc.equal(days, pa.scalar(day, pa.date32())))
         target = path(cfg, record) / f"{PARTITION}={day.isoformat()}" / f"{key}.parquet"
-        _atomic_write(part, target)
+        _atomic_write(target, lambda h, part=part: pq.write_table(part, h, compression="zstd"))
         written.append(target)
     return written
 
@@ -330,15 +330,6 @@ def locked(cfg: LakeConfig, shared: bool = True) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _write_json(data: dict[str, Any], target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
-
-
 def _recover(directory: Path, dry_run: bool) -> int:
     """Finish or discard the compactions a crash interrupted in ``directory``: a manifest
     whose compacted file exists has its remaining sources deleted; one without it (the crash
@@ -410,16 +401,15 @@ def compact(cfg: LakeConfig, records: Iterable[str] | None = None,
             counts["removed"] += _recover(directory, dry_run)
             if not dry_run:
                 _remove_stale_tmp(directory, now)
-        files = [f for d in directories for f in sorted(d.glob("market*.parquet"))
-                 if STREAM_KEY.match(f.stem) and f.is_file()]
+        keyed = [(f, m["run"], int(m["batch"])) for d in directories
+                 for f in sorted(d.glob("market*.parquet"))
+                 if (m := STREAM_KEY.match(f.stem)) and f.is_file()]
         newest: dict[str, int] = {}
-        for f in files:
-            m = STREAM_KEY.match(f.stem)
-            newest[m["run"]] = max(newest.get(m["run"], -1), int(m["batch"]))
+        for _, run, batch in keyed:
+            newest[run] = max(newest.get(run, -1), batch)
         groups: dict[Path, list[Path]] = {}
-        for f in files:
-            m = STREAM_KEY.match(f.stem)
-            if int(m["batch"]) == newest[m["run"]]:
+        for f, run, batch in keyed:
+            if batch == newest[run]:
                 counts["kept"] += 1
             else:
                 groups.setdefault(f.parent, []).append(f)
@@ -436,10 +426,12 @@ def compact(cfg: LakeConfig, records: Iterable[str] | None = None,
             digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
             target = directory / f"{COMPACTED}{digest}.parquet"
             manifest = directory / f"{MANIFEST}{digest}.json"
-            _write_json({"compacted": target.name, "sources": names}, manifest)
+            entry = json.dumps({"compacted": target.name, "sources": names}).encode()
+            _atomic_write(manifest, lambda h, e=entry: h.write(e))
             record = directory.parent.name
             table = pa.concat_tables([to_table(record, pq.read_table(f)) for f in sources])
-            _atomic_write(table.sort_by([(TIME_COLUMN[record], "ascending")]), target)
+            table = table.sort_by([(TIME_COLUMN[record], "ascending")])
+            _atomic_write(target, lambda h, t=table: pq.write_table(t, h, compression="zstd"))
             for f in sources:
                 f.unlink()
             manifest.unlink()

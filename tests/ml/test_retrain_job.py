@@ -227,6 +227,13 @@ def test_mllib_and_sklearn_agree_in_direction(saved_files) -> None:
         assert preds.loc[positive, model].mean() > preds.loc[~positive, model].mean(), model
 
 
+def _wins(kind: str, mine: dict, other: dict) -> bool:
+    """One fold of the rule: RMSE lower (regressor); Brier lower and AUC-PR not lower."""
+    if kind == "regression":
+        return mine["rmse"] < other["rmse"]
+    return mine["brier"] < other["brier"] and mine["auc_pr"] >= other["auc_pr"]
+
+
 def _rule(kind: str, folds: pd.DataFrame, model: str, k: int = 2) -> bool:
     """The promotion rule recomputed from ``metrics.csv``: on each of the last ``k`` folds,
     RMSE below persistence's (regressor), or Brier below and AUC-PR at least those of the
@@ -234,14 +241,9 @@ def _rule(kind: str, folds: pd.DataFrame, model: str, k: int = 2) -> bool:
     last = sorted(folds["group"].astype(int).unique())[-k:]
     for fold in last:
         rows = folds[folds["group"].astype(int) == fold].set_index("model")
-        if kind == "regression":
-            if not rows.loc[model, "rmse"] < rows.loc["persistence", "rmse"]:
-                return False
-            continue
-        for base in ("threshold_rule", "base_rate"):
-            if not (rows.loc[model, "brier"] < rows.loc[base, "brier"]
-                    and rows.loc[model, "auc_pr"] >= rows.loc[base, "auc_pr"]):
-                return False
+        bases = ("persistence",) if kind == "regression" else ("threshold_rule", "base_rate")
+        if not all(_wins(kind, rows.loc[model], rows.loc[base]) for base in bases):
+            return False
     return True
 
 
@@ -283,13 +285,6 @@ def test_the_job_registers_both_models_and_applies_the_promotion_rule(
                 assert loaded.mllib_path is not None
                 assert (loaded.mllib_path / "metadata").is_dir()
     assert any(decided.values()), f"the job promoted nothing: {decided}"
-
-
-def _wins(kind: str, mine: dict, other: dict) -> bool:
-    """One fold of the rule: RMSE lower (regressor); Brier lower and AUC-PR not lower."""
-    if kind == "regression":
-        return mine["rmse"] < other["rmse"]
-    return mine["brier"] < other["brier"] and mine["auc_pr"] >= other["auc_pr"]
 
 
 def test_a_second_retrain_scores_the_champion_on_its_own_folds(
