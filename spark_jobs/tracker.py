@@ -10,7 +10,7 @@ Per **pair** (symbol, sell symbol, buy exchange, sell exchange), each window giv
 
 * with both legs' books streamed (``md.<exchange>.book``): ``size_base`` = the largest size
   whose book-walking net stays above ``min_net``, ``expected_profit`` = the best achievable
-  profit, and ``buy_vwap``/``sell_vwap`` for ``ARB_NOTIONAL_USD`` (:mod:`spark_jobs.depth`),
+  profit, and ``buy_vwap``/``sell_vwap`` for ``ARB_NOTIONAL_USD`` (:mod:`arbstream.depth`),
   ``size_source = "book"``;
 * ``spread_mean_bps``, ``spread_std_bps`` (sample, ddof 1) of ``net_bps`` over the previous
   ``ARB_STATS_HORIZON_SECONDS`` (windows ending in ``[t - horizon, t)``), once at least
@@ -60,7 +60,7 @@ from arbstream.records import (  # noqa: F401 (defined in core; re-exported for 
     SPREAD_FIELDS,
 )
 from arbstream.timestamps import from_ms, iso_ms, to_ms
-from spark_jobs.depth import size_from_books
+from arbstream.depth import size_from_books
 
 HOUR_MS = 3_600_000
 #: Values needed before a rolling mean/std (and so a z-score) is reported.
@@ -217,7 +217,7 @@ def _levels(value: Any) -> list[list[float]] | None:
 
 def with_depth(row: dict[str, Any], cfg: TrackerConfig) -> dict[str, Any]:
     """The spread row with ``size_base``, ``expected_profit(_usd)``, ``buy_vwap`` and
-    ``sell_vwap`` from both legs' books (:func:`spark_jobs.depth.size_from_books`) when both
+    ``sell_vwap`` from both legs' books (:func:`arbstream.depth.size_from_books`) when both
     are streamed (``size_source = "book"``); otherwise unchanged (top of book or notional)."""
     asks, bids = _levels(row.get("buy_asks")), _levels(row.get("sell_bids"))
     if asks is None or bids is None:

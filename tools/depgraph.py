@@ -8,7 +8,7 @@ The rule (docs/architecture.md)::
   no store, component or shell module;
 * **store** — ``arbstream.store``: every MongoDB collection and InfluxDB measurement; imports
   core only;
-* **components** — ``producers``, ``spark_jobs``, ``alerts``, ``grafana``, ``ml``: import core
+* **components** — ``producers``, ``spark_jobs``, ``alerts``, ``grafana``, ``ml``, ``backtest``: import core
   and store, never another component and never the shell;
 * **shell** — ``arbstream.shell``: the CLI that mounts the components' sub-apps, the local
   stack and the demo; may import anything.
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 CORE, STORE, COMPONENT, SHELL = "core", "store", "component", "shell"
 #: Layer order: a module may import its own layer and the layers before it.
 RANK = {CORE: 0, STORE: 1, COMPONENT: 2, SHELL: 3}
-COMPONENTS = ("producers", "spark_jobs", "alerts", "grafana", "ml")
+COMPONENTS = ("producers", "spark_jobs", "alerts", "grafana", "ml", "backtest")
 PRODUCT = ("arbstream", *COMPONENTS)
 #: Test infrastructure and test-only dependencies (pyproject's ``test`` extra) that no
 #: product module may import.

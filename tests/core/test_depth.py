@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spark_jobs.depth import size_from_books
+from arbstream.depth import size_from_books
 
 ASKS = [[100.0, 1.0], [101.0, 2.0]]
 BIDS = [[102.0, 1.5], [100.5, 1.0]]
