@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from arbstream.config import Settings
+from arbstream.depth import size_from_books
 from arbstream.fees import BPS
 from arbstream.records import (  # noqa: F401 (defined in core; re-exported for the engine)
     EPISODE_FIELDS,
@@ -60,7 +61,6 @@ from arbstream.records import (  # noqa: F401 (defined in core; re-exported for 
     SPREAD_FIELDS,
 )
 from arbstream.timestamps import from_ms, iso_ms, to_ms
-from arbstream.depth import size_from_books
 
 HOUR_MS = 3_600_000
 #: Values needed before a rolling mean/std (and so a z-score) is reported.

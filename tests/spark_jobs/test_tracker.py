@@ -21,11 +21,11 @@ import pandas as pd
 import pytest
 
 from arbstream.config import Settings
+from arbstream.depth import size_from_books
 from arbstream.schemas import Book, Quote
 from arbstream.timestamps import from_ms, iso_ms, to_ms
 from producers.replay.iaqf import load_iaqf_quotes
 from spark_jobs import tracker
-from arbstream.depth import size_from_books
 from spark_jobs.engine import EngineConfig
 from testing.reference import OUTPUT_COLUMNS, reference_spreads
 from tests.spark_jobs.test_engine_scenarios import config, engine_frame, quotes_frame, run
