@@ -8,8 +8,8 @@ The rule (docs/architecture.md)::
   no store, component or shell module;
 * **store** — ``arbstream.store``: every MongoDB collection and InfluxDB measurement; imports
   core only;
-* **components** — ``producers``, ``spark_jobs``, ``alerts``, ``grafana``, ``ml``, ``backtest``: import core
-  and store, never another component and never the shell;
+* **components** — ``producers``, ``spark_jobs``, ``alerts``, ``grafana``, ``ml``,
+  ``backtest``: import core and store, never another component and never the shell;
 * **shell** — ``arbstream.shell``: the CLI that mounts the components' sub-apps, the local
   stack and the demo; may import anything.
 
