@@ -10,8 +10,9 @@ exchange's bids. With ``C(q)`` the cost (buy quote currency) and ``P(q)`` the pr
 lives in the core so that the stream (``spark_jobs.tracker``) and the backtester
 (``backtest.execution``) size and fill with the same code. ``net`` falls as ``q`` grows.
 Within a segment between two level boundaries both marginal prices are constant, so ``P``
-and ``C`` are linear and the largest ``q`` with ``net(q) >= min_net`` is solved exactly. The profit ``P(q) - C(q) (1 + costs)`` is concave and piecewise
-linear, so its maximum is at a level boundary.
+and ``C`` are linear and the largest ``q`` with ``net(q) >= min_net`` is solved exactly. The
+profit ``P(q) - C(q) (1 + costs)`` is concave and piecewise linear, so its maximum is at a
+level boundary.
 """
 
 from __future__ import annotations
