@@ -107,3 +107,27 @@ def size_from_books(
             buy_vwap = notional / q
             sell_vwap = float(_value_at(bp, bq, bv, np.array([q]))[0]) / rate / q
     return Depth(max_size, float(points[best]), float(profit[best]), buy_vwap, sell_vwap)
+
+
+def walk(levels: Levels, qty: float) -> tuple[float, float]:
+    """Fill a taker order of ``qty`` base units along one side of a book.
+
+    Args:
+        levels: ``[[price, size], ...]`` best first (asks ascending for a buy, bids
+            descending for a sell); levels with a non-positive price or size are ignored.
+        qty: base units wanted, ``>= 0``.
+
+    Returns:
+        ``(filled, value)``: the base units filled (``min(qty, total size)``) and their value
+        in the book's quote currency (so the average price is ``value / filled``).
+
+    Raises:
+        ValueError: a negative ``qty``.
+    """
+    if qty < 0:
+        raise ValueError(f"qty must be >= 0, got {qty}")
+    prices, cum_qty, cum_value = _cumulative(levels)
+    if len(prices) == 0 or qty == 0:
+        return 0.0, 0.0
+    filled = min(float(qty), float(cum_qty[-1]))
+    return filled, float(_value_at(prices, cum_qty, cum_value, np.array([filled]))[0])

@@ -1,0 +1,117 @@
+"""``arbstream backtest``: bots replayed against the stream's own signals and the recorded
+quotes (:mod:`backtest`)."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from arbstream.console import console, err, fail, settings_or_exit
+from arbstream.console import time_option as _time
+from arbstream.shell.backfill import Input, read_quotes
+
+app = typer.Typer(help="Backtest trading bots on the stream's signals and recorded quotes.",
+                  no_args_is_help=True)
+
+#: Columns of the printed comparison (name in the table -> label).
+COLUMNS = {"trades": "trades", "win_rate": "win %", "total_profit_usd": "profit $",
+           "avg_profit_usd": "avg $", "largest_win_usd": "best $", "largest_loss_usd": "worst $",
+           "profit_factor": "PF", "fees_usd": "fees $", "fill_ratio": "fill",
+           "capture": "capture", "sharpe": "Sharpe", "sortino": "Sortino",
+           "max_drawdown": "max DD", "end_equity_usd": "equity $"}
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if key in ("win_rate", "max_drawdown", "capture", "fill_ratio"):
+        return f"{100 * value:.1f}%" if key != "fill_ratio" else f"{value:.3f}"
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    return str(value)
+
+
+def comparison_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """The bot comparison as a rich table."""
+    table = Table(title=title)
+    table.add_column("bot")
+    for label in COLUMNS.values():
+        table.add_column(label, justify="right")
+    for row in rows:
+        table.add_row(row["bot"], *(_fmt(k, row.get(k)) for k in COLUMNS))
+    return table
+
+
+@app.command("run", help="Run the threshold (p50/p75/p95), oracle and naive bots on the "
+             "lake's opportunities against the recorded quotes; print the comparison, export the "
+             "trades (Parquet, CSV, JSON) under ARB_BACKTEST_OUTPUT_DIR and store the run.")
+def run_command(
+    source: Annotated[Input, typer.Option("--input", help="the recording whose quotes fill "
+                                          "the orders (iaqf or binance)")] = Input.iaqf,
+    start: Annotated[str | None, typer.Option("--from", help="ISO-8601, inclusive")] = None,
+    end: Annotated[str | None, typer.Option("--to", help="ISO-8601, exclusive")] = None,
+    backfill: Annotated[bool, typer.Option(
+        help="first run the stream's logic over the same range into the lake "
+        "(as `arbstream backfill`)")] = False,
+    usdc_pause: Annotated[bool, typer.Option(
+        help="scenario: USDC transfers paused over the March 2023 depeg weekend")] = False,
+    store: Annotated[bool, typer.Option(help="write MongoDB `backtests` and InfluxDB")] = True,
+) -> None:
+    """``backtest.job.run_job`` on the recording's quotes (see the command's help)."""
+    from arbstream.privacy import IdHashKeyMissing
+    from backtest.job import run_job
+    from backtest.market import Market
+
+    settings = settings_or_exit()
+    since, until = _time(start), _time(end)
+    try:
+        if backfill:
+            _backfill(settings, source, since, until)
+        err.print(f"reading the {source} recording ...")
+        _, quotes = read_quotes(settings, source, since, until)
+        market = Market.from_records(quotes, max_age_ms=int(
+            settings.max_quote_age_seconds * 1000))
+        job = run_job(settings, market, source.value, since, until, usdc_paused=usdc_pause,
+                      store=store)
+    except (ValueError, OSError, IdHashKeyMissing) as exc:
+        raise fail(exc) from None
+    console.print(comparison_table(job.table.to_dict("records"), f"backtest {job.run_id}"))
+    console.print(f"trades: {job.files.parquet} (.csv, .json); summary: {job.files.summary}")
+    if job.stored is not None:
+        console.print(f"stored: {job.stored['documents']} MongoDB documents, "
+                      f"{job.stored['points']} InfluxDB points")
+        for line, reason in job.stored["rejected"]:
+            err.print(f"InfluxDB refused a point: {reason}: {line[:120]}")
+
+
+def _backfill(settings: Any, source: Input, since: datetime | None, until: datetime | None
+              ) -> None:
+    from arbstream.store import lake
+    from spark_jobs.backfill import BackfillConfig
+    from spark_jobs.backfill import backfill as run_backfill
+
+    cfg = BackfillConfig.of(settings)
+    lake.remove(cfg.lake, f"backfill-{source.value}-")
+    err.print(f"backfilling the {source} recording into {cfg.lake.dir} ...")
+    _, quotes = read_quotes(settings, source, since, until)
+    run_backfill((q.to_json() for q in quotes), source.value, cfg)
+
+
+@app.command("show")
+def show_command(
+    run: Annotated[str | None, typer.Option(help="run id (default: the latest)")] = None,
+) -> None:
+    """Print a stored run's bot comparison (MongoDB `backtests`)."""
+    from arbstream.store.config import MongoConfig
+    from arbstream.store.mongo.backtests import backtest_run
+
+    settings = settings_or_exit()
+    docs = backtest_run(MongoConfig.of(settings), run)
+    if not docs:
+        raise fail(ValueError(f"no backtest run {run or ''} in MongoDB".replace("  ", " ")))
+    rows = [{"bot": d["bot"], **d["metrics"]} for d in docs]
+    console.print(comparison_table(rows, f"backtest {docs[0]['run_id']}"))
