@@ -2,7 +2,7 @@
 
 * ``threshold-p50`` / ``-p75`` / ``-p95``: trade a signal when its ``net_bps`` reaches the
   pair's recommended threshold of the last complete hour (:func:`backtest.signals.
-  hourly_thresholds`); no recommendation yet, no trade.
+  hourly_thresholds`); no recommendation yet (the first hour), no trade (``no_threshold``).
 * ``ml``: trade when the champion opportunity scorer's probability (computed by the caller
   on the signal's features, ``scores``: opportunity id → probability) reaches a threshold
   chosen on the training folds only (:func:`train_threshold`).
@@ -34,13 +34,14 @@ NAIVE_SLIPPAGE_BPS = 10.0
 
 @dataclass(frozen=True)
 class Bot:
-    """One bot. ``wants(signal)`` is its decision before execution (``None`` for the
-    oracles, which decide on the realized fills); ``constrained``: inventory and budget
+    """One bot. ``wants(signal)`` is its decision before execution: ``True`` to trade,
+    ``False`` to decline, or a reason (str) why it cannot decide, e.g. ``no_threshold``
+    (``None`` for the oracles, which decide on the realized fills); ``constrained``: inventory and budget
     apply; ``oracle``: perfect foresight."""
 
     name: str
     execution: ExecutionModel
-    wants: Callable[[Mapping[str, Any]], bool] | None = None
+    wants: Callable[[Mapping[str, Any]], bool | str] | None = None
     constrained: bool = True
     oracle: bool = False
 
@@ -66,9 +67,11 @@ class Thresholds:
 
 def threshold_bot(level: str, thresholds: Thresholds, execution: ExecutionModel) -> Bot:
     """``threshold-<level>`` (``p50``, ``p75``, ``p95``)."""
-    def wants(signal: Mapping[str, Any]) -> bool:
+    def wants(signal: Mapping[str, Any]) -> bool | str:
         th = thresholds.at(str(signal["pair"]), level, int(signal["t_ms"]))
-        return th is not None and float(signal["net_bps"]) >= th
+        if th is None:
+            return "no_threshold"
+        return float(signal["net_bps"]) >= th
 
     return Bot(f"threshold-{level}", execution, wants)
 
@@ -77,9 +80,9 @@ def score_bot(scores: Mapping[str, float], threshold: float, execution: Executio
               name: str = "ml") -> Bot:
     """Trades signals whose score (probability, 0..1) reaches ``threshold``; a signal
     without a score is not traded."""
-    def wants(signal: Mapping[str, Any]) -> bool:
+    def wants(signal: Mapping[str, Any]) -> bool | str:
         s = scores.get(str(signal["opportunity_id"]))
-        return s is not None and s >= threshold
+        return "no_score" if s is None else s >= threshold
 
     return Bot(name, execution, wants)
 

@@ -9,7 +9,8 @@ a fill at zero latency sees exactly the quotes the stream priced. Nothing record
 ``t`` can change what is seen at ``t``.
 
 USD values follow the stream's rule (``spark_jobs.engine``): 1 for USD, else the mean mid of
-the ``<C>-USD`` markets in effect (mids summed in ascending order).
+the ``<C>-USD`` markets in effect (mids summed in ascending order); see :meth:`Market.usd`
+for recordings without USD markets.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import pandas as pd
 #: currency, sizes in base units or NaN when the recording has none, e.g. bars).
 QUOTE_COLUMNS = ("exchange", "symbol", "exchange_ts", "received_ts", "bid", "ask", "bid_size",
                  "ask_size")
+#: USD stablecoins and their pegs: the fallback of :meth:`Market.usd` for a recording with
+#: no ``<C>-USD`` market.
+PEGS = {"USDT": 1.0, "USDC": 1.0}
 #: Columns of the books frame: ``bids``/``asks`` are ``[[price, size], ...]`` best first.
 BOOK_COLUMNS = ("exchange", "symbol", "exchange_ts", "bids", "asks")
 
@@ -135,15 +139,11 @@ class Market:
                           [list(lv) for lv in book.cols["asks"][j]])
         return top
 
-    def usd(self, currency: str, t_ms: int) -> float | None:
-        """USD per unit of ``currency`` at ``t_ms``: 1 for USD, else the mean mid of the
-        ``<currency>-USD`` markets in effect; ``None`` when none is."""
-        if currency == "USD":
-            return 1.0
+    def _mean_mid(self, symbol: str, t_ms: int) -> float | None:
         mids = []
-        for exchange, symbol in self._quotes:
-            if symbol == f"{currency}-USD":
-                top = self.top(exchange, symbol, t_ms)
+        for exchange, sym in self._quotes:
+            if sym == symbol:
+                top = self.top(exchange, sym, t_ms)
                 if top is not None:
                     mids.append((top.bid + top.ask) / 2.0)
         if not mids:
@@ -152,6 +152,29 @@ class Market:
         for m in sorted(mids):
             total += m
         return total / len(mids)
+
+    def usd(self, currency: str, t_ms: int) -> float | None:
+        """USD per unit of ``currency`` at ``t_ms``: 1 for USD, else the mean mid of the
+        ``<currency>-USD`` markets in effect (the stream's rule). A recording without such a
+        market (the Binance capture) falls back to the mean mid of ``<currency>-<S>`` times
+        the USD price of a stablecoin ``S`` in :data:`PEGS`, and a stablecoin with no market
+        at all to its peg (an assumption, stated in the backtest's docs); ``None`` when none
+        of these exists."""
+        if currency == "USD":
+            return 1.0
+        direct = self._mean_mid(f"{currency}-USD", t_ms)
+        if direct is not None:
+            return direct
+        for stable in PEGS:
+            if stable == currency:
+                continue
+            mid = self._mean_mid(f"{currency}-{stable}", t_ms)
+            if mid is not None:
+                rate = self._mean_mid(f"{stable}-USD", t_ms)
+                return mid * (rate if rate is not None else PEGS[stable])
+        if currency in PEGS and not any(s == f"{currency}-USD" for _, s in self._quotes):
+            return PEGS[currency]
+        return None
 
     def recorded_latency_ms(self) -> dict[str, float]:
         """Per exchange, the median ``received_ts - exchange_ts`` of its quotes (ms): the

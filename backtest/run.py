@@ -8,7 +8,8 @@ signal is executed (:func:`backtest.execution.execute`) at the size the budget a
 flows are booked and the venues rebalanced. An unconstrained bot trades the stream's
 ``size_base`` and its equity is the capital plus its realized results in USD.
 
-Every signal a bot wanted and did not trade is counted with its reason (``budget``: the
+Every signal a bot did not trade is counted with its reason (``declined``: its rule said no;
+``no_threshold`` / ``no_score``: it had nothing to decide with yet; ``budget``: the
 budget rule left nothing; ``no_fill``: no leg filled; ``unprofitable``: the oracle saw a
 loss; ``no_usd_rate``: no USD price of the profit currency), so nothing is dropped silently.
 
@@ -137,8 +138,7 @@ def run_bot(market: Market, signals: pd.DataFrame, bot: Bot, config: BacktestCon
     rows: list[dict[str, Any]] = []
     marks: list[tuple[int, float]] = []
     skipped: Counter[str] = Counter()
-    start = int(signals["t_ms"].min()) // config.mark_every_ms * config.mark_every_ms \
-        if len(signals) else market.start_ms
+    start = int(signals["t_ms"].min()) if len(signals) else market.start_ms
     end = max(int(signals["t_ms"].max()) if len(signals) else start, market.end_ms)
     book = Portfolio(config.withdrawals, config.pauses, config.rebalance_below)
     if bot.constrained:
@@ -158,8 +158,11 @@ def run_bot(market: Market, signals: pd.DataFrame, bot: Bot, config: BacktestCon
     for signal in signals.to_dict("records"):
         t = int(signal["t_ms"])
         mark_until(t)
-        if bot.wants is not None and not bot.wants(signal):
-            continue
+        if bot.wants is not None:
+            decision = bot.wants(signal)
+            if decision is not True:
+                skipped["declined" if decision is False else str(decision)] += 1
+                continue
         book.settle(t)
         usd = market.usd(str(signal["profit_currency"]), t)
         if usd is None:

@@ -36,6 +36,13 @@ def _ms(series: pd.Series) -> pd.Series:
     return series.astype("datetime64[us, UTC]").astype("int64") // 1000
 
 
+def _pairs(frame: pd.DataFrame) -> pd.Series:
+    """``symbol|sell_symbol|buy_exchange|sell_exchange`` of every row."""
+    if frame.empty:
+        return pd.Series([], index=frame.index, dtype=object)
+    return frame[PAIR_COLUMNS].astype(str).agg("|".join, axis=1)
+
+
 def prepare(frame: pd.DataFrame) -> pd.DataFrame:
     """Opportunity records as signals: final versions only (the last one per id), sorted by
     ``window_end`` then id, with ``t_ms`` (window end, UTC ms) and ``pair`` added.
@@ -50,7 +57,7 @@ def prepare(frame: pd.DataFrame) -> pd.DataFrame:
     out = out.sort_values(["emitted_ts"], kind="stable").drop_duplicates(
         "opportunity_id", keep="last")
     out["t_ms"] = _ms(out["window_end"])
-    out["pair"] = out[PAIR_COLUMNS].astype(str).agg("|".join, axis=1)
+    out["pair"] = _pairs(out)
     return out.sort_values(["t_ms", "opportunity_id"], kind="stable").reset_index(drop=True)
 
 
@@ -82,7 +89,7 @@ def hourly_thresholds(spreads: pd.DataFrame) -> pd.DataFrame:
     if spreads.empty:
         return pd.DataFrame(columns=["pair", "hour_ms", "valid_from_ms", "count", *LEVELS])
     s = spreads.assign(
-        pair=spreads[PAIR_COLUMNS].astype(str).agg("|".join, axis=1),
+        pair=_pairs(spreads),
         hour_ms=(_ms(spreads["window_end"]) - 1) // HOUR_MS * HOUR_MS)
     rows = []
     for (pair, hour), g in s.groupby(["pair", "hour_ms"], sort=True):
