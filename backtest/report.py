@@ -28,6 +28,7 @@ from pydantic import SecretStr
 from arbstream.privacy import tokenize_rows
 from arbstream.store.config import InfluxConfig, MongoConfig
 from arbstream.store.influx import backtest as influx_bt
+from arbstream.store.influx.schema import ensure_database
 from arbstream.store.mongo.backtests import save_backtest
 from arbstream.timestamps import from_ms
 from backtest import metrics
@@ -116,6 +117,7 @@ def store(results: Mapping[str, BotResult], run: str, meta: Mapping[str, Any],
         pymongo.errors.PyMongoError, arbstream.store.influx.client.InfluxError: the stores
             cannot be written.
     """
+    ensure_database(influx)
     table = comparison(results).set_index("bot")
     docs = points = 0
     rejected: list[tuple[str, str]] = []
