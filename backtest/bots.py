@@ -2,7 +2,8 @@
 
 * ``threshold-p50`` / ``-p75`` / ``-p95``: trade a signal when its ``net_bps`` reaches the
   pair's recommended threshold of the last complete hour (:func:`backtest.signals.
-  hourly_thresholds`); no recommendation yet (the first hour), no trade (``no_threshold``).
+  hourly_thresholds`); no recommendation yet (the first hour), no trade
+  (``no_threshold``).
 * ``ml``: trade when the champion opportunity scorer's probability (computed by the caller
   on the signal's features, ``scores``: opportunity id → probability) reaches a threshold
   chosen on the training folds only (:func:`train_threshold`).
@@ -36,8 +37,8 @@ NAIVE_SLIPPAGE_BPS = 10.0
 class Bot:
     """One bot. ``wants(signal)`` is its decision before execution: ``True`` to trade,
     ``False`` to decline, or a reason (str) why it cannot decide, e.g. ``no_threshold``
-    (``None`` for the oracles, which decide on the realized fills); ``constrained``: inventory and budget
-    apply; ``oracle``: perfect foresight."""
+    (``None`` for the oracles, which decide on the realized fills); ``constrained``:
+    inventory and budget apply; ``oracle``: perfect foresight."""
 
     name: str
     execution: ExecutionModel
@@ -89,15 +90,20 @@ def score_bot(scores: Mapping[str, float], threshold: float, execution: Executio
 
 def train_threshold(scores: np.ndarray, outcomes: np.ndarray) -> float:
     """The score threshold maximizing the total realized result on training rows: among the
-    distinct training scores, the one whose ``scores >= t`` rows sum the largest ``outcomes``
-    (profit per trade). Raises ValueError on empty or mismatched inputs."""
+    distinct training scores ``t``, the one whose rows with ``score >= t`` sum the largest
+    ``outcomes`` (USD per trade); ties go to the highest ``t`` (fewest trades).
+
+    Raises:
+        ValueError: empty or mismatched inputs.
+    """
     scores, outcomes = np.asarray(scores, float), np.asarray(outcomes, float)
     if len(scores) == 0 or len(scores) != len(outcomes):
         raise ValueError("need as many outcomes as scores, at least one")
     order = np.argsort(-scores, kind="stable")
-    gains = np.cumsum(outcomes[order])
-    best = int(np.argmax(gains))
-    return float(scores[order][best])
+    s, gains = scores[order], np.cumsum(outcomes[order])
+    last = np.r_[s[1:] != s[:-1], True]  # the last row of each distinct score
+    candidates, totals = s[last], gains[last]
+    return float(candidates[int(np.argmax(totals))])
 
 
 def oracle(execution: ExecutionModel, constrained: bool = True, name: str | None = None

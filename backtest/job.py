@@ -21,10 +21,12 @@ from arbstream.config import Settings
 from arbstream.fees import DEFAULT_WITHDRAWALS, USDC_DEPEG_PAUSE
 from arbstream.store.config import InfluxConfig, MongoConfig
 from arbstream.store.lake import LakeConfig
+from arbstream.store.models import ModelIntegrityError, ModelNotFoundError, RegistryConfig
 from backtest import bots as B
 from backtest import report, signals
 from backtest.execution import ExecutionModel
 from backtest.market import Market
+from backtest.ml_bot import ml_bot
 from backtest.run import BacktestConfig, BotResult, run
 
 
@@ -71,13 +73,16 @@ class JobResult:
     table: pd.DataFrame
     files: report.Files
     stored: dict[str, Any] | None
+    ml: dict[str, Any]
 
 
 def run_job(settings: Settings, market: Market, source: str, since: dt.datetime | None,
             until: dt.datetime | None, *, usdc_paused: bool = False,
             extra_bots: Sequence[B.Bot] = (), store: bool = True,
-            out_dir: Path | None = None) -> JobResult:
-    """Run the default bots on the lake's signals of ``[since, until)`` against ``market``.
+            out_dir: Path | None = None, ml: bool = True) -> JobResult:
+    """Run the default bots on the lake's signals of ``[since, until)`` against ``market``,
+    and the ML bot (:mod:`backtest.ml_bot`) when ``ml`` and the registry has a champion
+    scorer (otherwise ``JobResult.ml["skipped"]`` says why).
 
     Raises:
         ValueError: the lake holds no opportunity in the range (run ``arbstream backfill``
@@ -94,23 +99,31 @@ def run_job(settings: Settings, market: Market, source: str, since: dt.datetime 
     thresholds = signals.hourly_thresholds(signals.spreads_from_lake(cfg, since, until))
     model = execution_model(settings, market)
     config = backtest_config(settings, usdc_paused)
-    results = run(market, sig, default_bots(thresholds, model, extra_bots), config)
+    extra = list(extra_bots)
+    ml_info: dict[str, Any] = {"skipped": "not requested"}
+    if ml:
+        try:
+            bot, ml_info = ml_bot(RegistryConfig.of(settings), sig, market, model)
+            extra.append(bot)
+        except (ModelNotFoundError, ModelIntegrityError, ValueError) as exc:
+            ml_info = {"skipped": str(exc)}
+    results = run(market, sig, default_bots(thresholds, model, extra), config)
     inputs = {"source": source, "since": since, "until": until, "signals": len(sig),
               "execution": model.describe(), "capital": config.capital_usd,
               "cap": config.position_cap, "usdc_paused": usdc_paused,
-              "bots": sorted(results)}
+              "bots": sorted(results), "ml": ml_info}
     rid = report.run_id(int(sig["t_ms"].iloc[0]), inputs)
     files = report.write_files(results, (out_dir or settings.backtest_dir) / rid,
                                settings.id_hash_key)
     stored = None
     if store:
         meta = {"source": source, "since": since, "until": until, "usdc_paused": usdc_paused,
-                "trades_file": str(files.parquet),
+                "trades_file": str(files.parquet), "ml": ml_info,
                 "config": {"capital_usd": config.capital_usd,
                            "position_cap": config.position_cap,
                            "rebalance_below": config.rebalance_below,
                            "pauses": [p.asset for p in config.pauses]}}
         stored = report.store(results, rid, meta, MongoConfig.of(settings),
                               InfluxConfig.of(settings))
-    return JobResult(rid, results, report.comparison(results), files, stored)
+    return JobResult(rid, results, report.comparison(results), files, stored, ml_info)
 

@@ -46,7 +46,7 @@ def comparison_table(rows: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
-@app.command("run", help="Run the threshold (p50/p75/p95), oracle and naive bots on the "
+@app.command("run", help="Run the threshold (p50/p75/p95), oracle, naive and ML bots on the "
              "lake's opportunities against the recorded quotes; print the comparison, export the "
              "trades (Parquet, CSV, JSON) under ARB_BACKTEST_OUTPUT_DIR and store the run.")
 def run_command(
@@ -60,6 +60,8 @@ def run_command(
     usdc_pause: Annotated[bool, typer.Option(
         help="scenario: USDC transfers paused over the March 2023 depeg weekend")] = False,
     store: Annotated[bool, typer.Option(help="write MongoDB `backtests` and InfluxDB")] = True,
+    ml: Annotated[bool, typer.Option(help="add the ML bot (the registry's champion "
+                                     "opportunity scorer) when there is one")] = True,
 ) -> None:
     """``backtest.job.run_job`` on the recording's quotes (see the command's help)."""
     from arbstream.privacy import IdHashKeyMissing
@@ -76,10 +78,16 @@ def run_command(
         market = Market.from_records(quotes, max_age_ms=int(
             settings.max_quote_age_seconds * 1000))
         job = run_job(settings, market, source.value, since, until, usdc_paused=usdc_pause,
-                      store=store)
+                      store=store, ml=ml)
     except (ValueError, OSError, IdHashKeyMissing) as exc:
         raise fail(exc) from None
     console.print(comparison_table(job.table.to_dict("records"), f"backtest {job.run_id}"))
+    if "skipped" in job.ml:
+        err.print(f"ml bot: not run: {job.ml['skipped']}")
+    else:
+        err.print(f"ml bot: opportunity_scorer v{job.ml['version']}, threshold "
+                  f"{job.ml['threshold']:.3f} chosen on {job.ml['training_signals']} training "
+                  "signals (not traded)")
     console.print(f"trades: {job.files.parquet} (.csv, .json); summary: {job.files.summary}")
     if job.stored is not None:
         console.print(f"stored: {job.stored['documents']} MongoDB documents, "
