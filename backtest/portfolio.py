@@ -207,6 +207,15 @@ class Portfolio:
     def _paused(self, asset: str, t_ms: int) -> bool:
         return any(p.asset == asset and p.start_ms <= t_ms < p.end_ms for p in self.pauses)
 
+    def holdings(self) -> dict[str, float]:
+        """Units of each asset held, summed over venues and transfers in flight."""
+        out: dict[str, float] = defaultdict(float)
+        for (_, asset), units in self.balances.items():
+            out[asset] += units
+        for tr in self.in_flight:
+            out[tr.asset] += tr.amount
+        return dict(sorted(out.items()))
+
     def equity(self, market: Market, t_ms: int) -> float:
         """Equity in USD at ``t_ms`` (balances and transfers in flight).
 
@@ -214,12 +223,7 @@ class Portfolio:
             ValueError: an asset that never had a USD price.
         """
         total = 0.0
-        holdings: dict[str, float] = defaultdict(float)
-        for (_, asset), units in self.balances.items():
-            holdings[asset] += units
-        for tr in self.in_flight:
-            holdings[tr.asset] += tr.amount
-        for asset, units in sorted(holdings.items()):
+        for asset, units in self.holdings().items():
             if units:
                 total += units * self._need_price(market, asset, t_ms)
         return total

@@ -59,7 +59,9 @@ class BacktestConfig:
 class BotResult:
     """One bot's run: ``trades`` (one row per trade, see :func:`trade_row`), ``equity``
     (``t_ms``, ``equity_usd``; one row per mark), ``skipped`` (reason → count),
-    ``decomposition`` (USD), ``transfers`` and ``blocked_transfers``."""
+    ``decomposition`` (USD), ``transfers`` and ``blocked_transfers``, and ``inventory``
+    (constrained bots: ``t_ms`` and one column of units per asset, summed over venues and
+    transfers in flight, at every mark)."""
 
     bot: Bot
     trades: pd.DataFrame
@@ -68,6 +70,7 @@ class BotResult:
     decomposition: dict[str, float]
     transfers: int = 0
     blocked_transfers: int = 0
+    inventory: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def venues_of(signals: pd.DataFrame) -> dict[str, set[str]]:
@@ -137,6 +140,7 @@ def run_bot(market: Market, signals: pd.DataFrame, bot: Bot, config: BacktestCon
     """
     rows: list[dict[str, Any]] = []
     marks: list[tuple[int, float]] = []
+    holdings: list[dict[str, float]] = []
     skipped: Counter[str] = Counter()
     start = int(signals["t_ms"].min()) if len(signals) else market.start_ms
     end = max(int(signals["t_ms"].max()) if len(signals) else start, market.end_ms)
@@ -153,6 +157,8 @@ def run_bot(market: Market, signals: pd.DataFrame, bot: Bot, config: BacktestCon
             eq = book.equity(market, next_mark) if bot.constrained else (
                 config.capital_usd + realized)
             marks.append((next_mark, eq))
+            if bot.constrained:
+                holdings.append({"t_ms": next_mark, **book.holdings()})
             next_mark += config.mark_every_ms
 
     for signal in signals.to_dict("records"):
@@ -196,7 +202,7 @@ def run_bot(market: Market, signals: pd.DataFrame, bot: Bot, config: BacktestCon
     equity = pd.DataFrame(marks, columns=["t_ms", "equity_usd"])
     return BotResult(bot, trades, equity, dict(skipped),
                      decompose(trades, equity, book, market), len(book.transfers),
-                     book.blocked)
+                     book.blocked, pd.DataFrame(holdings).fillna(0.0))
 
 
 def decompose(trades: pd.DataFrame, equity: pd.DataFrame, book: Portfolio, market: Market
