@@ -1,8 +1,8 @@
 """Notebook 4 (backtests) on the real two-day lake and the recorded IAQF bars: it runs, its
-plots exist, its signal count and the naive setup's total are re-derived with pandas from
-the lake's Parquet files (the naive setup fills every signal at its own quotes moved by 0.1 %,
-so its result in each profit currency is a closed formula of the stream's records), and its sensitivity grids are
-complete."""
+plots exist, its signal count and the naive setup's result are re-derived with pandas from
+the lake's Parquet files (the naive setup fills every signal at its own quotes moved by
+0.1 %, so its result in each profit currency is a closed formula of the stream's records),
+and its sensitivity grids are complete."""
 
 from __future__ import annotations
 
