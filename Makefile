@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast lint install node
+.PHONY: demo test test-fast lint install node notebooks
 
 install: $(VENV)/.installed
 
@@ -42,3 +42,10 @@ test: lint node
 # (marker e2e, set in tests/conftest.py); under a minute.
 test-fast: lint
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not e2e"
+
+# The research notebooks (notebooks/*.py, jupytext sources) executed with the user's ARB_*
+# settings into build/notebooks/<name>/: the executed .ipynb, results.json and PNGs.
+NOTEBOOKS_OUT ?= build/notebooks
+
+notebooks: install
+	$(BIN)/python -m testing.notebooks --out $(NOTEBOOKS_OUT)

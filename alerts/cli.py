@@ -131,6 +131,19 @@ def test_email(
                   f"attempt(s)" + (f"; refused: {result.refused}" if result.refused else ""))
 
 
+def _without_addresses(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``docs`` with every e-mail address (recipients, refused, error texts) as its HMAC
+    token (``ARB_ID_HASH_KEY``), or ``redacted`` (said on stderr) when no key is set."""
+    from arbstream.privacy import tokenize_rows
+
+    key = settings_or_exit().id_hash_key
+    out = tokenize_rows(docs, key, redact=True)
+    if key is None and out != docs:
+        err.print("e-mail addresses redacted: set ARB_ID_HASH_KEY to show them as tokens "
+                  "(docs/privacy.md)")
+    return out
+
+
 @app.command("log")
 def log_cmd(
     limit: Annotated[int, typer.Option(help="At most this many (0: all)")] = 20,
@@ -146,6 +159,7 @@ def log_cmd(
 
     with AlertStore(MongoConfig.of(settings_or_exit())) as store:
         docs = store.decisions(limit, rule, decision, episode)
+    docs = _without_addresses(docs)
     if as_json:
         for doc in docs:
             console.print_json(json.dumps(doc, default=str))

@@ -26,7 +26,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
-from arbstream.schemas import EpisodeEvent, OpportunityEvent, json_object, validation_reason
+from arbstream.schemas import (
+    EpisodeEvent,
+    OpportunityEvent,
+    PairSignal,
+    json_object,
+    validation_reason,
+)
 
 Stage = Literal["early", "final", "retracted"]
 #: Unicode categories not allowed anywhere in an event string.
@@ -89,13 +95,24 @@ class AlertEpisodeEvent(EpisodeEvent):
         _no_control_characters)
 
 
-AlertEvent = Annotated[AlertOpportunityEvent | AlertEpisodeEvent, Field(discriminator="type")]
-_ALERT_EVENT: TypeAdapter[AlertOpportunityEvent | AlertEpisodeEvent] = TypeAdapter(AlertEvent)
+class AlertPairSignal(PairSignal):
+    """A ``pair_signal`` event of the pairs job (``ARB_PAIRS_TOPIC``) as the worker accepts
+    it: unchanged but for control characters (:mod:`alerts.pair_alerts`)."""
+
+    _text = field_validator(*_checked_fields(PairSignal), mode="before")(
+        _no_control_characters)
 
 
-def parse_event(raw: bytes | str) -> AlertOpportunityEvent | AlertEpisodeEvent:
+AlertEvent = Annotated[AlertOpportunityEvent | AlertEpisodeEvent | AlertPairSignal,
+                       Field(discriminator="type")]
+_ALERT_EVENT: TypeAdapter[AlertOpportunityEvent | AlertEpisodeEvent | AlertPairSignal] = (
+    TypeAdapter(AlertEvent))
+
+
+def parse_event(raw: bytes | str) -> AlertOpportunityEvent | AlertEpisodeEvent | AlertPairSignal:
     """Parse one ``arb.opportunities`` record value (as
-    :func:`arbstream.schemas.parse_arb_event`, with the rules of the module docstring).
+    :func:`arbstream.schemas.parse_arb_event`, with the rules of the module docstring), or a
+    ``pair_signal`` event of ``ARB_PAIRS_TOPIC``.
 
     Raises:
         ValueError: malformed JSON or not UTF-8, not an object, an unknown ``type``, or the
@@ -108,7 +125,8 @@ def parse_event(raw: bytes | str) -> AlertOpportunityEvent | AlertEpisodeEvent:
         raise ValueError(printable(validation_reason(exc))) from None
 
 
-def stage_of(event: OpportunityEvent | EpisodeEvent) -> Literal["early", "final", "retracted"]:
+def stage_of(event: OpportunityEvent | EpisodeEvent | PairSignal
+             ) -> Literal["early", "final", "retracted"]:
     """The stage of an opportunity event (``final`` for a plain
     :class:`~arbstream.schemas.OpportunityEvent`); episode events are ``final``."""
     return getattr(event, "stage", "final")

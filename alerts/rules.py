@@ -83,7 +83,10 @@ def fires_on(rule: AlertRule, event: Event) -> bool:
 
 def filter_mismatch(rule: AlertRule, event: Event) -> str | None:
     """Why ``event``'s pair is outside ``rule``'s filters (symbols, exchanges, cross-quote),
-    or ``None`` when the rule watches it."""
+    or ``None`` when the rule watches it. A pair-trading rule (``min_abs_pair_z``,
+    :mod:`alerts.pair_alerts`) watches no spread."""
+    if rule.min_abs_pair_z is not None:
+        return "a pair-trading rule (min_abs_pair_z): fires on pair_signal events only"
     if rule.symbols and event.symbol not in rule.symbols and event.sell_symbol not in rule.symbols:
         return f"symbol {event.pair_symbol} not in {rule.symbols}"
     if rule.buy_exchanges and event.buy_exchange not in rule.buy_exchanges:

@@ -31,6 +31,10 @@ For each record (``poll()`` in a consumer group, manual offset commits):
    * otherwise → claim ``sending`` (inserted first, unique ``_id`` = key), send with retries,
      claim ``sent``/``failed``, logged ``sent``/``failed``;
 
+   a ``pair_signal`` event of the pairs job (``ARB_PAIRS_TOPIC``, read when a rule sets
+   ``min_abs_pair_z``) is decided the same way for the pair-trading rules it fires, keyed by
+   the spread's excursion (:mod:`alerts.pair_alerts`; never a digest);
+
 5. store the record's offset; stored offsets are committed (synchronously) after at most 100
    records or 1 s, when the topic goes quiet, on a rebalance and at shutdown: a record's
    offset is committed only after its decisions are logged. ``sent``, ``failed`` and
@@ -75,12 +79,20 @@ from alerts.message import (
     fmt_time,
     message_id,
 )
+from alerts.pair_alerts import (
+    PairAlertItem,
+    build_pair_item,
+    is_pair_rule,
+    pair_context,
+    pair_message,
+    pair_mismatch,
+)
 from alerts.rules import Event, alert_key, figures, filter_mismatch, fires_on, mismatch, rule_stage
 from alerts.scoring import NO_SCORES, ModelScores, Scorer, model_mismatch, required_models
 from alerts.smtp import SmtpConfig, SmtpError, SmtpTransport, send_budget_seconds
 from arbstream.config import AlertRule
 from arbstream.kafka import KafkaConfig, reliable_producer_config
-from arbstream.schemas import DeadLetter, OpportunityEvent
+from arbstream.schemas import DeadLetter, OpportunityEvent, PairSignal
 from arbstream.store.config import InfluxConfig, MongoConfig
 from arbstream.store.influx.client import InfluxError
 from arbstream.store.influx.writer import write_ml_scores
@@ -115,7 +127,9 @@ class AlertsConfig:
     event time between two alerts of a rule on a pair, ``digest_seconds`` the wall-clock
     interval batched into one digest e-mail (all seconds); ``model_reload_seconds`` how often
     the champion pointers are looked at (wall-clock seconds), ``registry`` the model registry,
-    ``influx`` where ``ml_score`` points go. Every secret sits in a slice that hides it from
+    ``influx`` where ``ml_score`` points go; ``pair_topic`` the pairs job's ``pair_signal``
+    events (``ARB_PAIRS_TOPIC``), read when a pair-trading rule is configured
+    (:mod:`alerts.pair_alerts`). Every secret sits in a slice that hides it from
     ``repr`` (Kafka SASL password, MongoDB URI, SMTP password, InfluxDB credentials), so the
     config can be logged.
     """
@@ -135,6 +149,7 @@ class AlertsConfig:
     registry: RegistryConfig
     influx: InfluxConfig
     model_reload_seconds: float
+    pair_topic: str = "arb.pair_signals"
 
     @classmethod
     def of(cls, settings: Settings) -> AlertsConfig:
@@ -150,6 +165,7 @@ class AlertsConfig:
             smtp=SmtpConfig.of(settings), message=MessageConfig.of(settings),
             registry=RegistryConfig.of(settings), influx=InfluxConfig.of(settings),
             model_reload_seconds=settings.alert_model_reload_seconds,
+            pair_topic=settings.pairs_topic,
         )
 
 
@@ -187,10 +203,13 @@ def consumer_config(config: AlertsConfig) -> dict[str, Any]:
     }
 
 
-def _context(rule: str, key: str, source: Event | AlertItem,
+def _context(rule: str, key: str, source: Event | AlertItem | PairAlertItem,
              scores: ModelScores = NO_SCORES) -> dict[str, Any]:
     """The identifying and figure fields of a decision log document, with the model outputs
-    (``scores``, or those stored in an item)."""
+    (``scores``, or those stored in an item); a pair alert's are :func:`~alerts.pair_alerts.
+    pair_context`."""
+    if isinstance(source, PairAlertItem):
+        return pair_context(source)
     model = scores.log_fields()
     if isinstance(source, AlertItem):
         net, profit, duration = source.net_bps, source.profit_usd, source.duration_s
@@ -281,7 +300,8 @@ class AlertWorker:
                 log.warning("rule %s has model thresholds and will not fire until a champion "
                             "is available: %s", rule.name, "; ".join(missing))
         for claim in self.store.mark_interrupted(send_budget_seconds(self.config.smtp)):
-            item = AlertItem.model_validate(claim["item"])
+            item = (PairAlertItem if claim["item"].get("kind") == "pair"
+                    else AlertItem).model_validate(claim["item"])
             log.warning("alert %s was being sent when a worker stopped: delivery unknown, "
                         "not resent", item.key)
             self.store.record(
@@ -337,7 +357,10 @@ class AlertWorker:
             self._deadletter(value or b"", f"not processed: {type(exc).__name__}: {exc}",
                              source)
 
-    def _handle_event(self, event: Event, source: dict[str, Any]) -> None:
+    def _handle_event(self, event: Event | PairSignal, source: dict[str, Any]) -> None:
+        if isinstance(event, PairSignal):
+            self._pair_signal(event, source)
+            return
         if isinstance(event, OpportunityEvent) and stage_of(event) == "retracted":
             self._retract(event, source)
             return
@@ -362,6 +385,39 @@ class AlertWorker:
             self._scores.extend(scores.points(row))
             self.stats["scored"] += 1
         return scores
+
+    def _pair_signal(self, signal: PairSignal, source: dict[str, Any]) -> None:
+        """A ``pair_signal`` event: for each pair rule it fires (:func:`~alerts.pair_alerts.
+        pair_mismatch`), the excursion's alert is decided as an episode's: duplicate,
+        cooldown (per rule and pair, event time), claim, send (no digest)."""
+        self.stats["pair_signals"] += 1
+        for rule in self.rules:
+            if pair_mismatch(rule, signal) is not None:
+                continue
+            item = build_pair_item(rule, signal, self.config.message)
+            ctx = pair_context(item)
+            claim = None if item.key in self._claimed else self.store.claim_of(item.key)
+            if item.key in self._claimed or claim is not None:
+                self._known_claimed(item.key)
+                self._suppress("duplicate", ctx, "already alerted", source)
+                continue
+            cooldown_ms = round(self.config.cooldown_seconds * 1000)
+            other = self._cooldown_blocker(item, cooldown_ms) if cooldown_ms > 0 else None
+            if other is not None:
+                self._suppress("cooldown", ctx, f"excursion {other['episode_id']} of the pair "
+                               f"alerted at event time {fmt_time(other['event_ms'])}; cooldown "
+                               f"{self.config.cooldown_seconds:g} s", source)
+                continue
+            mid = message_id(item.key, self.config.message)
+            msg = pair_message(item, rule, self.config.message)
+            claimed = self.store.claim(item, "sending", mid)
+            self._known_claimed(item.key)
+            if not claimed:
+                self._suppress("duplicate", ctx, "claimed concurrently", source)
+                continue
+            self._last_alert[self._pair(item, rule.name)] = {
+                "_id": item.key, "episode_id": item.episode_id, "event_ms": item.event_ms}
+            self._deliver(rule, [item], msg, mid, None, source)
 
     def _retract(self, event: OpportunityEvent, source: dict[str, Any]) -> None:
         """A retracted window: never alerted; logged ``retracted`` for each rule watching its
@@ -463,10 +519,11 @@ class AlertWorker:
             self._claimed.popitem(last=False)
 
     @staticmethod
-    def _pair(item: AlertItem, rule: str) -> tuple[str, ...]:
+    def _pair(item: AlertItem | PairAlertItem, rule: str) -> tuple[str, ...]:
         return (rule, item.symbol, item.sell_symbol, item.buy_exchange, item.sell_exchange)
 
-    def _cooldown_blocker(self, item: AlertItem, cooldown_ms: int) -> dict[str, Any] | None:
+    def _cooldown_blocker(self, item: AlertItem | PairAlertItem, cooldown_ms: int
+                          ) -> dict[str, Any] | None:
         """An alert of the rule on the pair within the cooldown of ``item`` (event time):
         the last one this worker knows, else looked up in MongoDB."""
         known = self._last_alert.get(self._pair(item, item.rule))
@@ -524,8 +581,8 @@ class AlertWorker:
             return
         self._deliver(rule, [item], msg, mid, None, source)
 
-    def _deliver(self, rule: AlertRule, items: list[AlertItem], msg: Any, mid: str,
-                 did: str | None, source: dict[str, Any] | None) -> None:
+    def _deliver(self, rule: AlertRule, items: list[AlertItem] | list[PairAlertItem], msg: Any,
+                 mid: str, did: str | None, source: dict[str, Any] | None) -> None:
         keys = [i.key for i in items]
         common = {"recipients": rule.recipients, "message_id": mid, "digest_id": did}
         if source:
@@ -637,8 +694,11 @@ class AlertWorker:
         def on_revoke(c: Consumer, _partitions: list) -> None:
             self._commit(c)
 
-        consumer.subscribe([self.config.topic], on_revoke=on_revoke)
-        log.info("consuming %s as group %s with %d rule(s)", self.config.topic,
+        topics = [self.config.topic]
+        if any(is_pair_rule(r) for r in self.rules):
+            topics.append(self.config.pair_topic)
+        consumer.subscribe(topics, on_revoke=on_revoke)
+        log.info("consuming %s as group %s with %d rule(s)", ", ".join(topics),
                  self.config.group_id, len(self.rules))
         uncommitted, last_commit = 0, time.monotonic()
         try:

@@ -4,6 +4,9 @@ Sources, highest priority first: keyword arguments, ``ARB_*`` environment variab
 file in the working directory, the TOML or YAML file named by ``ARB_CONFIG_FILE``, then the
 defaults below. Every variable is documented in ``.env.example``. Secrets (passwords, tokens,
 Kafka SASL credentials) are read from the environment only and never written to logs.
+
+Long module: every setting of every component is declared and cross-validated here, by rule
+(one validated ``Settings``); each section is a flat list of fields.
 """
 
 from __future__ import annotations
@@ -37,6 +40,59 @@ def _all_match(values: list[str], pattern: str | re.Pattern[str], what: str) -> 
     if bad:
         raise ValueError(f"{what}, got {bad}")
     return values
+
+
+#: Fields of an episode rule that a pair-trading rule (``min_abs_pair_z``) may not set.
+PAIR_RULE_FORBIDDEN = frozenset({
+    "symbols", "buy_exchanges", "sell_exchanges", "cross_quote", "min_net_bps",
+    "min_profit_usd", "min_duration_s", "digest", "opportunity_stage", "min_score",
+    "min_predicted_bps",
+})
+#: A pair leg: ``<exchange id>:<BASE-QUOTE>``.
+PAIR_LEG = r"^[a-z][a-z0-9_]*:[A-Z0-9]{2,12}-[A-Z0-9]{2,12}$"
+
+
+class PairSpec(BaseModel):
+    """One pair of the pair-trading job (``ARB_PAIRS``): the dependent leg ``y`` regressed on
+    the independent leg ``x``, each ``<exchange>:<BASE-QUOTE>`` (``coinbase:BTC-USD``).
+
+    Raises:
+        pydantic.ValidationError: a bad name or leg, or the same leg twice.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$",
+                      description="Unique pair name (lower-case letters, digits, _ . -)")
+    y: str = Field(pattern=PAIR_LEG, description="Dependent leg, exchange:SYMBOL")
+    x: str = Field(pattern=PAIR_LEG, description="Independent leg (hedge), exchange:SYMBOL")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> PairSpec:
+        if self.y == self.x:
+            raise ValueError(f"pair {self.name}: y and x are the same leg {self.y}")
+        return self
+
+    @staticmethod
+    def leg(text: str) -> tuple[str, str]:
+        """``(exchange, symbol)`` of a leg ``exchange:SYMBOL``."""
+        exchange, _, symbol = text.partition(":")
+        return exchange, symbol
+
+    @property
+    def exchanges(self) -> tuple[str, str]:
+        """The exchange ids of ``y`` and ``x``."""
+        return self.leg(self.y)[0], self.leg(self.x)[0]
+
+
+#: ``ARB_PAIRS`` default: the issue's three pairs.
+DEFAULT_PAIRS = (
+    PairSpec(name="btcusd-coinbase-kraken", y="coinbase:BTC-USD", x="kraken:BTC-USD"),
+    PairSpec(name="btc-binance-usdt-coinbase-usd", y="binance:BTC-USDT",
+             x="coinbase:BTC-USD"),
+    PairSpec(name="btcusdt-binance-perp-spot", y="binanceusdm:BTC-USDT",
+             x="binance:BTC-USDT"),
+)
 
 
 class AlertRule(BaseModel):
@@ -79,6 +135,25 @@ class AlertRule(BaseModel):
     min_predicted_bps: float | None = Field(
         None, description="Minimum champion regressor prediction of the net spread at the "
         "model's horizon, bps; None: not checked")
+    min_abs_pair_z: float | None = Field(
+        None, gt=0, description="Makes this a pair-trading rule: fires on the pairs job's "
+        "pair_signal events whose latest |z-score| (standard deviations) reaches it, never on "
+        "opportunities or episodes; None: an episode rule (docs/pairs.md)")
+    pairs: list[str] = Field(
+        default_factory=list, description="Pair names (ARB_PAIRS) a pair rule watches. Empty: "
+        "any; only with min_abs_pair_z")
+
+    @model_validator(mode="after")
+    def _pair_rule(self) -> AlertRule:
+        if self.min_abs_pair_z is None:
+            if self.pairs:
+                raise ValueError("pairs filters a pair-trading rule: set min_abs_pair_z too")
+            return self
+        episode_only = sorted(PAIR_RULE_FORBIDDEN & self.model_fields_set)
+        if episode_only:
+            raise ValueError(f"a pair-trading rule (min_abs_pair_z) cannot set the episode "
+                             f"fields {episode_only}")
+        return self
 
     @field_validator("symbols")
     @classmethod
@@ -105,6 +180,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ARB_", env_file=".env", extra="forbid", validate_default=True,
         env_ignore_empty=True,  # ARB_X= (e.g. an unset ${VAR:-} in compose) means "not set"
+        hide_input_in_errors=True,  # a model-level error would otherwise print every secret
     )
 
     # --- where things live -------------------------------------------------------------
@@ -312,6 +388,23 @@ class Settings(BaseSettings):
         10.0, gt=0, description="How often the alert worker looks for a newly promoted "
         "champion model (wall clock)"
     )
+    # --- pair trading (ml/pairs.py, docs/pairs.md) ------------------------------------------
+    pairs: list[PairSpec] = Field(
+        default_factory=lambda: list(DEFAULT_PAIRS),
+        description="Pairs of `arbstream pairs run` (JSON list of {name, y, x}); the default "
+        "keeps those whose exchanges are in ARB_EXCHANGES",
+    )
+    pairs_window: int = Field(
+        60, ge=10, le=100_000, description="Rolling window of the hedge ratio (RollingOLS) "
+        "and of the return correlation, observations (common window ends of the two legs)")
+    pairs_z_window: int = Field(
+        60, ge=10, le=100_000, description="Rolling window of the spread z-score, observations")
+    pairs_test_lookback: int = Field(
+        1440, ge=50, le=1_000_000, description="Latest observations the ADF and Engle-Granger "
+        "tests and the AR(1) half-life use")
+    pairs_topic: str = Field(
+        "arb.pair_signals", min_length=1, description="Topic the pairs job publishes "
+        "pair_signal events to and the alert worker reads (pair-trading rules)")
     smtp_host: str = Field("127.0.0.1", min_length=1)
     smtp_port: int = Field(587, ge=1, le=65535)
     smtp_security: Literal["starttls", "tls", "none"] = Field(
@@ -324,6 +417,52 @@ class Settings(BaseSettings):
     smtp_retry_attempts: int = Field(5, ge=1, le=20, description="Attempts per e-mail")
     smtp_retry_initial_seconds: float = Field(1.0, gt=0, description="First backoff delay")
     smtp_retry_max_seconds: float = Field(60.0, gt=0, description="Backoff delay cap")
+
+    # --- privacy (docs/privacy.md) ----------------------------------------------------------
+    id_hash_key: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key (>= 32 bytes) of the tokens identifiers leave the "
+        "platform as; None: exports holding identifiers are refused"
+    )
+    id_hash_key_file: Path | None = Field(
+        None, description="File holding id_hash_key (a mounted secret); not with id_hash_key"
+    )
+    dp_enabled: bool = Field(
+        False, description="Allow differentially private releases (`arbstream privacy release`)"
+    )
+    dp_epsilon_total: float = Field(
+        1.0, gt=0, le=100, description="Privacy budget: total epsilon of all DP releases "
+        "(sequential composition), fixed when the first release spends from it"
+    )
+
+    # --- backtests (backtest/, docs/backtest.md) --------------------------------------------
+    backtest_capital_usd: float = Field(
+        10_000.0, gt=0, description="Starting capital of a backtest, USD, split across venues"
+    )
+    backtest_position_cap: float = Field(
+        0.10, gt=0, le=1, description="Largest trade of a backtest, fraction of the capital"
+    )
+    backtest_decision_latency_ms: float = Field(
+        840.0, ge=0, description="Signal (window end) to decision, ms; default: the stream "
+        "benchmark's early-opportunity latency p50 (bench/README.md)"
+    )
+    backtest_order_latency_ms: float | Literal["recorded"] = Field(
+        100.0, description="Decision to order arrival per venue, ms, or `recorded`: each "
+        "venue's median received - exchange time in the recording"
+    )
+    backtest_legs: Literal["concurrent", "sequential"] = Field(
+        "concurrent", description="Send both legs at once, or the sell leg after the buy fill"
+    )
+    backtest_bar_impact_bps: float = Field(
+        1.0, ge=0, description="Impact model on bars (no recorded size): fill price moved "
+        "against the taker, bps"
+    )
+    backtest_rebalance_below: float = Field(
+        0.5, gt=0, le=1, description="Transfer to a venue whose balance of an asset falls "
+        "below this fraction of its start"
+    )
+    backtest_output_dir: Path | None = Field(
+        None, description="Where backtests export trades (default <state_dir>/backtests)"
+    )
 
     @field_validator("exchanges")
     @classmethod
@@ -374,8 +513,47 @@ class Settings(BaseSettings):
             raise ValueError(f"ml_promotion_folds ({self.ml_promotion_folds}) must be <= "
                              f"ml_folds ({self.ml_folds}): a version is judged on its last K "
                              "walk-forward folds")
+        self._check_pairs()
         self._check_alerts()
+        self._load_id_hash_key()
         return self
+
+    def _load_id_hash_key(self) -> None:
+        """``id_hash_key`` from ``id_hash_key_file`` when given (trailing newline stripped);
+        either way at least 32 bytes. Errors never show the key."""
+        from arbstream.privacy import key_bytes
+
+        if self.id_hash_key_file is not None:
+            if self.id_hash_key is not None:
+                raise ValueError("set ARB_ID_HASH_KEY or ARB_ID_HASH_KEY_FILE, not both")
+            if not self.id_hash_key_file.is_file():
+                raise ValueError(f"ARB_ID_HASH_KEY_FILE={self.id_hash_key_file} is not a file")
+            text = self.id_hash_key_file.read_text(encoding="utf-8").rstrip("\r\n")
+            self.id_hash_key = SecretStr(text)
+        if self.id_hash_key is not None:
+            key_bytes(self.id_hash_key)
+
+    def _check_pairs(self) -> None:
+        """Unique pair names; every leg on a configured exchange (the default list keeps only
+        those that are); the test lookback at least the rolling window."""
+        names = [p.name for p in self.pairs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"pair names must be unique, repeated: {dupes}")
+        if "pairs" not in self.model_fields_set:
+            self.pairs = [p for p in self.pairs if set(p.exchanges) <= set(self.exchanges)]
+        unknown = {p.name: e for p in self.pairs for e in p.exchanges if e not in self.exchanges}
+        if unknown:
+            raise ValueError(f"pairs on exchanges not in ARB_EXCHANGES: {unknown}")
+        if self.pairs_test_lookback < self.pairs_window:
+            raise ValueError(f"pairs_test_lookback ({self.pairs_test_lookback}) must be >= "
+                             f"pairs_window ({self.pairs_window})")
+        known = set(names)
+        for rule in self.alert_rules:
+            missing = [p for p in rule.pairs if p not in known]
+            if missing:
+                raise ValueError(f"alert rule {rule.name!r} watches pairs {missing} not in "
+                                 f"ARB_PAIRS {sorted(known)}")
 
     def _check_alerts(self) -> None:
         """Cross-field checks of the alerts section (unique rule names, From, SMTP auth)."""
@@ -445,6 +623,12 @@ class Settings(BaseSettings):
     def lake_root(self) -> Path:
         """``lake_dir``, or ``<state_dir>/lake`` when it is not set."""
         return self.lake_dir if self.lake_dir is not None else self.state_dir / "lake"
+
+    @property
+    def backtest_dir(self) -> Path:
+        """``backtest_output_dir``, or ``<state_dir>/backtests`` when it is not set."""
+        return (self.backtest_output_dir if self.backtest_output_dir is not None
+                else self.state_dir / "backtests")
 
     @property
     def model_registry_dir(self) -> Path:

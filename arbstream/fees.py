@@ -1,4 +1,6 @@
-"""Taker fee table: the one place fee figures live.
+"""Fee tables: the one place fee figures live: taker fees (below), withdrawal fees and delays
+between venues (:data:`DEFAULT_WITHDRAWALS`, each row sourced and dated) and the periods a
+transfer rail was paused (:data:`USDC_DEPEG_PAUSE`), the last two for the backtester.
 
 All fees are fractions of notional (0.006 == 0.60 % == 60 bps), taker side, base (lowest
 30-day-volume) tier, spot markets, except ``binanceusdm`` (Binance USD-M perpetual futures, the
@@ -60,7 +62,8 @@ _WIRE_DELAY = 86_400.0  # a domestic USD wire, same or next business day
 #: ``(exchange, asset) -> Withdrawal``: flat withdrawal fees and typical delays used by the
 #: backtester's transfers (``backtest.inventory``). Crypto fees follow the network's cost and
 #: change often: these are representative published figures, not the ones in force in
-#: March 2023; verify them before trading and override any with ``ARB_WITHDRAWALS``.
+#: March 2023; verify them before trading (a backtest takes its own table in
+#: ``backtest.run.BacktestConfig.withdrawals``).
 DEFAULT_WITHDRAWALS: Mapping[tuple[str, str], Withdrawal] = {
     ("kraken", "BTC"): Withdrawal(0.00015, _BTC_DELAY, "Kraken withdrawal fees page, BTC "
                                   "network, as summarized in 'Kraken Withdrawal Fees: Complete "

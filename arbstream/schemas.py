@@ -536,3 +536,63 @@ def parse_arb_event(raw: bytes | str) -> OpportunityEvent | EpisodeEvent:
         return _ARB_EVENT.validate_python(obj)
     except ValidationError as exc:
         raise ValueError(validation_reason(exc)) from None
+
+
+# --- arb.pair_signals: the pairs job's latest statistics of each pair ---------------------------
+
+#: A pair-trading leg, ``<exchange id>:<BASE-QUOTE>`` (as ``ARB_PAIRS``).
+PAIR_LEG_RE = re.compile(r"^[a-z][a-z0-9_]*:[A-Z0-9]{2,12}-[A-Z0-9]{2,12}$")
+
+
+class PairSignal(_Record):
+    """The latest pair-trading statistics of one pair, published by the pairs job
+    (:mod:`ml.pairs`) on ``ARB_PAIRS_TOPIC`` once per run and pair, key = the pair name; the
+    alert worker's pair-trading rules fire on ``|z|``.
+
+    ``signal_id`` = ``<pair>|<excursion start ISO-8601 ms>Z`` names the spread's current
+    excursion (since its z-score last changed sign), the unit an alert is sent once for, as an
+    episode is for spreads. ``window_end`` is the latest common window end (UTC); ``z``
+    (standard deviations), ``beta`` (hedge ratio of log mids), ``alpha``, ``spread`` (log
+    units) and ``correlation`` (of log returns) are the rolling values there; ``adf_pvalue``,
+    ``coint_pvalue`` and ``half_life_s`` (s; ``None`` when the spread does not mean-revert)
+    those of the test lookback. ``emitted_ts``: UTC ms, wall clock.
+
+    Raises:
+        pydantic.ValidationError: a missing, malformed or unknown field, a ``signal_id`` not
+            of ``pair``, or an excursion starting after ``window_end``.
+    """
+
+    type: Literal["pair_signal"] = "pair_signal"
+    pair: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    y: str = Field(pattern=PAIR_LEG_RE.pattern, description="dependent leg, exchange:SYMBOL")
+    x: str = Field(pattern=PAIR_LEG_RE.pattern, description="independent leg, exchange:SYMBOL")
+    signal_id: str = Field(pattern=_ISO_MS_RE.pattern)
+    window_end: AwareDatetime
+    excursion_start: AwareDatetime
+    z: float = Field(allow_inf_nan=False)
+    beta: float = Field(allow_inf_nan=False)
+    alpha: float = Field(allow_inf_nan=False)
+    spread: float = Field(allow_inf_nan=False)
+    correlation: float | None = Field(None, allow_inf_nan=False)
+    adf_pvalue: float | None = Field(None, ge=0, le=1)
+    coint_pvalue: float | None = Field(None, ge=0, le=1)
+    half_life_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+    emitted_ts: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PairSignal:
+        if not self.signal_id.startswith(self.pair + "|"):
+            raise ValueError(f"signal_id must start with the pair name {self.pair}|")
+        if self.excursion_start > self.window_end:
+            raise ValueError("excursion_start is after window_end")
+        return self
+
+    @property
+    def event_ms(self) -> int:
+        """Event time: the latest window end, UTC ms."""
+        return to_ms(self.window_end)
+
+    @property
+    def duration_s(self) -> float:
+        """How long the current excursion has lasted: window end − its start, s."""
+        return (self.event_ms - to_ms(self.excursion_start)) / 1000.0

@@ -1,7 +1,8 @@
 """Kafka topic names and their creation with explicit partition counts.
 
 Market data is per exchange: ``md.<exchange>.quotes``, ``md.<exchange>.trades`` and
-``md.<exchange>.book`` (top-N snapshots). The Spark job publishes ``arb.opportunities``;
+``md.<exchange>.book`` (top-N snapshots). The Spark job publishes ``arb.opportunities``, the
+pairs job ``arb.pair_signals`` (``ARB_PAIRS_TOPIC``);
 anything that fails validation goes to ``md.deadletter``; producers report on ``md.health``.
 """
 
@@ -19,6 +20,8 @@ log = logging.getLogger(__name__)
 DEADLETTER = "md.deadletter"
 HEALTH = "md.health"
 OPPORTUNITIES = "arb.opportunities"
+#: Default of ``ARB_PAIRS_TOPIC``: the pairs job's ``pair_signal`` events.
+PAIR_SIGNALS = "arb.pair_signals"
 
 
 def quotes_topic(exchange: str) -> str:
@@ -90,3 +93,24 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
             if exc.args[0].code() != 36:  # TOPIC_ALREADY_EXISTS: a concurrent creator won
                 raise RuntimeError(f"could not create topic {name}: {exc}") from exc
     return created
+
+
+def ensure_topic(settings: Settings, name: str, partitions: int = 1,
+                 timeout: float = 15.0) -> bool:
+    """Create topic ``name`` with ``partitions`` when it is missing (the pairs job's
+    ``ARB_PAIRS_TOPIC``, which is not in :func:`topic_layout`); whether it was created.
+
+    Raises:
+        RuntimeError: the broker is unreachable or refuses the creation.
+    """
+    if name in partition_counts(settings, timeout):
+        return False
+    admin = AdminClient(settings.kafka_client_config())
+    new = NewTopic(name, num_partitions=partitions, replication_factor=settings.kafka_replication)
+    try:
+        admin.create_topics([new], request_timeout=timeout)[name].result()
+    except KafkaException as exc:
+        if exc.args[0].code() != 36:  # TOPIC_ALREADY_EXISTS: a concurrent creator won
+            raise RuntimeError(f"could not create topic {name}: {exc}") from exc
+        return False
+    return True

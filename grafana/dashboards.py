@@ -21,7 +21,8 @@ DASHBOARD_DIR = PROVISIONING / "dashboards" / "arbstream"
 DATASOURCE_FILE = PROVISIONING / "datasources" / "influxdb.yaml"
 PROVIDER_FILE = PROVISIONING / "dashboards" / "arbstream.yaml"
 DATASOURCE_UID = "arbstream-influxdb"
-DASHBOARD_UIDS = ("arbstream-monitor", "arbstream-health", "arbstream-analytics")
+DASHBOARD_UIDS = ("arbstream-monitor", "arbstream-health", "arbstream-analytics",
+                  "arbstream-backtest")
 #: Grafana's built-in variables that arbstream's queries may use (all but ``timeFilter`` are
 #: expanded by the frontend; ``timeFilter`` and the interval ones also by the backend).
 BUILTINS = frozenset({"timeFilter", "__interval", "__interval_ms", "interval", "__from", "__to"})

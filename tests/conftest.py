@@ -2,12 +2,17 @@
 
 Services run as processes on free loopback ports with their data in a temporary state
 directory, exactly as ``arbstream up`` runs them. The recorded market data is read in place
-from ``ARB_DATA_DIR`` (default ``../shared/data`` beside the repository).
+from ``ARB_DATA_DIR`` (default ``../shared/data`` beside the repository). ``iaqf_lake`` is a
+real two-day Parquet lake built from it once per test run (tests/ml, tests/notebooks).
 """
 
 from __future__ import annotations
 
+import fcntl
+import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -58,6 +63,53 @@ def spark(tmp_path_factory: pytest.TempPathFactory):
     session = build_session(conf, app_name="arbstream-tests")
     yield session
     session.stop()
+
+
+#: The lake's slice: 2023-03-09T00:00 to 2023-03-11T00:00 UTC (the day before the USDC depeg
+#: and its first day).
+LAKE_START, LAKE_END = datetime(2023, 3, 9, tzinfo=UTC), datetime(2023, 3, 11, tzinfo=UTC)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_lake(root: Path, data_dir: Path, start: datetime = LAKE_START,
+               end: datetime = LAKE_END) -> Path:
+    """The lake of ``[start, end)`` at ``root`` (default: the two days, IAQF bars of
+    2023-03-09 and 2023-03-10), 60 s windows, through the stream's own backfill,
+    :func:`spark_jobs.backfill.backfill`."""
+    from arbstream.shell.backfill import Input, read_quotes
+    from spark_jobs.backfill import BackfillConfig, backfill
+
+    settings = Settings(data_dir=data_dir, lake_dir=root, window_seconds=60.0,
+                        max_quote_age_seconds=60.0, stats_horizon_seconds=3600.0)
+    _, quotes = read_quotes(settings, Input.iaqf, start, end)
+    backfill((q.to_json() for q in quotes), "iaqf", BackfillConfig.of(settings))
+    return root
+
+
+@pytest.fixture(scope="session")
+def iaqf_lake(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, worker_id: str
+              ) -> Path:
+    """The two-day lake (:func:`build_lake`), built once per test run by the first
+    pytest-xdist worker that needs it (a file lock in the run's common temporary directory)
+    and shared by the others."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent  # common to the xdist workers
+    root, done = shared / "iaqf-lake", shared / "iaqf-lake.done"
+    with _locked(shared / "iaqf-lake.lock"):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            build_lake(root, data_dir)
+            done.touch()
+    return root
 
 
 #: Fixtures that start Spark or the real services: a test using any of them (directly or

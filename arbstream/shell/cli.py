@@ -11,8 +11,11 @@ from alerts.cli import app as alerts_app
 from arbstream.console import console, fail, settings_or_exit
 from arbstream.shell import stack
 from arbstream.shell.backfill import backfill
+from arbstream.shell.backtest import app as backtest_app
 from arbstream.shell.demo import DEMO_HELP, demo
 from arbstream.shell.lake import app as lake_app
+from arbstream.shell.pairs import app as pairs_app
+from arbstream.shell.privacy import app as privacy_app
 from grafana.cli import app as grafana_app
 from ml.cli import app as ml_app
 from producers.cli import app as producers_app
@@ -89,9 +92,12 @@ app.registered_groups.extend(stream_app.registered_groups)
 app.command(help=DEMO_HELP)(demo)
 app.command()(backfill)
 app.add_typer(lake_app, name="lake")
+app.add_typer(backtest_app, name="backtest")
 app.add_typer(grafana_app, name="grafana")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(ml_app, name="ml")
+app.add_typer(pairs_app, name="pairs")
+app.add_typer(privacy_app, name="privacy")
 
 
 if __name__ == "__main__":

@@ -147,7 +147,10 @@ def test_fixed_uids_and_alert_link(boards) -> None:
     # alerts link to <grafana>/d/arbstream-monitor?var-symbol=<SYM>&from=..&to=..
     symbol = G.variables(monitor)["symbol"]
     assert symbol["type"] == "query" and not symbol.get("skipUrlSync")
-    for board in boards.values():
+    for uid, board in boards.items():
+        if uid == "arbstream-backtest":  # a run and its bots, not markets
+            assert list(G.variables(board)) == ["run", "bot"]
+            continue
         names = G.variables(board)
         assert {"symbol", "exchange"} <= set(names)
         for name in ("symbol", "exchange"):
@@ -249,7 +252,8 @@ def test_provisioning_files_valid() -> None:
     [p] = provider["providers"]
     local = (REPO / host / Path(p["options"]["path"]).relative_to(container)).resolve()
     assert local == G.DASHBOARD_DIR.resolve()
-    assert {f.stem for f in local.glob("*.json")} == {"monitor", "health", "analytics"}
+    assert {f.stem for f in local.glob("*.json")} == {"monitor", "health", "analytics",
+                                                            "backtest"}
     ds = yaml.safe_load(G.DATASOURCE_FILE.read_text())["datasources"][0]
     assert ds["jsonData"]["version"] == "InfluxQL" and ds["uid"] == G.DATASOURCE_UID
 
@@ -382,11 +386,34 @@ def replayed(spark, settings: Settings, tmp_path_factory, data_dir: Path) -> dic
         for q in queries:
             q.stop()
     score_opportunities(conf)
+    from ml.pairs import run as run_pairs
+
+    run_pairs(conf, DEPEG_START, DEPEG_END, publish_signals=False)  # the Pair trading row
+    backtest = run_backtest(conf, data_dir, tmp_path_factory.mktemp("grafana-bt"))
     timing = {"start_s": t_start - t0, "iaqf_s": t_iaqf - t_start,
               "live_s": time.monotonic() - t_iaqf}
     return {"settings": conf, "wall_s": time.monotonic() - t0, "stats": stats["binance"],
-            "timing": timing,
+            "timing": timing, "backtest": backtest,
             "live_from": live_start - 300_000, "now": int(time.time() * 1000) + 5_000}
+
+
+def run_backtest(conf: Settings, data_dir: Path, tmp: Path) -> dict[str, Any]:
+    """A backtest of the depeg slice (its own lake, by the stream's backfill) stored into the
+    test's InfluxDB and MongoDB, for the Backtest dashboard: ``{"run": id, "bots": [...]}``."""
+    from arbstream.shell.backfill import Input, read_quotes
+    from backtest.job import run_job
+    from backtest.market import Market
+    from spark_jobs.backfill import BackfillConfig, backfill
+
+    bt = conf.model_copy(update={"lake_dir": tmp / "lake", "window_seconds": 60.0,
+                                 "max_quote_age_seconds": 60.0})
+    _, quotes = read_quotes(bt, Input.iaqf, DEPEG_START - timedelta(hours=1), DEPEG_END)
+    quotes = list(quotes)
+    backfill((q.to_json() for q in quotes), "iaqf", BackfillConfig.of(bt))
+    job = run_job(bt, Market.from_records(quotes), "iaqf", None, None, ml=False,
+                  out_dir=tmp / "out")
+    assert job.stored is not None and not job.stored["rejected"]
+    return {"run": job.run_id, "bots": sorted(job.results)}
 
 
 def score_opportunities(conf: Settings) -> int:
@@ -431,6 +458,10 @@ def views(replayed: dict[str, Any]) -> dict[str, dict[str, Any]]:
         },
         "arbstream-health": {
             "live": (live, replayed["now"], {"exchange": "$__all", "symbol": ["BTC-USDT"]}),
+        },
+        "arbstream-backtest": {
+            "depeg": (G.TimeRange(ms(DEPEG_START) - 3_600_000, ms(DEPEG_END) + 60_000),
+                      depeg_now, {"run": replayed["backtest"]["run"], "bot": "$__all"}),
         },
         "arbstream-analytics": {
             "depeg": (depeg, depeg_now, {"symbol": "BTC-USDC", "exchange": ["binance", "kraken"],
@@ -562,6 +593,8 @@ def _replace_in_query(board: dict[str, Any], title: str, old: str, new: str) -> 
     ("arbstream-health", "Quote latency", '$symbol', '$symbols'),  # variable
     ("arbstream-analytics", "Episode duration distribution", '"episode"', '"episodes"'),
     ("arbstream-analytics", "Anomalies per interval", '"anomaly" = true', '"anomalous" = true'),
+    ("arbstream-backtest", "Capital curves", '"equity_usd"', '"equity"'),  # field
+    ("arbstream-backtest", "Bot comparison", "\"run\" = '$run'", "\"run\" = 'x$run'"),
 ])
 def test_corrupted_query_returns_nothing(replayed, boards, uid, title, old, new) -> None:
     bad = copy.deepcopy(boards[uid])

@@ -364,3 +364,24 @@ def test_kmeans_silhouette_recomputes_from_the_saved_models(spark, saved_files, 
     pick = np.random.default_rng(1).choice(len(z), 4000, replace=False)
     ours = silhouette_score(z[pick], labels[pick], metric="sqeuclidean")
     assert ours == pytest.approx(scores[summary["k"]], abs=0.05), (ours, scores)
+
+
+def test_the_models_notebook_on_the_registered_versions(
+    job: Job, registry: R.RegistryConfig, data_dir: Path, tmp_path: Path,
+) -> None:
+    """Notebook 3 (``notebooks/03_models.py``) on version 1 of both models the job
+    registered, its held-out rows from a lake of 2023-03-11 00:00-03:00 (after the training
+    data): every number re-derived by ``tests/notebooks/test_nb03_models.py``."""
+    from datetime import UTC, datetime
+
+    from testing.notebooks import run_notebook
+    from tests.conftest import build_lake
+    from tests.notebooks.test_nb03_models import SOURCE, check_models_notebook
+
+    lake = build_lake(tmp_path / "lake", data_dir, datetime(2023, 3, 11, tzinfo=UTC),
+                      datetime(2023, 3, 11, 3, tzinfo=UTC))
+    params = {"version": 1, "max_heldout_rows": 2000, "n_repeats": 3, "seed": 0}
+    results = run_notebook(SOURCE, tmp_path / "nb", {
+        **params, "registry_dir": str(registry.models_dir), "lake_dir": str(lake)})
+    check_models_notebook(results, tmp_path / "nb", registry.models_dir, lake, params[
+        "version"], params["max_heldout_rows"], params["n_repeats"], params["seed"])

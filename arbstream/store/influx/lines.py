@@ -27,6 +27,8 @@ Retention policies: :mod:`~arbstream.store.influx.schema`.
 * ``stream``, see :func:`stream_point`; ``health``, see :func:`health_point`.
 * ``ml_score`` (one point per scored opportunity window and model), see
   :func:`ml_score_point`.
+* ``pair_stats`` (one point per pair-trading pair and common window end), see
+  :func:`pair_stats_point`.
 
 Writes are idempotent: InfluxDB keeps one point per (measurement, tag set, timestamp) and a
 rewrite replaces its fields, so replaying a micro-batch does not add points. (Two different
@@ -50,6 +52,7 @@ from arbstream.store.influx.schema import (
     FEATURES,
     HEALTH,
     ML_SCORE,
+    PAIR_STATS,
     PERCENTILES,
     QUOTE,
     SPREAD,
@@ -318,6 +321,30 @@ def ml_score_point(row: Mapping[str, Any]) -> Point:
     return point.time(to_ms(row["window_end"]), WritePrecision.MS)
 
 
+#: Float fields of ``pair_stats`` points.
+PAIR_STATS_FIELDS = ("beta", "alpha", "spread", "z", "correlation")
+
+
+def pair_stats_point(row: Mapping[str, Any]) -> Point:
+    """The ``pair_stats`` point of one pair and window end (:mod:`ml.pairs`): tags ``pair``
+    (its ``ARB_PAIRS`` name), ``y`` and ``x`` (legs, ``exchange:SYMBOL``); fields, each only
+    when not ``None`` and finite: ``beta`` (rolling OLS hedge ratio of log mids,
+    dimensionless), ``alpha`` (its intercept, log units), ``spread`` (log y − α − β log x,
+    log units ≈ fraction), ``z`` (rolling z-score of the spread, standard deviations),
+    ``correlation`` (rolling correlation of log returns); time = ``window_end`` (datetime,
+    naive = UTC, or UTC ms).
+
+    Raises:
+        KeyError: ``pair``, ``y``, ``x`` or ``window_end`` is missing.
+    """
+    point = Point(PAIR_STATS).tag("pair", row["pair"]).tag("y", row["y"]).tag("x", row["x"])
+    for name in PAIR_STATS_FIELDS:
+        value = row.get(name)
+        if value is not None and math.isfinite(value):
+            point.field(name, float(value))
+    return point.time(to_ms(row["window_end"]), WritePrecision.MS)
+
+
 def quote_line(row: Mapping[str, Any]) -> str:
     """Line protocol (ms precision) of one quote row; ``""`` when it has no finite field."""
     return quote_point(row).to_line_protocol()
@@ -395,4 +422,5 @@ LINES: dict[str, Callable[[Mapping[str, Any]], str]] = {
     STREAM: _line(stream_point),
     HEALTH: _line(health_point),
     ML_SCORE: _line(ml_score_point),
+    PAIR_STATS: _line(pair_stats_point),
 }

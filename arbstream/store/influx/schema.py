@@ -2,8 +2,11 @@
 
 Measurements (points and fields in :mod:`~arbstream.store.influx.lines`): ``quote`` and
 ``trade`` in retention policy ``raw``, ``features`` in ``features``; ``spread``, ``episode``,
-``spread_percentiles``, ``stream``, ``health`` and ``ml_score`` (the alert worker's model
-scores) in the default policy.
+``spread_percentiles``, ``stream``, ``health``, ``ml_score`` (the alert worker's model
+scores) and ``pair_stats`` (the pairs job's rolling hedge ratio, spread and z-score per pair;
+default policy like ``spread``, the other per-window pair series: one point per pair and
+window is small, and a run over old lake data must not be dropped as beyond a retention) in
+the default policy.
 
 Retention: in v1, :func:`ensure_database` keeps retention policies ``raw``
 (``conf.raw_retention``) and ``features`` (``conf.features_retention``) beside the default
@@ -33,6 +36,7 @@ FEATURES = "features"
 STREAM = "stream"
 HEALTH = "health"
 ML_SCORE = "ml_score"
+PAIR_STATS = "pair_stats"
 
 RP_RAW = "raw"
 RP_FEATURES = "features"

@@ -9,6 +9,12 @@ Collections (documents described by their owner module):
 ``alerts``, ``alert_claims``  :mod:`~arbstream.store.mongo.alert_log`; kept.
 ``models``  :mod:`~arbstream.store.models` (the registry's mirror of every model card); kept.
 ``ml_eval``  :mod:`~arbstream.store.mongo.ml_eval` (live metrics and drift); kept.
+``privacy_budget``  :mod:`~arbstream.store.mongo.privacy_budget` (the DP budget ledger and
+every release); kept.
+``pair_stats``  :mod:`~arbstream.store.mongo.pair_stats` (pair-trading statistics, one
+document per pair); kept.
+``backtests``  :mod:`~arbstream.store.mongo.backtests` (one document per backtest run and
+bot); kept.
 
 Every stream document gets ``first_seen_at``, the UTC wall-clock time of its first upsert.
 Retention: a TTL index on ``first_seen_at`` expires ``opportunities`` and ``features``
@@ -34,6 +40,9 @@ ALERTS = "alerts"
 CLAIMS = "alert_claims"
 MODELS = "models"
 ML_EVAL = "ml_eval"
+PRIVACY_BUDGET = "privacy_budget"
+PAIR_STATS = "pair_stats"
+BACKTESTS = "backtests"
 
 IndexKeys = list[tuple[str, int]]
 #: index name -> (keys, unique)
@@ -132,6 +141,25 @@ ML_INDEXES: dict[str, IndexSpecs] = {
         "name_until_desc": ([("name", ASCENDING), ("until", DESCENDING)], False),
     },
 }
+#: Collections of the pairs job -> their indexes (see :mod:`arbstream.store.mongo.pair_stats`;
+#: documents are read by ``_id``, the pair name, or all of them in this order).
+PAIR_INDEXES: dict[str, IndexSpecs] = {
+    PAIR_STATS: {"computed_at_desc": ([("computed_at", DESCENDING)], False)},
+}
+#: The backtester's collection -> its indexes (see :mod:`arbstream.store.mongo.backtests`).
+BACKTEST_INDEXES: dict[str, IndexSpecs] = {
+    BACKTESTS: {"run_created": ([("run_id", ASCENDING), ("created_at", DESCENDING)], False),
+                "created_at_desc": ([("created_at", DESCENDING)], False)},
+}
+#: The DP accountant's collection -> its indexes (see
+#: :mod:`arbstream.store.mongo.privacy_budget`; ledgers are read by ``_id``).
+PRIVACY_INDEXES: dict[str, IndexSpecs] = {
+    PRIVACY_BUDGET: {  # a scope's releases, latest first
+        "kind_scope_reserved_at": (
+            [("kind", ASCENDING), ("scope", ASCENDING), ("reserved_at", DESCENDING)], False,
+        ),
+    },
+}
 #: Single-field TTL index on ``first_seen_at`` in these collections only.
 TTL_INDEX = "ttl_first_seen_at"
 TTL_COLLECTIONS = (OPPORTUNITIES, FEATURES)
@@ -212,11 +240,31 @@ def ensure_alert_indexes(db: Database) -> None:
                    {EPISODE_WINDOW_INDEX: INDEXES[OPPORTUNITIES][EPISODE_WINDOW_INDEX]})
 
 
-def ensure_ml_indexes(db: Database) -> None:
-    """Create every index of :data:`ML_INDEXES` (idempotent).
+def ensure_group(db: Database, group: dict[str, IndexSpecs]) -> None:
+    """Create every index of a collection -> specs mapping (idempotent).
 
     Raises:
         pymongo.errors.OperationFailure: an index of the same name exists with other keys.
     """
-    for name, specs in ML_INDEXES.items():
+    for name, specs in group.items():
         create_indexes(db, name, specs)
+
+
+def ensure_ml_indexes(db: Database) -> None:
+    """Create every index of :data:`ML_INDEXES` (:func:`ensure_group`)."""
+    ensure_group(db, ML_INDEXES)
+
+
+def ensure_pair_indexes(db: Database) -> None:
+    """Create every index of :data:`PAIR_INDEXES` (:func:`ensure_group`)."""
+    ensure_group(db, PAIR_INDEXES)
+
+
+def ensure_backtest_indexes(db: Database) -> None:
+    """Create every index of :data:`BACKTEST_INDEXES` (:func:`ensure_group`)."""
+    ensure_group(db, BACKTEST_INDEXES)
+
+
+def ensure_privacy_indexes(db: Database) -> None:
+    """Create every index of :data:`PRIVACY_INDEXES` (:func:`ensure_group`)."""
+    ensure_group(db, PRIVACY_INDEXES)
