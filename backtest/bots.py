@@ -38,13 +38,15 @@ class Bot:
     """One bot. ``wants(signal)`` is its decision before execution: ``True`` to trade,
     ``False`` to decline, or a reason (str) why it cannot decide, e.g. ``no_threshold``
     (``None`` for the oracles, which decide on the realized fills); ``constrained``:
-    inventory and budget apply; ``oracle``: perfect foresight."""
+    inventory and budget apply; ``oracle``: perfect foresight; ``kind``: ``arbitrage`` (on
+    the stream's signals) or ``pair`` (:mod:`backtest.pair_bot`)."""
 
     name: str
     execution: ExecutionModel
     wants: Callable[[Mapping[str, Any]], bool | str] | None = None
     constrained: bool = True
     oracle: bool = False
+    kind: str = "arbitrage"
 
 
 class Thresholds:

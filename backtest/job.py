@@ -27,6 +27,7 @@ from backtest import report, signals
 from backtest.execution import ExecutionModel
 from backtest.market import Market
 from backtest.ml_bot import ml_bot
+from backtest.pair_bot import Leg, run_pair_bot
 from backtest.run import BacktestConfig, BotResult, run
 
 
@@ -79,10 +80,13 @@ class JobResult:
 def run_job(settings: Settings, market: Market, source: str, since: dt.datetime | None,
             until: dt.datetime | None, *, usdc_paused: bool = False,
             extra_bots: Sequence[B.Bot] = (), store: bool = True,
-            out_dir: Path | None = None, ml: bool = True) -> JobResult:
+            out_dir: Path | None = None, ml: bool = True,
+            pair_series: Sequence[tuple[str, str, str, pd.DataFrame]] = ()) -> JobResult:
     """Run the default bots on the lake's signals of ``[since, until)`` against ``market``,
     and the ML bot (:mod:`backtest.ml_bot`) when ``ml`` and the registry has a champion
-    scorer (otherwise ``JobResult.ml["skipped"]`` says why).
+    scorer (otherwise ``JobResult.ml["skipped"]`` says why), and a z-score pair bot
+    (:mod:`backtest.pair_bot`, named ``pair-z-<pair>``) per ``pair_series`` item ``(pair name,
+    y leg, x leg, z series)``.
 
     Raises:
         ValueError: the lake holds no opportunity in the range (run ``arbstream backfill``
@@ -108,6 +112,10 @@ def run_job(settings: Settings, market: Market, source: str, since: dt.datetime 
         except (ModelNotFoundError, ModelIntegrityError, ValueError) as exc:
             ml_info = {"skipped": str(exc)}
     results = run(market, sig, default_bots(thresholds, model, extra), config)
+    for name, y, x, series in pair_series:
+        bot = f"pair-z-{name}"
+        results[bot] = run_pair_bot(market, series, Leg.parse(y), Leg.parse(x), model,
+                                    settings.taker_fees, config, name=bot)
     inputs = {"source": source, "since": since, "until": until, "signals": len(sig),
               "execution": model.describe(), "capital": config.capital_usd,
               "cap": config.position_cap, "usdc_paused": usdc_paused,

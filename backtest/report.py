@@ -45,7 +45,7 @@ def _oracle_for(result: BotResult, results: Mapping[str, BotResult]) -> float | 
     """The total of the oracle with the same execution model and constraint, if one ran."""
     for r in results.values():
         if r.bot.oracle and r.bot.execution == result.bot.execution and (
-                r.bot.constrained == result.bot.constrained):
+                r.bot.constrained == result.bot.constrained) and r.bot.kind == result.bot.kind:
             return float(r.trades["pnl_usd"].sum()) if len(r.trades) else 0.0
     return None
 

@@ -46,7 +46,7 @@ def comparison_table(rows: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
-@app.command("run", help="Run the threshold (p50/p75/p95), oracle, naive and ML bots on the "
+@app.command("run", help="Run the threshold (p50/p75/p95), oracle, naive, ML and pair bots on the "
              "lake's opportunities against the recorded quotes; print the comparison, export the "
              "trades (Parquet, CSV, JSON) under ARB_BACKTEST_OUTPUT_DIR and store the run.")
 def run_command(
@@ -62,6 +62,8 @@ def run_command(
     store: Annotated[bool, typer.Option(help="write MongoDB `backtests` and InfluxDB")] = True,
     ml: Annotated[bool, typer.Option(help="add the ML bot (the registry's champion "
                                      "opportunity scorer) when there is one")] = True,
+    pair_bots: Annotated[bool, typer.Option(
+        help="add a z-score pair-trading bot per ARB_PAIRS pair the recording quotes")] = True,
 ) -> None:
     """``backtest.job.run_job`` on the recording's quotes (see the command's help)."""
     from arbstream.privacy import IdHashKeyMissing
@@ -77,8 +79,9 @@ def run_command(
         _, quotes = read_quotes(settings, source, since, until)
         market = Market.from_records(quotes, max_age_ms=int(
             settings.max_quote_age_seconds * 1000))
+        pairs = _pair_series(settings, market, since, until) if pair_bots else []
         job = run_job(settings, market, source.value, since, until, usdc_paused=usdc_pause,
-                      store=store, ml=ml)
+                      store=store, ml=ml, pair_series=pairs)
     except (ValueError, OSError, IdHashKeyMissing) as exc:
         raise fail(exc) from None
     console.print(comparison_table(job.table.to_dict("records"), f"backtest {job.run_id}"))
@@ -94,6 +97,32 @@ def run_command(
                       f"{job.stored['points']} InfluxDB points")
         for line, reason in job.stored["rejected"]:
             err.print(f"InfluxDB refused a point: {reason}: {line[:120]}")
+
+
+def _pair_series(settings: Any, market: Any, since: datetime | None,
+                 until: datetime | None) -> list[tuple[str, str, str, Any]]:
+    """``(name, y, x, series with t_ms)`` of each configured pair whose legs the recording
+    quotes, from the lake's mids (``ml.pairs``); a pair it cannot compute is reported."""
+    from arbstream.store.lake import LakeConfig
+    from ml.pairs import PairDataError, align, compute, read_features
+
+    quoted = {f"{e}:{s}" for e, s in market.markets}
+    pairs = [p for p in settings.pairs if {p.y, p.x} <= quoted]
+    if not pairs:
+        return []
+    features = read_features(LakeConfig.of(settings), since, until)
+    out = []
+    for p in pairs:
+        try:
+            stats = compute(align(features, p), p, settings.pairs_window,
+                            settings.pairs_z_window, settings.pairs_test_lookback)
+        except PairDataError as exc:
+            err.print(f"pair bot {p.name}: not run: {exc}")
+            continue
+        series = stats.series.reset_index()
+        series["t_ms"] = series["window_end"].astype("datetime64[ms, UTC]").astype("int64")
+        out.append((p.name, p.y, p.x, series))
+    return out
 
 
 def _backfill(settings: Any, source: Input, since: datetime | None, until: datetime | None

@@ -461,7 +461,8 @@ def views(replayed: dict[str, Any]) -> dict[str, dict[str, Any]]:
         },
         "arbstream-backtest": {
             "depeg": (G.TimeRange(ms(DEPEG_START) - 3_600_000, ms(DEPEG_END) + 60_000),
-                      depeg_now, {"run": replayed["backtest"]["run"], "bot": "$__all"}),
+                      depeg_now, {"run": replayed["backtest"]["run"],
+                                  "bot": replayed["backtest"]["bots"]}),
         },
         "arbstream-analytics": {
             "depeg": (depeg, depeg_now, {"symbol": "BTC-USDC", "exchange": ["binance", "kraken"],
@@ -713,7 +714,8 @@ def test_publish_basic_auth_existing_folder_no_datasource(recorder: Recorder) ->
     want = "Basic " + base64.b64encode(b"admin:s3cret").decode()
     assert {r["auth"] for r in recorder.requests} == {want}
     paths = [(r["method"], r["path"]) for r in recorder.requests]
-    assert paths == [("GET", "/api/folders/arbstream")] + [("POST", "/api/dashboards/db")] * 3
+    assert paths == [("GET", "/api/folders/arbstream")] + [("POST", "/api/dashboards/db")] * len(
+        G.DASHBOARD_UIDS)
 
 
 @pytest.mark.parametrize(("recorder", "status", "text"), [
