@@ -80,9 +80,10 @@ class JobResult:
 def run_job(settings: Settings, market: Market, source: str, since: dt.datetime | None,
             until: dt.datetime | None, *, usdc_paused: bool = False,
             extra_bots: Sequence[B.Bot] = (), store: bool = True,
-            out_dir: Path | None = None, ml: bool = True,
+            out_dir: Path | None = None, ml: bool = True, from_mongo: bool = False,
             pair_series: Sequence[tuple[str, str, str, pd.DataFrame]] = ()) -> JobResult:
-    """Run the default bots on the lake's signals of ``[since, until)`` against ``market``,
+    """Run the default bots on the signals of ``[since, until)`` (the lake's, or MongoDB's
+    with ``from_mongo``; thresholds always from the lake's spreads) against ``market``,
     and the ML bot (:mod:`backtest.ml_bot`) when ``ml`` and the registry has a champion
     scorer (otherwise ``JobResult.ml["skipped"]`` says why), and a z-score pair bot
     (:mod:`backtest.pair_bot`, named ``pair-z-<pair>``) per ``pair_series`` item ``(pair name,
@@ -96,10 +97,14 @@ def run_job(settings: Settings, market: Market, source: str, since: dt.datetime 
             cannot be written (``store=True``).
     """
     cfg = LakeConfig.of(settings)
-    sig = signals.from_lake(cfg, since, until)
+    if from_mongo:
+        sig = signals.from_mongo(MongoConfig.of(settings), since, until)
+    else:
+        sig = signals.from_lake(cfg, since, until)
     if sig.empty:
-        raise ValueError(f"no opportunity in the lake ({cfg.dir}) between {since} and "
-                         f"{until}: run `arbstream backfill` (or the stream) over it first")
+        where = "MongoDB opportunities" if from_mongo else f"the lake ({cfg.dir})"
+        raise ValueError(f"no opportunity in {where} between {since} and {until}: run "
+                         "`arbstream backfill` (or the stream) over it first")
     thresholds = signals.hourly_thresholds(signals.spreads_from_lake(cfg, since, until))
     model = execution_model(settings, market)
     config = backtest_config(settings, usdc_paused)
@@ -117,6 +122,7 @@ def run_job(settings: Settings, market: Market, source: str, since: dt.datetime 
         results[bot] = run_pair_bot(market, series, Leg.parse(y), Leg.parse(x), model,
                                     settings.taker_fees, config, name=bot)
     inputs = {"source": source, "since": since, "until": until, "signals": len(sig),
+              "signals_from": "mongo" if from_mongo else "lake",
               "execution": model.describe(), "capital": config.capital_usd,
               "cap": config.position_cap, "usdc_paused": usdc_paused,
               "bots": sorted(results), "ml": ml_info}

@@ -5,7 +5,7 @@ OPPORTUNITY_FIELDS`): a pair's snapshot whose net spread exceeded ``ARB_MIN_NET`
 window ending ``window_end``, with the legs' quotes, fees, conversion leg, size
 (``size_base``) and ``expected_profit`` the stream computed. Read from the lake (every final
 version; retracted ones are dropped: the stream withdrew them) or from MongoDB
-``opportunities``.
+``opportunities`` (:func:`from_mongo`; the stream deletes retracted ones there).
 
 Thresholds: the stream recommends, per pair and UTC hour, the p50 / p75 / p95 of the
 windows' ``net_bps`` (``percentiles`` records, MongoDB ``thresholds``; ``spark_jobs.
@@ -24,7 +24,9 @@ import pandas as pd
 
 from arbstream.records import OPPORTUNITY_FIELDS
 from arbstream.store import lake
+from arbstream.store.config import MongoConfig
 from arbstream.store.lake import LakeConfig
+from arbstream.store.mongo.opportunities import find_opportunities
 
 HOUR_MS = 3_600_000
 #: The threshold levels a bot can use, and the percentile each is.
@@ -71,6 +73,23 @@ def from_lake(cfg: LakeConfig, since: datetime | None = None,
     with lake.locked(cfg):
         table = lake.latest(lake.read(cfg, "opportunity", since, until), "opportunity")
     return prepare(table.to_pandas())
+
+
+def from_mongo(conf: MongoConfig, since: datetime | None = None,
+               until: datetime | None = None) -> pd.DataFrame:
+    """The signals of ``[since, until)`` from MongoDB ``opportunities`` (the stream's live
+    documents; early versions and expired documents are not signals, see :func:`prepare`).
+
+    Raises:
+        ValueError: documents without the opportunity fields (an older stream).
+        pymongo.errors.PyMongoError: connection or server errors.
+    """
+    docs = find_opportunities(conf, since=since, until=until)
+    frame = pd.DataFrame(docs, columns=list(OPPORTUNITY_FIELDS) if not docs else None)
+    for name in ("window_start", "window_end", "buy_ts", "sell_ts", "valid_from", "valid_to"):
+        if name in frame:
+            frame[name] = pd.to_datetime(frame[name], utc=True)
+    return prepare(frame)
 
 
 def hourly_thresholds(spreads: pd.DataFrame) -> pd.DataFrame:

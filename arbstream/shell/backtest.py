@@ -62,16 +62,24 @@ def run_command(
     store: Annotated[bool, typer.Option(help="write MongoDB `backtests` and InfluxDB")] = True,
     ml: Annotated[bool, typer.Option(help="add the ML bot (the registry's champion "
                                      "opportunity scorer) when there is one")] = True,
+    signals: Annotated[str, typer.Option(
+        help="where the stream's opportunities are read: lake (the Parquet history) or mongo "
+        "(MongoDB opportunities)")] = "lake",
     pair_bots: Annotated[bool, typer.Option(
         help="add a z-score pair-trading bot per ARB_PAIRS pair the recording quotes")] = True,
 ) -> None:
     """``backtest.job.run_job`` on the recording's quotes (see the command's help)."""
+    from pymongo.errors import PyMongoError
+
     from arbstream.privacy import IdHashKeyMissing
+    from arbstream.store.influx.client import InfluxError
     from backtest.job import run_job
     from backtest.market import Market
 
     settings = settings_or_exit()
     since, until = _time(start), _time(end)
+    if signals not in ("lake", "mongo"):
+        raise typer.BadParameter(f"--signals is lake or mongo, not {signals!r}")
     try:
         if backfill:
             _backfill(settings, source, since, until)
@@ -81,8 +89,8 @@ def run_command(
             settings.max_quote_age_seconds * 1000))
         pairs = _pair_series(settings, market, since, until) if pair_bots else []
         job = run_job(settings, market, source.value, since, until, usdc_paused=usdc_pause,
-                      store=store, ml=ml, pair_series=pairs)
-    except (ValueError, OSError, IdHashKeyMissing) as exc:
+                      store=store, ml=ml, pair_series=pairs, from_mongo=signals == "mongo")
+    except (ValueError, OSError, IdHashKeyMissing, PyMongoError, InfluxError) as exc:
         raise fail(exc) from None
     console.print(comparison_table(job.table.to_dict("records"), f"backtest {job.run_id}"))
     if "skipped" in job.ml:

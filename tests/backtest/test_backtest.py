@@ -236,3 +236,18 @@ def test_usdc_pause_is_the_depeg_weekend() -> None:
     end = pd.Timestamp(USDC_DEPEG_PAUSE.end_ms, unit="ms", tz="UTC")
     assert start.day_name() == "Saturday" and end.day_name() == "Monday"
     assert replace(REAL, slippage_bps=0.0) == REAL
+
+
+def test_mongo_signals_equal_the_lake_signals(depeg, sig, settings) -> None:
+    """The lake's final opportunities written to MongoDB by the stream's own writer read
+    back as the same signals."""
+    from arbstream.records import OPPORTUNITY_FIELDS
+    from arbstream.store.config import MongoConfig
+    from arbstream.store.mongo.opportunities import upsert_opportunities
+
+    conf = MongoConfig.of(settings.model_copy(update={"mongo_db": "bt_signals"}))
+    rows = sig[list(OPPORTUNITY_FIELDS)].to_dict("records")
+    assert upsert_opportunities(conf, rows) == len(rows)
+    got = signals.from_mongo(conf)
+    cols = ["opportunity_id", "t_ms", "pair", "net_bps", "expected_profit", "size_base"]
+    pd.testing.assert_frame_equal(got[cols], sig[cols])
