@@ -90,6 +90,17 @@ cols = ["bot", "trades", "win_rate", "total_profit_usd", "avg_profit_usd", "prof
 table[cols].round(3)
 
 # %% [markdown]
+# ## Is p50 better than p95? A block-bootstrap interval
+# The mean difference of the two bots' hourly returns with a 95 % circular block-bootstrap
+# confidence interval (`backtest.metrics.compare`, `arch`; block length by Politis and White).
+
+# %%
+from backtest.metrics import compare
+
+p50_vs_p95 = compare(results["threshold-p50"].equity, results["threshold-p95"].equity)
+p50_vs_p95
+
+# %% [markdown]
 # ## PnL decomposition (USD)
 # Revaluation is the inventory's marks: half the capital is BTC (the budget rule), whose price
 # moves more than the arbitrage earns.
@@ -163,6 +174,7 @@ results_json = {
     "signals": len(sig),
     # in each profit currency (the buy leg's quote), before any USD conversion
     "naive_pnl_by_currency": naive.groupby("profit_currency")["pnl"].sum().to_dict(),
+    "p50_vs_p95": p50_vs_p95,
     "bots": {r["bot"]: {"trades": int(r["trades"]), "total_profit_usd": r["total_profit_usd"],
                         "end_equity_usd": r["end_equity_usd"]}
              for r in table.to_dict("records")},

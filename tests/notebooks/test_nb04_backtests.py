@@ -80,3 +80,12 @@ def test_grids_and_the_oracle_bound(executed) -> None:
     bots = results["bots"]
     best = bots["oracle-unconstrained"]["total_profit_usd"]
     assert all(b["total_profit_usd"] <= best + 1e-9 for n, b in bots.items() if n != "naive")
+
+
+
+def test_bootstrap_interval_brackets_the_mean(executed) -> None:
+    """The p50 - p95 interval is reported with its block length and hours; its arithmetic is
+    checked against arch directly in tests/backtest/test_backtest.py."""
+    c = executed[0]["p50_vs_p95"]
+    assert c["hours"] >= 8 and c["block"] >= 1
+    assert c["ci_low"] <= c["mean_diff"] <= c["ci_high"]
