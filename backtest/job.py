@@ -81,13 +81,14 @@ def run_job(settings: Settings, market: Market, source: str, since: dt.datetime 
             until: dt.datetime | None, *, usdc_paused: bool = False,
             extra_bots: Sequence[B.Bot] = (), store: bool = True,
             out_dir: Path | None = None, ml: bool = True, from_mongo: bool = False,
+            ml_version: int | None = None,
             pair_series: Sequence[tuple[str, str, str, pd.DataFrame]] = ()) -> JobResult:
     """Run the default bots on the signals of ``[since, until)`` (the lake's, or MongoDB's
     with ``from_mongo``; thresholds always from the lake's spreads) against ``market``,
-    and the ML bot (:mod:`backtest.ml_bot`) when ``ml`` and the registry has a champion
-    scorer (otherwise ``JobResult.ml["skipped"]`` says why), and a z-score pair bot
-    (:mod:`backtest.pair_bot`, named ``pair-z-<pair>``) per ``pair_series`` item ``(pair name,
-    y leg, x leg, z series)``.
+    the ML bot (:mod:`backtest.ml_bot`) when ``ml`` and the registry has a champion scorer
+    (or version ``ml_version`` of it; otherwise ``JobResult.ml["skipped"]`` says why), and a
+    z-score pair bot (:mod:`backtest.pair_bot`, named ``pair-z-<pair>``) per
+    ``pair_series`` item ``(pair name, y leg, x leg, z series)``.
 
     Raises:
         ValueError: the lake holds no opportunity in the range (run ``arbstream backfill``
@@ -112,7 +113,8 @@ def run_job(settings: Settings, market: Market, source: str, since: dt.datetime 
     ml_info: dict[str, Any] = {"skipped": "not requested"}
     if ml:
         try:
-            bot, ml_info = ml_bot(RegistryConfig.of(settings), sig, market, model)
+            bot, ml_info = ml_bot(RegistryConfig.of(settings), sig, market, model,
+                                  version=ml_version)
             extra.append(bot)
         except (ModelNotFoundError, ModelIntegrityError, ValueError) as exc:
             ml_info = {"skipped": str(exc)}

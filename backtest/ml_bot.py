@@ -34,15 +34,17 @@ def _positive_column(model: Any) -> int:
     return len(classes) - 1
 
 
-def champion_scores(registry: RegistryConfig, signals: pd.DataFrame
-                    ) -> tuple[pd.Series, int, int]:
-    """``(score per signal (index of signals), champion version, training end UTC ms)``.
+def champion_scores(registry: RegistryConfig, signals: pd.DataFrame,
+                    version: int | None = None) -> tuple[pd.Series, int, int]:
+    """``(score per signal (index of signals), model version, training end UTC ms)`` of the
+    champion scorer, or of version ``version`` (a challenger, to backtest it before
+    promotion).
 
     Raises:
         arbstream.store.models.ModelNotFoundError: no champion scorer.
         arbstream.store.models.ModelIntegrityError: its artifact or feature schema is wrong.
     """
-    loaded = load(registry, SCORER, features=FEATURE_NAMES)
+    loaded = load(registry, SCORER, version, features=FEATURE_NAMES)
     rows = [online_features(r) for r in signals.to_dict("records")]
     x: Any = pd.DataFrame(rows, columns=loaded.card.feature_names)
     if not hasattr(loaded.model, "feature_names_in_"):
@@ -53,7 +55,8 @@ def champion_scores(registry: RegistryConfig, signals: pd.DataFrame
 
 
 def ml_bot(registry: RegistryConfig, signals: pd.DataFrame, market: Market,
-           execution: ExecutionModel, name: str = "ml") -> tuple[Bot, dict[str, Any]]:
+           execution: ExecutionModel, name: str = "ml", version: int | None = None
+           ) -> tuple[Bot, dict[str, Any]]:
     """The ML bot and what it was built from (``version``, ``threshold``, ``training_end_ms``,
     ``training_signals``).
 
@@ -62,7 +65,7 @@ def ml_bot(registry: RegistryConfig, signals: pd.DataFrame, market: Market,
             :func:`champion_scores`.
         ValueError: no signal in the model's training range to choose a threshold on.
     """
-    scores, version, end_ms = champion_scores(registry, signals)
+    scores, version, end_ms = champion_scores(registry, signals, version)
     train = signals["t_ms"] <= end_ms
     if not train.any():
         raise ValueError(f"no signal in the champion scorer's training range (to {end_ms} "

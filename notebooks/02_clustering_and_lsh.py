@@ -87,6 +87,8 @@ out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
 settings = Settings()
 lake = lake_dir or str(settings.lake_root)
+if not (Path(lake) / "spread").is_dir():
+    raise ValueError(f"no spread records in the lake {lake}: run `arbstream backfill` first")
 fit, held = date.fromisoformat(fit_day), date.fromisoformat(heldout_day)
 if held <= fit:
     raise ValueError(f"the held-out day {held} must come after the fit day {fit}")

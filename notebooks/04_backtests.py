@@ -26,8 +26,8 @@
 
 # %% tags=["parameters"]
 out_dir = "build/notebooks/04_backtests"
-lake_dir = ".state/lake"
-data_dir = "../shared/data"
+lake_dir = ""  # empty: ARB_LAKE_DIR
+data_dir = ""  # empty: ARB_DATA_DIR
 start = "2023-03-10"
 end = "2023-03-11"
 max_quote_age_ms = 60_000
@@ -65,7 +65,8 @@ from backtest.run import BacktestConfig, run, run_bot
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
 since, until = parse_time(start), parse_time(end)
-settings = Settings(data_dir=Path(data_dir), lake_dir=Path(lake_dir))
+settings = Settings(**{k: Path(v) for k, v in (("data_dir", data_dir), ("lake_dir", lake_dir))
+                       if v})
 lake = LakeConfig.of(settings)
 sig = signals.from_lake(lake, since, until)
 thresholds = signals.hourly_thresholds(signals.spreads_from_lake(lake, since, until))

@@ -77,6 +77,9 @@ def run_notebook(source: Path, out_dir: Path, parameters: Mapping[str, Any],
             bool, None, lists, dicts); ``out_dir`` is added.
         timeout: seconds one cell may run.
 
+    The kernel runs in the current working directory, so relative ``ARB_*`` paths (e.g.
+    ``ARB_DATA_DIR=../shared/data``) mean what they mean to the caller.
+
     Returns:
         The parsed ``out_dir/results.json``.
 
@@ -105,7 +108,7 @@ def run_notebook(source: Path, out_dir: Path, parameters: Mapping[str, Any],
         papermill.execute_notebook(
             nb, str(executed), parameters={**parameters, "out_dir": str(out_dir)},
             kernel_name="python3", language="python", progress_bar=False,
-            cwd=str(source.parent), execution_timeout=timeout,
+            execution_timeout=timeout,  # the kernel runs in this process's directory
             kernel_manager_class=_ThisInterpreter)
     except PapermillExecutionError as error:
         raise _failure(source, executed, error) from None

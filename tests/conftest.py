@@ -112,14 +112,15 @@ def iaqf_lake(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, worker_i
     return root
 
 
-#: Fixtures that start Spark or the real services: a test using any of them (directly or
-#: through another fixture) is end-to-end.
-E2E_FIXTURES = frozenset({"settings", "spark"})
+#: Fixtures that start Spark or the real services, or build a lake from the recordings (the
+#: backfill and the notebooks' kernels): a test using any of them (directly or through
+#: another fixture) is end-to-end.
+E2E_FIXTURES = frozenset({"settings", "spark", "iaqf_lake", "depeg"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark ``e2e`` every test that needs Spark or the local stack, so ``pytest -m "not e2e"``
-    is the fast tier (pure Python, no services)."""
+    """Mark ``e2e`` every test that needs Spark, the local stack or a recorded lake, so
+    ``pytest -m "not e2e"`` is the fast tier (pure Python, no services)."""
     for item in items:
         if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)

@@ -62,6 +62,8 @@ def run_command(
     store: Annotated[bool, typer.Option(help="write MongoDB `backtests` and InfluxDB")] = True,
     ml: Annotated[bool, typer.Option(help="add the ML bot (the registry's champion "
                                      "opportunity scorer) when there is one")] = True,
+    ml_version: Annotated[int | None, typer.Option(
+        min=1, help="backtest this version of the scorer instead of the champion")] = None,
     signals: Annotated[str, typer.Option(
         help="where the stream's opportunities are read: lake (the Parquet history) or mongo "
         "(MongoDB opportunities)")] = "lake",
@@ -89,7 +91,8 @@ def run_command(
             settings.max_quote_age_seconds * 1000))
         pairs = _pair_series(settings, market, since, until) if pair_bots else []
         job = run_job(settings, market, source.value, since, until, usdc_paused=usdc_pause,
-                      store=store, ml=ml, pair_series=pairs, from_mongo=signals == "mongo")
+                      store=store, ml=ml, pair_series=pairs, from_mongo=signals == "mongo",
+                      ml_version=ml_version)
     except (ValueError, OSError, IdHashKeyMissing, PyMongoError, InfluxError) as exc:
         raise fail(exc) from None
     console.print(comparison_table(job.table.to_dict("records"), f"backtest {job.run_id}"))
