@@ -114,7 +114,7 @@ def run_job(settings: Settings, market: Market, source: str, since: dt.datetime 
     if ml:
         try:
             bot, ml_info = ml_bot(RegistryConfig.of(settings), sig, market, model,
-                                  version=ml_version)
+                                  version=ml_version, lake_cfg=cfg)
             extra.append(bot)
         except (ModelNotFoundError, ModelIntegrityError, ValueError) as exc:
             ml_info = {"skipped": str(exc)}

@@ -86,7 +86,10 @@ def run_command(
         if backfill:
             _backfill(settings, source, since, until)
         err.print(f"reading the {source} recording ...")
-        _, quotes = read_quotes(settings, source, since, until)
+        first = _training_start(settings, ml_version) if ml else None
+        quotes_from = first if first is not None and since is not None and first < since \
+            else since  # the ML bot's threshold is chosen on its training range's fills
+        _, quotes = read_quotes(settings, source, quotes_from, until)
         market = Market.from_records(quotes, max_age_ms=int(
             settings.max_quote_age_seconds * 1000))
         pairs = _pair_series(settings, market, since, until) if pair_bots else []
@@ -108,6 +111,18 @@ def run_command(
                       f"{job.stored['points']} InfluxDB points")
         for line, reason in job.stored["rejected"]:
             err.print(f"InfluxDB refused a point: {reason}: {line[:120]}")
+
+
+def _training_start(settings: Any, version: int | None) -> datetime | None:
+    """Start of the scorer's training range (the champion, or ``version``), if there is one."""
+    from arbstream.store.models import SCORER, RegistryConfig, RegistryError, champion, read_card
+
+    cfg = RegistryConfig.of(settings)
+    try:
+        card = champion(cfg, SCORER) if version is None else read_card(cfg, SCORER, version)
+    except (RegistryError, OSError, ValueError):
+        return None
+    return None if card is None else card.data.start
 
 
 def _pair_series(settings: Any, market: Any, since: datetime | None,

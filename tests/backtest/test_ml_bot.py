@@ -59,6 +59,11 @@ def test_ml_bot_thresholds_on_training_signals_only(depeg, settings, tmp_path) -
     totals = {t: (outcome * usd)[scores >= t].sum() for t in np.unique(scores)}
     best = max(totals.values())
     assert info["threshold"] == max(t for t, v in totals.items() if v == best)
+    # a backtest of the later period alone reads the training signals from the lake
+    later = sig[sig["t_ms"] > to_ms(TRAIN_END)].reset_index(drop=True)
+    _, info_later = ml_bot(registry, later, market, REAL, lake_cfg=LakeConfig.of(lake_settings))
+    assert info_later["threshold"] == info["threshold"]
+    assert info_later["training_signals"] == len(train)
     # out of sample only, and exactly the signals scoring at or above the threshold
     result = run_bot(market, sig, bot, BacktestConfig(), )
     assert result.skipped["in_training"] == len(train)
