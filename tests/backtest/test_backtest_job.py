@@ -61,8 +61,10 @@ def monkeypatch_module():
 def test_binance_capture_run_is_stored_and_exported(binance_run) -> None:
     conf = binance_run["settings"]
     docs = backtest_run(MongoConfig.of(conf))
+    # the default ARB_PAIRS pair on these venues: Binance USD-M perpetual vs spot
     assert {d["bot"] for d in docs} == {"threshold-p50", "threshold-p75", "threshold-p95",
-                                        "oracle", "oracle-unconstrained", "naive"}
+                                        "oracle", "oracle-unconstrained", "naive",
+                                        "pair-z-btcusdt-binance-perp-spot"}
     run = docs[0]["run_id"]
     assert run in binance_run["output"] and "naive" in binance_run["output"]
     out = conf.backtest_dir / run
@@ -81,6 +83,8 @@ def test_binance_capture_run_is_stored_and_exported(binance_run) -> None:
     by = {d["bot"]: d for d in docs}
     assert by["oracle-unconstrained"]["metrics"]["trades"] == 0
     assert by["naive"]["metrics"]["total_profit_usd"] < 0
+    pair = by["pair-z-btcusdt-binance-perp-spot"]
+    assert pair["metrics"]["trades"] > 0 and pair["decomposition"]["fees"] < 0
     influx = InfluxConfig.of(conf)
     [eq] = query(influx, f'SELECT count("equity_usd") FROM "backtest_equity" '
                          f"WHERE \"run\" = '{run}' AND \"bot\" = 'naive'")
