@@ -24,6 +24,7 @@ class Query(StrEnum):
     """The aggregates that can be released with differential privacy."""
 
     alert_decisions = "alert-decisions"
+    backtest_trades = "backtest-trades"
 
 
 class GroupBy(StrEnum):
@@ -73,6 +74,10 @@ def release(
     per_rule_cap: Annotated[int | None, typer.Option(
         min=1, help="Clip each rule's contribution to this many (sensitivity = cap; the unit "
         "of privacy becomes one rule)")] = None,
+    run: Annotated[str | None, typer.Option(
+        help="backtest-trades: the stored run (default: the latest)")] = None,
+    bot: Annotated[str | None, typer.Option(
+        help="backtest-trades: one bot (default: every bot of the run)")] = None,
     scope: Annotated[str, typer.Option(help="The budget spent from")] = "default",
 ) -> None:
     """Release a count with epsilon-differential privacy (Laplace noise, OpenDP), spending
@@ -82,11 +87,15 @@ def release(
 
     from alerts.privacy_release import release_decisions
     from arbstream.store.mongo import privacy_budget as pb
+    from backtest.privacy_release import release_trade_count
 
     conf = pb.DpConfig.of(settings_or_exit())
     try:
-        made = release_decisions(conf, epsilon, decision, _time(since), _time(until),
-                                 per_rule_cap, scope)
+        if what is Query.backtest_trades:
+            made = release_trade_count(conf, epsilon, run, bot, scope)
+        else:
+            made = release_decisions(conf, epsilon, decision, _time(since), _time(until),
+                                     per_rule_cap, scope)
     except (PyMongoError, pb.DpDisabled, pb.BudgetExhausted, ValueError) as exc:
         raise fail(exc) from None
     left = made.budget

@@ -130,3 +130,23 @@ def test_show_prints_the_stored_run(binance_run, monkeypatch_module) -> None:
     assert result.exit_code == 0, result.output
     assert "oracle-unconstrained" in result.output.replace("\n", "") or "oracle" in \
         result.output
+
+
+def test_dp_release_of_the_trade_count(binance_run) -> None:
+    """A backtest's trade count released with ε-DP from the persisted budget: spent, logged
+    without the true value, refused when the budget would be exceeded or DP is off."""
+    from arbstream.store.mongo import privacy_budget as pb
+    from backtest.privacy_release import release_trade_count
+
+    mongo = MongoConfig.of(binance_run["settings"])
+    conf = pb.DpConfig(mongo, enabled=True, epsilon_total=1.0)
+    made = release_trade_count(conf, 0.6, bot="naive", scope="bt-test")
+    run = backtest_run(mongo)[0]["run_id"]
+    assert made.what == f"backtest_trades:{run}:naive" and made.scale == pytest.approx(1 / 0.6)
+    assert made.budget.spent == pytest.approx(0.6)
+    with pytest.raises(pb.BudgetExhausted):
+        release_trade_count(conf, 0.6, scope="bt-test")
+    with pytest.raises(pb.DpDisabled):
+        release_trade_count(pb.DpConfig(mongo, enabled=False, epsilon_total=1.0), 0.1)
+    with pytest.raises(ValueError, match="no bot"):
+        release_trade_count(conf, 0.1, bot="nobody", scope="bt-test")
