@@ -16,6 +16,9 @@ currency, sizes in base units, spreads as fractions (``gross``, ``net``) and in 
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 #: One pair's spread in one final window (``spread`` records; an opportunity is one with
 #: ``is_opportunity``).
 SPREAD_FIELDS: dict[str, str] = {
@@ -70,3 +73,16 @@ OPPORTUNITY_FIELDS: dict[str, str] = {
     **SPREAD_FIELDS, "stage": "string", "emitted_ts": "bigint", "valid_from": "timestamp",
     "valid_to": "timestamp", "windows": "bigint",
 }
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number, else ``None`` (``None``, booleans,
+    NaN, ±inf and non-numbers): how a record's optional numeric field is stored (JSON and
+    MongoDB have no NaN; InfluxDB refuses it)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None

@@ -57,6 +57,7 @@ from statsmodels.tsa.stattools import adfuller, coint
 from arbstream.config import PairSpec
 from arbstream.fees import BPS
 from arbstream.kafka import KafkaConfig, reliable_producer_config
+from arbstream.records import finite_or_none
 from arbstream.schemas import PairSignal, now_ms
 from arbstream.store import lake
 from arbstream.store.config import InfluxConfig, MongoConfig
@@ -242,7 +243,8 @@ class PairStats:
         if ok.empty:
             return {}
         last = ok.iloc[-1]
-        values = {k: _finite(last[k]) for k in ("alpha", "beta", "spread", "z", "correlation")}
+        values = {k: finite_or_none(last[k])
+                  for k in ("alpha", "beta", "spread", "z", "correlation")}
         return {"window_end": ok.index[-1].to_pydatetime(), **values}
 
     def document(self, since: dt.datetime | None, until: dt.datetime | None,
@@ -290,11 +292,6 @@ class PairStats:
             coint_pvalue=self.coint_pvalue, half_life_s=self.half_life_s,
             emitted_ts=emitted_ms,
         )
-
-
-def _finite(value: Any) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def compute(mids: pd.DataFrame, pair: PairSpec, window: int, z_window: int,

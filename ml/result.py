@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arbstream.features import FEATURE_NAMES
+from arbstream.records import finite_or_none
 from ml.walkforward import Fold, classification_metrics, proba, regression_metrics
 
 #: Rows per record batch of the canonical serialization.
@@ -57,10 +58,6 @@ def table_sha256(table: pd.DataFrame, columns: list[str]) -> str:
 def model_sha256(model: Any) -> str:
     """sha256 (hex) of a fitted scikit-learn model's pickle bytes (protocol 5)."""
     return hashlib.sha256(pickle.dumps(model, protocol=5)).hexdigest()
-
-
-def _finite(value: Any) -> float | None:
-    return float(value) if value is not None and np.isfinite(value) else None
 
 
 @dataclass
@@ -138,13 +135,14 @@ class TrainingResult:
                 "test_start": pd.Timestamp(fold.test_start, unit="ms", tz="UTC"),
                 "test_end": pd.Timestamp(fold.test_end, unit="ms", tz="UTC"),
                 "rows": int(rows["n"].iloc[0]) if len(rows) else 0,
-                "metrics": {who: {k: _finite(rows.loc[name, k]) for k in REGISTRY_METRICS[task]}
+                "metrics": {who: {k: finite_or_none(rows.loc[name, k])
+                                  for k in REGISTRY_METRICS[task]}
                             for who, name in pick.items()},
             })
             if champion is not None:
                 out[-1]["champion_version"] = champion[0]
                 out[-1]["metrics"]["champion"] = {
-                    k: _finite(champion[1][fold.index][k]) for k in REGISTRY_METRICS[task]}
+                    k: finite_or_none(champion[1][fold.index][k]) for k in REGISTRY_METRICS[task]}
         return out
 
     def champion_scores(self, model: Any, version: int, task: str, h: int

@@ -15,12 +15,12 @@ A re-run under the same run id replaces its points (same tags and times).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from influxdb_client import Point, WritePrecision
 
+from arbstream.records import finite_or_none
 from arbstream.store.config import InfluxConfig
 from arbstream.store.influx.writer import write_lines_with_rejects
 
@@ -28,16 +28,6 @@ BACKTEST_EQUITY = "backtest_equity"
 BACKTEST_TRADE = "backtest_trade"
 BACKTEST_SUMMARY = "backtest_summary"
 TRADE_FIELDS = ("pnl_usd", "fees_usd", "net_bps", "matched", "fill_ratio")
-
-
-def _finite(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def equity_line(run: str, bot: str, t_ms: int, equity_usd: float, drawdown: float) -> str:
@@ -51,7 +41,7 @@ def trade_line(run: str, trade: Mapping[str, Any]) -> str:
     """One ``backtest_trade`` point (``trade``: a row of :func:`backtest.run.trade_row`)."""
     p = Point(BACKTEST_TRADE).tag("run", run).tag("bot", trade["bot"]).tag("pair", trade["pair"])
     for name in TRADE_FIELDS:
-        v = _finite(trade.get(name))
+        v = finite_or_none(trade.get(name))
         if v is not None:
             p.field(name, v)
     p.field("win", 1.0 if float(trade["pnl_usd"]) > 0 else 0.0)
@@ -62,7 +52,7 @@ def summary_line(run: str, bot: str, t_ms: int, metrics: Mapping[str, Any]) -> s
     """One ``backtest_summary`` point: the finite numeric metrics."""
     p = Point(BACKTEST_SUMMARY).tag("run", run).tag("bot", bot)
     for name, value in sorted(metrics.items()):
-        v = _finite(value)
+        v = finite_or_none(value)
         if v is not None:
             p.field(name, v)
     return p.time(int(t_ms), WritePrecision.MS).to_line_protocol()
