@@ -126,15 +126,6 @@ def model_mismatch(rule: AlertRule, scores: ModelScores) -> tuple[str, str] | No
     return None
 
 
-def _positive_column(model: Any) -> int:
-    """Index of the positive class in ``predict_proba``'s columns (1/True, else the last)."""
-    classes = list(getattr(model, "classes_", []))
-    for positive in (1, True, "1"):
-        if positive in classes:
-            return classes.index(positive)
-    return len(classes) - 1 if classes else -1
-
-
 class Scorer:
     """The champions the alert worker scores with (see the module docstring).
 
@@ -240,16 +231,9 @@ class Scorer:
     @staticmethod
     def _predict(loaded: LoadedModel, features: list[float]) -> float:
         model, card = loaded.model, loaded.card
-        if hasattr(model, "feature_names_in_"):
-            import pandas as pd
-
-            x: Any = pd.DataFrame([features], columns=card.feature_names)
-        else:
-            import numpy as np
-
-            x = np.asarray([features], dtype=float)
+        x = loaded.inputs([features])
         if card.target.kind == "classification":
-            value = float(model.predict_proba(x)[0][_positive_column(model)])
+            value = float(model.predict_proba(x)[0][loaded.positive_column()])
         else:
             value = float(model.predict(x)[0])
         if not math.isfinite(value):

@@ -28,22 +28,10 @@ from backtest.market import Market
 from backtest.signals import from_lake
 
 
-def _positive_column(model: Any) -> int:
-    """Index of the positive class in ``predict_proba``'s columns (1/True, else the last)."""
-    classes = list(getattr(model, "classes_", []))
-    for positive in (1, True, "1"):
-        if positive in classes:
-            return classes.index(positive)
-    return len(classes) - 1
-
-
 def _scores(loaded: LoadedModel, signals: pd.DataFrame) -> pd.Series:
     """The model's probability of the positive class for each signal (index of signals)."""
-    rows = [online_features(r) for r in signals.to_dict("records")]
-    x: Any = pd.DataFrame(rows, columns=loaded.card.feature_names)
-    if not hasattr(loaded.model, "feature_names_in_"):
-        x = x.to_numpy(float)
-    proba = loaded.model.predict_proba(x)[:, _positive_column(loaded.model)]
+    x = loaded.inputs([online_features(r) for r in signals.to_dict("records")])
+    proba = loaded.model.predict_proba(x)[:, loaded.positive_column()]
     return pd.Series(proba, index=signals.index)
 
 

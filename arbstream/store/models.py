@@ -279,6 +279,27 @@ class LoadedModel:
     path: Path
     mllib_path: Path | None
 
+    def inputs(self, rows: Sequence[Sequence[float]]) -> Any:
+        """``rows`` (each the card's features, in order) as the model takes them: a pandas
+        DataFrame with the card's feature names when the model was fitted on one, else a
+        float array of shape (rows, features)."""
+        if hasattr(self.model, "feature_names_in_"):
+            import pandas as pd
+
+            return pd.DataFrame(list(rows), columns=self.card.feature_names)
+        import numpy as np
+
+        return np.asarray(rows, dtype=float)
+
+    def positive_column(self) -> int:
+        """Index of the positive class in ``predict_proba``'s columns (1/True, else the
+        last; -1 for a model without classes)."""
+        classes = list(getattr(self.model, "classes_", []))
+        for positive in (1, True, "1"):
+            if positive in classes:
+                return classes.index(positive)
+        return len(classes) - 1 if classes else -1
+
 
 # --- hashes ------------------------------------------------------------------------------------
 
