@@ -127,11 +127,3 @@ def spreads_from_lake(cfg: LakeConfig, since: datetime | None = None,
         table = lake.read(cfg, "spread", since, until)
     return table.select([*PAIR_COLUMNS, "window_end", "net_bps"]).to_pandas()
 
-
-def threshold_at(thresholds: pd.DataFrame, pair: str, level: str, t_ms: int) -> float | None:
-    """The ``level`` threshold (bps) of ``pair`` in force at ``t_ms``: that of the last hour
-    whose end is at or before ``t_ms``; ``None`` before the first complete hour."""
-    rows = thresholds[(thresholds["pair"] == pair) & (thresholds["valid_from_ms"] <= t_ms)]
-    if rows.empty:
-        return None
-    return float(rows.iloc[-1][level])
