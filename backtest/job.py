@@ -129,7 +129,8 @@ def run_job(settings: Settings, market: Market, source: str, since: dt.datetime 
               "cap": config.position_cap, "usdc_paused": usdc_paused,
               "bots": sorted(results), "ml": ml_info}
     rid = report.run_id(int(sig["t_ms"].iloc[0]), inputs)
-    files = report.write_files(results, (out_dir or settings.backtest_dir) / rid,
+    table = report.comparison(results)
+    files = report.write_files(results, table, (out_dir or settings.backtest_dir) / rid,
                                settings.id_hash_key)
     stored = None
     if store:
@@ -139,7 +140,7 @@ def run_job(settings: Settings, market: Market, source: str, since: dt.datetime 
                            "position_cap": config.position_cap,
                            "rebalance_below": config.rebalance_below,
                            "pauses": [p.asset for p in config.pauses]}}
-        stored = report.store(results, rid, meta, MongoConfig.of(settings),
+        stored = report.store(results, table, rid, meta, MongoConfig.of(settings),
                               InfluxConfig.of(settings))
-    return JobResult(rid, results, report.comparison(results), files, stored, ml_info)
+    return JobResult(rid, results, table, files, stored, ml_info)
 

@@ -82,9 +82,10 @@ class Files:
     summary: Path
 
 
-def write_files(results: Mapping[str, BotResult], out_dir: Path, id_key: SecretStr | None
-                ) -> Files:
-    """Export the trades and the comparison (module docstring).
+def write_files(results: Mapping[str, BotResult], table: pd.DataFrame, out_dir: Path,
+                id_key: SecretStr | None) -> Files:
+    """Export the trades and the comparison ``table`` (:func:`comparison` of ``results``;
+    see the module docstring).
 
     Raises:
         arbstream.privacy.IdHashKeyMissing: a row holds an identifier and no key is set.
@@ -101,14 +102,15 @@ def write_files(results: Mapping[str, BotResult], out_dir: Path, id_key: SecretS
     files.json.write_text(json.dumps([{k: _json_ready(v) for k, v in r.items()} for r in rows],
                                      indent=None))
     summary = [{k: _json_ready(v) for k, v in r.items()}
-               for r in comparison(results).to_dict("records")]
+               for r in table.to_dict("records")]
     files.summary.write_text(json.dumps(summary, indent=2))
     return files
 
 
-def store(results: Mapping[str, BotResult], run: str, meta: Mapping[str, Any],
-          mongo: MongoConfig, influx: InfluxConfig) -> dict[str, Any]:
-    """Write the run to MongoDB ``backtests`` and InfluxDB (module docstring).
+def store(results: Mapping[str, BotResult], table: pd.DataFrame, run: str,
+          meta: Mapping[str, Any], mongo: MongoConfig, influx: InfluxConfig) -> dict[str, Any]:
+    """Write the run and its comparison ``table`` (:func:`comparison` of ``results``) to
+    MongoDB ``backtests`` and InfluxDB (module docstring).
 
     Returns:
         ``{"documents": n, "points": n, "rejected": [(line, reason)...]}``.
@@ -118,7 +120,7 @@ def store(results: Mapping[str, BotResult], run: str, meta: Mapping[str, Any],
             cannot be written.
     """
     ensure_database(influx)
-    table = comparison(results).set_index("bot")
+    table = table.set_index("bot")
     docs = points = 0
     rejected: list[tuple[str, str]] = []
     for name, r in results.items():
