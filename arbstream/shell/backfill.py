@@ -12,7 +12,7 @@ shell module composes them.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -27,6 +27,7 @@ from arbstream.store import lake
 if TYPE_CHECKING:
     from arbstream.config import Settings
     from arbstream.schemas import Quote
+    from spark_jobs.backfill import BackfillReport
 
 
 class Input(StrEnum):
@@ -122,25 +123,51 @@ def backfill(
 ) -> None:
     """Run the stream's logic over a recording, as a batch, into the Parquet history
     (ARB_LAKE_DIR): spreads, features, episodes and final opportunities, with no service."""
+    from contextlib import ExitStack
+
     from tqdm import tqdm
 
+    settings = settings_or_exit()
+    with ExitStack() as stack:
+        def bar(total: int) -> Callable[[int], object]:
+            return stack.enter_context(tqdm(
+                total=total, unit="quote", desc="backfill", file=sys.stderr,
+                disable=not sys.stderr.isatty(), mininterval=0.5)).update
+
+        try:
+            report, where = backfill_recording(
+                settings, source, _time(start), _time(end), path or [], chunk, bar)
+        except (ValueError, OSError) as exc:
+            raise fail(exc) from None
+    console.print(report.summary())
+    console.print(f"lake: {where}")
+
+
+def backfill_recording(
+    settings: Settings, source: Input, start: datetime | None = None,
+    end: datetime | None = None, paths: Sequence[Path] = (), chunk: int = 2_000,
+    progress: Callable[[int], Callable[[int], object]] | None = None,
+) -> tuple[BackfillReport, Path]:
+    """Replace ``source``'s earlier backfill in the lake with one of ``[start, end)``: a
+    backfill of an input, whatever its range or chunk size, never leaves two runs' rows for
+    one window. ``progress(total)`` returns the callback of each chunk's quote count; the
+    removal and the reading are reported on stderr.
+
+    Returns:
+        ``(the backfill's report, the lake directory)``.
+
+    Raises:
+        As :func:`read_quotes` and :func:`spark_jobs.backfill.backfill`.
+    """
     from spark_jobs.backfill import BackfillConfig
     from spark_jobs.backfill import backfill as run_backfill
 
-    settings = settings_or_exit()
-    try:
-        cfg = BackfillConfig.of(settings, chunk)
-        # A backfill of an input replaces that input's earlier backfill: whatever its range
-        # or chunk size, the history never holds two runs' rows for one window.
-        removed = lake.remove(cfg.lake, f"backfill-{source.value}-")
-        if removed:
-            err.print(f"removed {removed} files of the previous {source} backfill")
-        err.print(f"reading the {source} recording ...")
-        total, quotes = read_quotes(settings, source, _time(start), _time(end), path or [])
-        with tqdm(total=total, unit="quote", desc="backfill", file=sys.stderr,
-                  disable=not sys.stderr.isatty(), mininterval=0.5) as bar:
-            report = run_backfill(_wire(quotes), source.value, cfg, bar.update)
-    except (ValueError, OSError) as exc:
-        raise fail(exc) from None
-    console.print(report.summary())
-    console.print(f"lake: {cfg.lake.dir}")
+    cfg = BackfillConfig.of(settings, chunk)
+    removed = lake.remove(cfg.lake, f"backfill-{source.value}-")
+    if removed:
+        err.print(f"removed {removed} files of the previous {source} backfill")
+    err.print(f"reading the {source} recording ...")
+    total, quotes = read_quotes(settings, source, start, end, paths)
+    report = run_backfill(_wire(quotes), source.value, cfg,
+                          progress(total) if progress is not None else None)
+    return report, cfg.lake.dir

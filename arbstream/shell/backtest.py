@@ -12,7 +12,7 @@ from rich.table import Table
 
 from arbstream.console import console, err, fail, settings_or_exit
 from arbstream.console import time_option as _time
-from arbstream.shell.backfill import Input, read_quotes
+from arbstream.shell.backfill import Input, backfill_recording, read_quotes
 
 app = typer.Typer(help="Backtest trading bots on the stream's signals and recorded quotes.",
                   no_args_is_help=True)
@@ -84,7 +84,8 @@ def run_command(
         raise typer.BadParameter(f"--signals is lake or mongo, not {signals!r}")
     try:
         if backfill:
-            _backfill(settings, source, since, until)
+            report, where = backfill_recording(settings, source, since, until)
+            err.print(f"backfill into {where}: {report.summary()}")
         err.print(f"reading the {source} recording ...")
         first = _training_start(settings, ml_version) if ml else None
         quotes_from = first if first is not None and since is not None and first < since \
@@ -149,19 +150,6 @@ def _pair_series(settings: Any, market: Any, since: datetime | None,
         series["t_ms"] = series["window_end"].astype("datetime64[ms, UTC]").astype("int64")
         out.append((p.name, p.y, p.x, series))
     return out
-
-
-def _backfill(settings: Any, source: Input, since: datetime | None, until: datetime | None
-              ) -> None:
-    from arbstream.store import lake
-    from spark_jobs.backfill import BackfillConfig
-    from spark_jobs.backfill import backfill as run_backfill
-
-    cfg = BackfillConfig.of(settings)
-    lake.remove(cfg.lake, f"backfill-{source.value}-")
-    err.print(f"backfilling the {source} recording into {cfg.lake.dir} ...")
-    _, quotes = read_quotes(settings, source, since, until)
-    run_backfill((q.to_json() for q in quotes), source.value, cfg)
 
 
 @app.command("show")
