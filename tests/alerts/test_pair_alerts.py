@@ -33,6 +33,7 @@ from tests.alerts.test_alerts import (
     running,
     wait_for,
 )
+from tests.ml.test_pairs import lake_mids
 
 PAIRS = [PairSpec(name="btcusd-coinbase-kraken", y="coinbase:BTC-USD", x="kraken:BTC-USD"),
          PairSpec(name="btc-binance-usdt-coinbase-usd", y="binance:BTC-USDT",
@@ -45,14 +46,7 @@ smtp = test_alerts.smtp
 def last_z(lake_dir: Path, pair: PairSpec) -> tuple[float, pd.Timestamp, pd.Timestamp]:
     """The last z-score of ``pair``, the window end where its sign last changed and the last
     window end."""
-    frame = pd.read_parquet(lake_dir / "feature", columns=["exchange", "symbol", "window_end",
-                                                           "mid"])
-    legs = {}
-    for name, leg in (("y", pair.y), ("x", pair.x)):
-        exchange, symbol = leg.split(":")
-        rows = frame[(frame.exchange == exchange) & (frame.symbol == symbol)]
-        legs[name] = np.log(rows.set_index("window_end")["mid"].sort_index())
-    mids = pd.DataFrame(legs).dropna()
+    mids = np.log(lake_mids(lake_dir, pair))
     params = RollingOLS(mids["y"], sm.add_constant(mids["x"]), window=WINDOW).fit().params
     spread = mids["y"] - params["const"].shift(1) - params["x"].shift(1) * mids["x"]
     z = ((spread - spread.rolling(Z_WINDOW).mean()) / spread.rolling(Z_WINDOW).std()).dropna()
