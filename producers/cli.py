@@ -17,7 +17,8 @@ from arbstream.console import console, fail, settings_or_exit, time_option
 
 app = typer.Typer(help="Market-data producers: live feeds, recordings and replays.",
                   no_args_is_help=True)
-replay_app = typer.Typer(help="Publish recorded market data to the quote topics.")
+replay_app = typer.Typer(help="Publish recorded market data to the quote topics.",
+                         no_args_is_help=True)
 app.add_typer(replay_app, name="replay")
 
 

@@ -15,15 +15,18 @@ from rich.table import Table
 
 from arbstream.console import console, fail, settings_or_exit
 from arbstream.console import time_option as _time
+from arbstream.records import OPPORTUNITY_FIELDS
 
-app = typer.Typer(help="The Spark streaming job and its results.")
-opportunities_app = typer.Typer(help="Query detected opportunities and episodes (MongoDB).")
+app = typer.Typer(help="The Spark streaming job and its results.", no_args_is_help=True)
+opportunities_app = typer.Typer(help="Query detected opportunities and episodes (MongoDB).",
+                                no_args_is_help=True)
 app.add_typer(opportunities_app, name="opportunities")
 
-#: Columns of ``opportunities list`` (an opportunity holds from ``valid_from`` to
-#: ``valid_to``, over ``windows`` windows: one snapshot of its legs).
+#: Columns of the ``opportunities list`` table (an opportunity holds from ``valid_from`` to
+#: ``valid_to``, over ``windows`` windows: one snapshot of its legs); the table shows the pair
+#: as ``symbol`` or ``buy symbol/sell symbol`` (cross-quote). CSV and JSON carry every field.
 COLUMNS = [
-    "valid_from", "valid_to", "windows", "symbol", "buy_exchange", "sell_exchange", "buy_ask",
+    "valid_from", "valid_to", "windows", "pair", "buy_exchange", "sell_exchange", "buy_ask",
     "sell_bid", "gross_bps", "net_bps",
 ]
 EPISODE_COLUMNS = [
@@ -64,16 +67,38 @@ def print_opportunities(rows: list[dict[str, Any]], fmt: Format) -> None:
         for row in rows:
             sys.stdout.write(json.dumps(row, default=_cell) + "\n")
     elif fmt is Format.csv:
+        columns = csv_columns(rows)
         writer = csv.writer(sys.stdout)
-        writer.writerow(COLUMNS)
+        writer.writerow(columns)
         for row in rows:
-            writer.writerow([_cell(v) if isinstance(v, datetime) else v
-                             for v in (row.get(c) for c in COLUMNS)])
+            writer.writerow([_csv_cell(row.get(c)) for c in columns])
     else:
         table = Table(*COLUMNS)
         for row in rows:
-            table.add_row(*[_cell(row.get(c)) for c in COLUMNS])
+            table.add_row(*[_pair_symbol(row) if c == "pair" else _cell(row.get(c))
+                            for c in COLUMNS])
         console.print(table)
+
+
+def csv_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The CSV header: every field of :data:`arbstream.records.OPPORTUNITY_FIELDS` in order
+    (empty where a document lacks it), then any other key the documents hold
+    (``first_seen_at``...), in order of first appearance: the CSV carries every column the
+    JSON lines have."""
+    order = dict.fromkeys(OPPORTUNITY_FIELDS)
+    for row in rows:
+        for key in row:
+            order.setdefault(key)
+    return list(order)
+
+
+def _csv_cell(value: Any) -> Any:
+    """A CSV cell: ISO-8601 UTC for datetimes, JSON for lists and mappings, else as is."""
+    if isinstance(value, datetime):
+        return _cell(value)
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value, default=_cell)
+    return value
 
 
 def _num(value: Any, digits: int = 2) -> str:

@@ -4,6 +4,8 @@ the stream job, alerts, Grafana) and adds what runs on a developer's machine: th
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 from rich.table import Table
 
@@ -23,6 +25,23 @@ from producers.cli import replay_app
 from spark_jobs.cli import app as stream_app
 
 app = typer.Typer(help="Real-time cross-exchange crypto arbitrage.", no_args_is_help=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"arbstream {version('arbstream')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="Print the installed arbstream version and exit.")] = False,
+) -> None:
+    """Real-time cross-exchange crypto arbitrage."""
 
 
 def _status_table(rows: list[stack.ServiceStatus]) -> Table:

@@ -23,6 +23,7 @@ from pymongo import MongoClient
 from typer.testing import CliRunner, Result
 
 from arbstream.config import Settings, get_settings
+from arbstream.records import OPPORTUNITY_FIELDS
 from arbstream.shell.cli import app
 from arbstream.store.config import InfluxConfig, MongoConfig
 from arbstream.store.influx.schema import ensure_database
@@ -35,8 +36,10 @@ from producers.replay.iaqf import load_iaqf_quotes
 
 T0 = datetime(2023, 3, 11, 4, 0, 1, tzinfo=UTC)
 SEC = timedelta(seconds=1)
-CSV_HEADER = ("valid_from,valid_to,windows,symbol,buy_exchange,sell_exchange,buy_ask,sell_bid,"
-              "gross_bps,net_bps")
+#: The table's columns; the CSV carries every field (``csv_columns``).
+TABLE_HEADER = ("valid_from,valid_to,windows,pair,buy_exchange,sell_exchange,buy_ask,sell_bid,"
+                "gross_bps,net_bps")
+CSV_HEADER = ",".join(OPPORTUNITY_FIELDS)
 
 Invoke = Callable[..., Result]
 
@@ -242,13 +245,11 @@ def seeded(env: Settings) -> Settings:
     return env
 
 
-def _csv_line(name: str) -> list[str]:
-    r = ROWS[name]
-    return [
-        r["valid_from"].strftime("%Y-%m-%dT%H:%M:%SZ"),
-        r["valid_to"].strftime("%Y-%m-%dT%H:%M:%SZ"), "3", r["symbol"], r["buy_exchange"],
-        r["sell_exchange"], *(str(r[k]) for k in ("buy_ask", "sell_bid", "gross_bps", "net_bps")),
-    ]
+def _csv_line(name: str) -> dict[str, str]:
+    """The CSV cells of seeded row ``name`` (every field it has; ISO-8601 UTC times)."""
+    return {k: v.strftime("%Y-%m-%dT%H:%M:%S") + ("Z" if v.microsecond == 0 else
+                                                 f".{v.microsecond:06d}Z")
+            if isinstance(v, datetime) else str(v) for k, v in ROWS[name].items()}
 
 
 def _iso(value: datetime) -> str:
@@ -277,8 +278,32 @@ def test_opportunities_csv(invoke: Invoke, seeded: Settings, args: list[str], na
     result = invoke("opportunities", "list", "--format", "csv", *args)
     assert result.exit_code == 0, _explain(result)
     lines = result.stdout.splitlines()
-    assert lines[0] == CSV_HEADER
-    assert list(csv.reader(io.StringIO(result.stdout)))[1:] == [_csv_line(n) for n in names]
+    assert lines[0] == (CSV_HEADER + ",first_seen_at" if names else CSV_HEADER), lines[0]
+    got = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [{k: r[k] for k in ROWS[n]} for r, n in zip(got, names, strict=True)] == [
+        _csv_line(n) for n in names]
+    assert len(got) == len(names)
+
+
+def test_csv_carries_every_json_column_and_the_cross_quote_legs(invoke: Invoke,
+                                                                env: Settings) -> None:
+    """A cross-quote opportunity reads as what it is in every format: the CSV has every key
+    of the JSON lines (``sell_symbol``, ``cross_quote``, the conversion leg...), and the
+    table names the pair ``BTC-USDC/BTC-USDT``."""
+    row = {**_row("BTC-USDC", T0, "binance", "binance", 20000.0, 20150.0, 75.0, 40.0),
+           "sell_symbol": "BTC-USDT", "cross_quote": True, "conversion_symbol": "USDC-USDT",
+           "conversion_exchange": "binance", "conversion_rate": 1.02, "conversion_fee": 0.001}
+    assert upsert_opportunities(MongoConfig.of(env), [row]) == 1
+    as_json = invoke("opportunities", "list", "--format", "json")
+    as_csv = invoke("opportunities", "list", "--format", "csv")
+    assert as_json.exit_code == as_csv.exit_code == 0, _explain(as_csv)
+    [doc] = [json.loads(line) for line in as_json.stdout.splitlines()]
+    [cells] = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert set(doc) <= set(cells)
+    assert (cells["sell_symbol"], cells["cross_quote"], cells["conversion_symbol"]) == (
+        "BTC-USDT", "True", "USDC-USDT")
+    table = invoke("opportunities", "list").stdout
+    assert "BTC-USDC/BTC-USDT" in table
 
 
 def test_opportunities_json_lines(invoke: Invoke, seeded: Settings) -> None:
@@ -301,7 +326,7 @@ def test_opportunities_table(invoke: Invoke, seeded: Settings) -> None:
     result = invoke("opportunities", "list", "--min-net-bps", "5")
     assert result.exit_code == 0, _explain(result)
     out = result.stdout
-    for column in CSV_HEADER.split(","):
+    for column in TABLE_HEADER.split(","):
         assert column in out
     rows = [
         [c.strip() for c in re.split(r"[│|]", line) if c.strip()]
