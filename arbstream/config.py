@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -644,3 +645,37 @@ def get_settings() -> Settings:
         pydantic.ValidationError: with every invalid variable named.
     """
     return Settings()
+
+
+def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """``ARB_*`` variables of ``environ`` (default ``os.environ``) that name no setting, each
+    with the closest setting's variable (``difflib``) or ``None``: a misspelt variable would
+    otherwise be ignored without a word."""
+    import difflib
+
+    known = {f"ARB_{name.upper()}" for name in Settings.model_fields}
+    env = os.environ if environ is None else environ
+    out = []
+    for name in sorted(n for n in env if n.upper().startswith("ARB_")):
+        if name.upper() not in known:
+            close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)
+            out.append((name, close[0] if close else None))
+    return out
+
+
+def expected_format(field: str) -> str | None:
+    """How ``ARB_<FIELD>`` must be written when its type is a list, a mapping or a model
+    (pydantic-settings parses those from JSON), with an example; ``None`` for scalars."""
+    info = Settings.model_fields.get(field)
+    if info is None:
+        return None
+    text = str(info.annotation)
+    examples = {"exchanges": '["coinbase", "kraken"]', "fees": '{"binance": 0.00075}',
+                "usd_quotes": '["USD", "USDT", "USDC"]',
+                "feeds": '{"binance": ["BTC-USDT"]}',
+                "pairs": '[{"name": "cb-kr", "y": "coinbase:BTC-USD", "x": "kraken:BTC-USD"}]',
+                "alert_rules": '[{"name": "big", "recipients": ["desk@example.com"]}]'}
+    if field in examples or text.startswith(("list", "dict")) or "list[" in text:
+        example = examples.get(field, '["..."]' if "list" in text else '{"key": "value"}')
+        return f"ARB_{field.upper()} must be JSON, e.g. ARB_{field.upper()}='{example}'"
+    return None

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from arbstream.config import Settings, get_settings
+from arbstream.config import Settings, expected_format, get_settings, unknown_env_vars
 from arbstream.timestamps import parse_time
 
 #: Standard output; 160 columns when not a terminal, so piped tables do not wrap at 80.
@@ -25,11 +25,25 @@ def settings_or_exit() -> Settings:
     Raises:
         typer.Exit: code 2, after printing why the configuration is invalid.
     """
+    for name, close in unknown_env_vars():
+        hint = f" (did you mean {close}?)" if close else ""
+        err.print(f"[yellow]warning:[/yellow] {name} is not an arbstream setting and is "
+                  f"ignored{hint}; the settings are listed in .env.example")
     try:
         return get_settings()
     except (ValidationError, ValueError, FileNotFoundError) as exc:
-        err.print("[red]invalid configuration:[/red]\n" + escape(str(exc)))
+        hints = [h for h in (expected_format(f) for f in _fields_in(str(exc))) if h]
+        err.print("[red]invalid configuration:[/red]\n" + escape(str(exc))
+                  + "".join(f"\n{escape(h)}" for h in hints))
         raise typer.Exit(2) from None
+
+
+def _fields_in(message: str) -> list[str]:
+    """Setting names a pydantic or pydantic-settings error message mentions."""
+    import re
+
+    names = re.findall(r'field "(\w+)"', message) + re.findall(r"^(\w+)\n", message, re.M)
+    return [n for n in dict.fromkeys(names) if n in Settings.model_fields]
 
 
 def fail(exc: Exception) -> typer.Exit:

@@ -479,3 +479,42 @@ def test_promotion_folds_cannot_exceed_the_folds() -> None:
     assert Settings(ml_folds=3, ml_promotion_folds=3).ml_promotion_folds == 3
     with pytest.raises(ValidationError, match=r"ml_promotion_folds \(4\) must be <= ml_folds"):
         Settings(ml_folds=3, ml_promotion_folds=4)
+
+
+def test_misspelt_variables_are_named_with_the_closest_setting(monkeypatch, tmp_path) -> None:
+    """An ``ARB_*`` variable that names no setting is reported (with the likely intended one)
+    instead of being silently ignored."""
+    from typer.testing import CliRunner
+
+    from arbstream.config import get_settings, unknown_env_vars
+    from arbstream.shell.cli import app
+
+    assert unknown_env_vars({"ARB_EXCHANGE": "x", "ARB_MIN_NET": "0", "ARB_ZZZ": "1"}) == [
+        ("ARB_EXCHANGE", "ARB_EXCHANGES"), ("ARB_ZZZ", None)]
+    monkeypatch.setenv("ARB_EXCHANGE", '["coinbase"]')
+    monkeypatch.setenv("ARB_STATE_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    result = CliRunner().invoke(app, ["lake", "compact", "--dry-run"])
+    get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())  # rich wraps at the terminal width
+    assert "ARB_EXCHANGE is not an arbstream setting" in out
+    assert "did you mean ARB_EXCHANGES?" in out
+
+
+@pytest.mark.parametrize(("name", "value", "hint"), [
+    ("ARB_EXCHANGES", "coinbase", """ARB_EXCHANGES='["coinbase", "kraken"]'"""),
+    ("ARB_FEES", "0.1", """ARB_FEES='{"binance": 0.00075}'"""),
+])
+def test_config_errors_name_the_expected_format(monkeypatch, name, value, hint) -> None:
+    from typer.testing import CliRunner
+
+    from arbstream.config import get_settings
+    from arbstream.shell.cli import app
+
+    monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    result = CliRunner().invoke(app, ["lake", "compact", "--dry-run"])
+    get_settings.cache_clear()
+    assert result.exit_code == 2
+    assert "must be JSON" in result.output and hint in result.output.replace("\n", "")
