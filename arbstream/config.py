@@ -569,6 +569,10 @@ class Settings(BaseSettings):
                              f"got {self.alert_from!r}")
         if (self.smtp_username is None) != (self.smtp_password is None):
             raise ValueError("set both ARB_SMTP_USERNAME and ARB_SMTP_PASSWORD, or neither")
+        if self.smtp_password is not None and self.smtp_security == "none":
+            raise ValueError("ARB_SMTP_SECURITY=none would send ARB_SMTP_PASSWORD in clear "
+                             "text: use starttls or tls with a password (none is for a local "
+                             "relay without authentication)")
         if self.smtp_retry_max_seconds < self.smtp_retry_initial_seconds:
             raise ValueError("smtp_retry_max_seconds must be >= smtp_retry_initial_seconds")
 

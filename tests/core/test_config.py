@@ -518,3 +518,12 @@ def test_config_errors_name_the_expected_format(monkeypatch, name, value, hint) 
     get_settings.cache_clear()
     assert result.exit_code == 2
     assert "must be JSON" in result.output and hint in result.output.replace("\n", "")
+
+
+def test_password_over_plain_smtp_is_refused_without_showing_it() -> None:
+    secret = "abcd efgh ijkl mnop"
+    with pytest.raises(ValidationError, match="clear text") as info:
+        Settings(smtp_security="none", smtp_username="desk", smtp_password=secret)
+    assert secret not in str(info.value)
+    assert Settings(smtp_security="starttls", smtp_username="desk",
+                    smtp_password=secret).smtp_password.get_secret_value() == secret
