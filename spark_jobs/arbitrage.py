@@ -81,8 +81,16 @@ def kafka_options(settings: Settings) -> dict[str, str]:
             else "org.apache.kafka.common.security.scram.ScramLoginModule"
         )
         user, password = conf.pop("sasl.username"), conf.pop("sasl.password")
-        conf["sasl.jaas.config"] = f'{module} required username="{user}" password="{password}";'
+        conf["sasl.jaas.config"] = (f"{module} required username={jaas_quote(user)} "
+                                    f"password={jaas_quote(password)};")
     return {f"kafka.{k}": str(v) for k, v in conf.items()}
+
+
+def jaas_quote(value: str) -> str:
+    """``value`` as a double-quoted JAAS option value: Kafka's ``JaasConfig`` reads it with
+    ``java.io.StreamTokenizer``, whose quoted strings take ``\\`` and ``\"`` escapes, so a
+    password holding a quote or a backslash cannot end the value early or inject options."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def query_topics(settings: Settings) -> dict[str, list[str]]:

@@ -527,3 +527,31 @@ def test_password_over_plain_smtp_is_refused_without_showing_it() -> None:
     assert secret not in str(info.value)
     assert Settings(smtp_security="starttls", smtp_username="desk",
                     smtp_password=secret).smtp_password.get_secret_value() == secret
+
+
+def test_jaas_line_survives_quotes_and_backslashes(spark) -> None:
+    """A password with a quote, a backslash and a semicolon, read back with the JVM's
+    ``java.io.StreamTokenizer`` configured as Kafka's ``JaasConfig`` configures it, is the
+    password: it cannot end the value early or add options."""
+    from spark_jobs import arbitrage
+
+    password = 'p"a\\ss; evil="1'
+    line = arbitrage.kafka_options(Settings(
+        spark_kafka_source="builtin", kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="PLAIN", kafka_sasl_username="arb",
+        kafka_sasl_password=password))["kafka.sasl.jaas.config"]
+    jvm = spark.sparkContext._jvm
+    tok = jvm.java.io.StreamTokenizer(jvm.java.io.StringReader(line))
+    tok.slashSlashComments(True)
+    tok.slashStarComments(True)
+    for c in "-_$":
+        tok.wordChars(ord(c), ord(c))
+    from py4j.java_gateway import get_field
+
+    tokens = []
+    while tok.nextToken() != -1:  # StreamTokenizer.TT_EOF
+        sval = get_field(tok, "sval")
+        tokens.append(sval if sval is not None else chr(get_field(tok, "ttype")))
+        assert len(tokens) < 20
+    assert tokens == ["org.apache.kafka.common.security.plain.PlainLoginModule", "required",
+                      "username", "=", "arb", "password", "=", password, ";"]
