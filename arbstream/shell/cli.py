@@ -14,6 +14,7 @@ from arbstream.console import console, fail, settings_or_exit
 from arbstream.shell import stack
 from arbstream.shell.backfill import backfill
 from arbstream.shell.backtest import app as backtest_app
+from arbstream.shell.data import app as data_app
 from arbstream.shell.demo import DEMO_HELP, demo
 from arbstream.shell.lake import app as lake_app
 from arbstream.shell.pairs import app as pairs_app
@@ -112,6 +113,7 @@ app.command(help=DEMO_HELP)(demo)
 app.command()(backfill)
 app.add_typer(lake_app, name="lake")
 app.add_typer(backtest_app, name="backtest")
+app.add_typer(data_app, name="data")
 app.add_typer(grafana_app, name="grafana")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(ml_app, name="ml")
