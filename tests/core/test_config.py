@@ -555,3 +555,14 @@ def test_jaas_line_survives_quotes_and_backslashes(spark) -> None:
         assert len(tokens) < 20
     assert tokens == ["org.apache.kafka.common.security.plain.PlainLoginModule", "required",
                       "username", "=", "arb", "password", "=", password, ";"]
+
+
+def test_unreachable_broker_is_one_error_not_hundreds_of_log_lines(capfd) -> None:
+    """librdkafka logs every reconnection to an unreachable broker on stderr; the admin
+    calls behind `arbstream topics` and `up` keep those off and raise one error instead."""
+    from arbstream.topics import partition_counts
+
+    with pytest.raises(RuntimeError, match="127.0.0.1:1 unreachable.*Broker transport failure"):
+        partition_counts(Settings(kafka_bootstrap="127.0.0.1:1"), timeout=3.0)
+    captured = capfd.readouterr()
+    assert "FAIL" not in captured.err and len(captured.err.splitlines()) == 0
