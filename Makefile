@@ -5,7 +5,16 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast lint install node notebooks
+.PHONY: demo test test-fast lint install install-app node notebooks
+
+# The package and what it runs (the demo's needs); `install` adds the test and notebook extras.
+install-app: $(VENV)/.installed-app
+
+$(VENV)/.installed-app: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
 
 install: $(VENV)/.installed
 
@@ -13,9 +22,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[test]"
-	touch $@
+	touch $@ $(VENV)/.installed-app
 
-demo: install
+demo: install-app
 	$(BIN)/arbstream demo
 
 lint: install
