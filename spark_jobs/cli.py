@@ -217,3 +217,78 @@ def opportunities_list(
     except PyMongoError as exc:
         raise fail(exc) from None
     print_opportunities(rows, fmt)
+
+
+@opportunities_app.command("tail", help="Follow arb.opportunities: print each opportunity "
+                           "and episode event the stream publishes (Ctrl-C to stop).")
+def opportunities_tail(
+    from_beginning: Annotated[bool, typer.Option(
+        help="start at the oldest retained event instead of the next one")] = False,
+    max_events: Annotated[int | None, typer.Option(
+        "--max", min=1, help="stop after this many events")] = None,
+    idle: Annotated[float | None, typer.Option(
+        min=0.1, help="stop after this many seconds without an event")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+    topic: Annotated[str, typer.Option(help="the topic to follow")] = "arb.opportunities",
+) -> None:
+    """Consume ``arb.opportunities`` (or ``topic``) without committing offsets (other
+    readers are not affected) and print each valid event; an invalid record is reported on
+    stderr with its reason, never dropped silently."""
+    import time
+
+    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException
+
+    from arbstream.console import err
+    from arbstream.schemas import EpisodeEvent, parse_arb_event
+    settings = settings_or_exit()
+    consumer = Consumer({
+        **settings.kafka_client_config(),  # bootstrap, security, SASL
+        "group.id": "arbstream-tail",  # required by librdkafka; partitions are assigned, not
+        # subscribed, and nothing is committed
+        "enable.auto.commit": False,  # a tail reads, it does not move anyone's offsets
+        "log_level": 0,  # an unreachable broker is reported once, below
+    })
+    start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+    seen, last = 0, time.monotonic()
+    try:
+        meta = consumer.list_topics(topic, timeout=15)
+        parts = meta.topics[topic].partitions
+        if not parts:
+            raise fail(RuntimeError(f"topic {topic} does not exist (yet)"))
+        from confluent_kafka import TopicPartition
+
+        consumer.assign([TopicPartition(topic, p, start) for p in parts])
+        while max_events is None or seen < max_events:
+            msg = consumer.poll(0.5)
+            if msg is None:
+                if idle is not None and time.monotonic() - last > idle:
+                    break
+                continue
+            if msg.error():
+                err.print(f"[red]error:[/red] {msg.error()}")
+                continue
+            last = time.monotonic()
+            try:
+                event = parse_arb_event(msg.value() or b"")
+            except ValueError as exc:
+                err.print(f"invalid record at {msg.topic()}[{msg.partition()}]@"
+                          f"{msg.offset()}: {exc}")
+                continue
+            seen += 1
+            if as_json:
+                sys.stdout.write(event.model_dump_json() + "\n")
+                sys.stdout.flush()
+            elif isinstance(event, EpisodeEvent):
+                console.print(f"episode {event.event:6} {_pair_symbol(event.model_dump())} "
+                              f"{event.buy_exchange} → {event.sell_exchange} peak "
+                              f"{event.peak_net_bps:.2f} bps, {event.duration_s:.0f} s")
+            else:
+                console.print(f"opportunity {getattr(event, 'stage', None) or '':9} "
+                              f"{_pair_symbol(event.model_dump())} {event.buy_exchange} → "
+                              f"{event.sell_exchange} net {event.net_bps:.2f} bps")
+    except KafkaException as exc:
+        raise fail(RuntimeError(f"Kafka at {settings.kafka_bootstrap}: {exc}")) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()

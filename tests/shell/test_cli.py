@@ -643,3 +643,37 @@ def test_invalid_configuration_is_printed_verbatim(invoke: Invoke) -> None:
     result = invoke("status", ARB_WINDOW_SECONDS="0.7")
     assert result.exit_code == 2, _explain(result)
     assert "[type=value_error" in result.stderr  # swallowed as an unknown style tag today
+
+
+def test_opportunities_tail_prints_events_and_reports_invalid_records(env: Settings) -> None:
+    """Real depeg events (the stream's wire format) and one malformed record on a topic:
+    `opportunities tail --json` prints every valid event as it was published and reports the
+    bad one on stderr."""
+    import uuid
+    from datetime import UTC
+
+    from confluent_kafka import Producer
+
+    from arbstream.schemas import parse_arb_event
+    from arbstream.topics import ensure_topic
+    from testing.alert_events import iaqf_events
+
+    events = iaqf_events(env.data_dir, datetime(2023, 3, 11, 4, tzinfo=UTC),
+                         datetime(2023, 3, 11, 4, 20, tzinfo=UTC), env)[:6]
+    assert len(events) == 6
+    topic = f"tail.{uuid.uuid4().hex[:8]}"
+    ensure_topic(env, topic, partitions=1)
+    producer = Producer(env.kafka_client_config())
+    for i, (key, value) in enumerate(events):
+        producer.produce(topic, value=value, key=key)
+        if i == 2:
+            producer.produce(topic, value=b"{not json", key=b"x")
+    assert producer.flush(10) == 0
+    get_settings.cache_clear()
+    result = CliRunner().invoke(app, [
+        "opportunities", "tail", "--topic", topic, "--from-beginning", "--max", "6", "--json"])
+    get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    got = [parse_arb_event(line) for line in result.stdout.splitlines()]
+    assert got == [parse_arb_event(v) for _, v in events]
+    assert "invalid record" in result.stderr and "@3" in result.stderr
