@@ -41,9 +41,24 @@ EPISODE_TABLE = [
 
 @app.command()
 def stream() -> None:
-    """Run the Spark streaming job (ARB_SPARK_MASTER, default local[2]); needs Java 17."""
-    from spark_jobs.arbitrage import main
+    """Run the Spark streaming job (ARB_SPARK_MASTER, default local[2]); needs Java 17.
 
+    The broker, InfluxDB and MongoDB are checked first (topics, database, indexes), so a
+    service that is down is one error line naming it, not a Spark traceback."""
+    from pymongo.errors import PyMongoError
+
+    from arbstream.store.influx.client import InfluxError
+    from arbstream.topics import ensure_topics
+    from spark_jobs.arbitrage import main, prepare_sinks
+
+    settings = settings_or_exit()
+    for what, check in (("Kafka", lambda: ensure_topics(settings, timeout=10.0)),
+                        ("InfluxDB/MongoDB", lambda: prepare_sinks(settings))):
+        try:
+            check()
+        except (RuntimeError, InfluxError, PyMongoError) as exc:
+            raise fail(RuntimeError(f"{what} is not available: {exc}; start the services "
+                                    "(`arbstream up` locally) or fix ARB_* settings")) from None
     main()
 
 

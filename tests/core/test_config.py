@@ -566,3 +566,19 @@ def test_unreachable_broker_is_one_error_not_hundreds_of_log_lines(capfd) -> Non
         partition_counts(Settings(kafka_bootstrap="127.0.0.1:1"), timeout=3.0)
     captured = capfd.readouterr()
     assert "FAIL" not in captured.err and len(captured.err.splitlines()) == 0
+
+
+def test_stream_with_the_broker_down_is_one_error_naming_it(monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from arbstream.config import get_settings
+    from arbstream.shell.cli import app
+
+    monkeypatch.setenv("ARB_KAFKA_BOOTSTRAP", "127.0.0.1:1")
+    get_settings.cache_clear()
+    result = CliRunner().invoke(app, ["stream"])
+    get_settings.cache_clear()
+    assert result.exit_code == 1
+    out = " ".join(result.output.split())
+    assert "Kafka is not available" in out and "arbstream up" in out
+    assert "Traceback" not in out
