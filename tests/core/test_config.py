@@ -582,3 +582,62 @@ def test_stream_with_the_broker_down_is_one_error_naming_it(monkeypatch) -> None
     out = " ".join(result.output.split())
     assert "Kafka is not available" in out and "arbstream up" in out
     assert "Traceback" not in out
+
+
+#: A distinct value for every secret setting (the MongoDB URI carries a password).
+SECRET_VALUES = {
+    "ARB_KAFKA_SASL_PASSWORD": "kafka-Secret-1f2e", "ARB_INFLUX_TOKEN": "influx-Token-8c7d",
+    "ARB_INFLUX_PASSWORD": "influx-Pass-3b4a",
+    "ARB_MONGO_URI": "mongodb://desk:mongo-Pass-9e0f@127.0.0.1:1/?serverSelectionTimeoutMS=500",
+    "ARB_GRAFANA_TOKEN": "grafana-Token-5a6b", "ARB_GRAFANA_PASSWORD": "grafana-Pass-7c8d",
+    "ARB_SMTP_PASSWORD": "smtp-Pass-1a2b", "ARB_ID_HASH_KEY": "hash-Key-0123456789abcdef012345",
+}
+
+
+def _commands(group: object, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command path of the CLI (Click's view of the Typer app)."""
+    out = [path]
+    for name, cmd in (getattr(group, "commands", None) or {}).items():
+        out.extend(_commands(cmd, (*path, name)))
+    return out
+
+
+def test_no_secret_in_help_errors_or_logs(monkeypatch, caplog) -> None:
+    """With every secret set: no ``--help`` page, configuration error or failing command
+    shows any of them (or the MongoDB URI's password)."""
+    import typer.main
+    from typer.testing import CliRunner
+
+    from arbstream.config import get_settings
+    from arbstream.shell.cli import app
+
+    for name, value in SECRET_VALUES.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("ARB_SMTP_USERNAME", "desk")
+    monkeypatch.setenv("ARB_INFLUX_USERNAME", "desk")
+    monkeypatch.setenv("ARB_GRAFANA_USERNAME", "desk")
+    monkeypatch.setenv("ARB_KAFKA_SASL_MECHANISM", "PLAIN")
+    monkeypatch.setenv("ARB_KAFKA_SASL_USERNAME", "desk")
+    runner = CliRunner()
+    outputs = []
+    paths = _commands(typer.main.get_command(app))
+    assert len(paths) > 30
+    for path in paths:
+        outputs.append(runner.invoke(app, [*path, "--help"]).output)
+    get_settings.cache_clear()
+    # a configuration error (bad value next to the secrets) and commands whose service is down
+    monkeypatch.setenv("ARB_ALERT_FROM", "not-an-address")
+    outputs.append(runner.invoke(app, ["alerts", "rules"]).output)
+    monkeypatch.delenv("ARB_ALERT_FROM")
+    monkeypatch.setenv("ARB_SMTP_SECURITY", "none")
+    get_settings.cache_clear()
+    outputs.append(runner.invoke(app, ["lake", "compact", "--dry-run"]).output)
+    monkeypatch.setenv("ARB_SMTP_SECURITY", "starttls")
+    for args in (["opportunities", "list"], ["backtest", "show"], ["privacy", "budget"]):
+        get_settings.cache_clear()
+        outputs.append(runner.invoke(app, args).output)
+    get_settings.cache_clear()
+    text = "\n".join(outputs) + "\n".join(r.getMessage() for r in caplog.records)
+    assert "invalid configuration" in text and "clear text" in " ".join(text.split())
+    for value in [*SECRET_VALUES.values(), "mongo-Pass-9e0f"]:
+        assert value not in text, value
