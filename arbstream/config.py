@@ -254,6 +254,14 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_partitions: int = Field(3, ge=1, description="Partitions of each md.* topic")
     kafka_replication: int = Field(1, ge=1)
+    kafka_min_insync_replicas: int | None = Field(
+        None, ge=1, description="min.insync.replicas of the topics arbstream creates "
+        "(<= kafka_replication); None: the broker's default"
+    )
+    kafka_config: dict[str, SecretStr] = Field(
+        default_factory=dict, description="More librdkafka settings for every client (JSON "
+        "object: TLS files, client.id, OAUTHBEARER...), also kafka.* options of Spark's source"
+    )
     kafka_security_protocol: str = "PLAINTEXT"
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None
@@ -484,6 +492,16 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        from arbstream.kafka import RESERVED_KEYS
+
+        reserved = sorted(set(self.kafka_config) & RESERVED_KEYS)
+        if reserved:
+            raise ValueError(f"ARB_KAFKA_CONFIG must not set {reserved}: use ARB_KAFKA_BOOTSTRAP, "
+                             "ARB_KAFKA_SECURITY_PROTOCOL and ARB_KAFKA_SASL_*")
+        if self.kafka_min_insync_replicas and self.kafka_min_insync_replicas > \
+                self.kafka_replication:
+            raise ValueError("kafka_min_insync_replicas must be <= kafka_replication (a topic "
+                             "with fewer replicas than it requires in sync refuses every write)")
         missing = [e for e in self.exchanges if e not in self.taker_fees]
         if missing:
             raise ValueError(f"no taker fee for exchanges {missing}; add them to ARB_FEES")

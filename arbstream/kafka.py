@@ -1,7 +1,9 @@
 """The one builder of librdkafka (confluent-kafka) client configurations.
 
-:class:`KafkaConfig` is the Kafka slice of :class:`~arbstream.config.Settings`: connection and
-SASL credentials only, so it is what is handed to clients, Spark options and executors.
+:class:`KafkaConfig` is the Kafka slice of :class:`~arbstream.config.Settings`: connection,
+SASL credentials and ``ARB_KAFKA_CONFIG`` (any other librdkafka setting: TLS CA and client
+certificate files, ``client.id``, OAUTHBEARER...), so it is what is handed to clients, Spark
+options (as ``kafka.<key>``) and executors.
 :func:`reliable_producer_config` adds the settings every arbstream producer shares (the
 producers, the replay, the stream's Kafka sink and the Python data source's writer).
 Key reference: https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md
@@ -28,13 +30,16 @@ class KafkaConfig:
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: str | None = None
+    extra: tuple[tuple[str, str], ...] = ()
 
     def __repr__(self) -> str:
         secret = "'**********'" if self.sasl_password else None
+        extra = {k: "**********" if _secret_key(k) else v for k, v in self.extra}
         return (f"KafkaConfig(bootstrap={self.bootstrap!r}, "
                 f"security_protocol={self.security_protocol!r}, "
                 f"sasl_mechanism={self.sasl_mechanism!r}, "
-                f"sasl_username={self.sasl_username!r}, sasl_password={secret})")
+                f"sasl_username={self.sasl_username!r}, sasl_password={secret}, "
+                f"extra={extra!r})")
 
     @classmethod
     def of(cls, settings: Settings) -> KafkaConfig:
@@ -46,6 +51,8 @@ class KafkaConfig:
             sasl_mechanism=settings.kafka_sasl_mechanism,
             sasl_username=settings.kafka_sasl_username,
             sasl_password=password.get_secret_value() if password else None,
+            extra=tuple(sorted((k, v.get_secret_value()) for k, v in
+                               settings.kafka_config.items())),
         )
 
     def client_config(self) -> dict[str, Any]:
@@ -58,7 +65,18 @@ class KafkaConfig:
             conf["sasl.mechanism"] = self.sasl_mechanism  # e.g. PLAIN, SCRAM-SHA-512
             conf["sasl.username"] = self.sasl_username or ""
             conf["sasl.password"] = self.sasl_password or ""
+        conf.update(self.extra)  # ARB_KAFKA_CONFIG: TLS files, client.id, OAUTHBEARER...
         return conf
+
+
+#: Keys of ``ARB_KAFKA_CONFIG`` set by their own settings (refused there).
+RESERVED_KEYS = frozenset({"bootstrap.servers", "security.protocol", "sasl.mechanism",
+                           "sasl.mechanisms", "sasl.username", "sasl.password"})
+
+
+def _secret_key(key: str) -> bool:
+    """Whether a librdkafka key holds a secret (passwords, secrets, private keys)."""
+    return any(w in key for w in ("password", "secret", "key.pem", "private"))
 
 
 def reliable_producer_config(client: dict[str, Any], *, linger_ms: int = 20,

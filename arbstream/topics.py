@@ -57,6 +57,16 @@ def admin_config(settings: Settings) -> dict:
     return {**settings.kafka_client_config(), "log_level": 0}
 
 
+def new_topic(settings: Settings, name: str, partitions: int) -> NewTopic:
+    """A topic to create: ``partitions``, ``ARB_KAFKA_REPLICATION`` replicas and, when set,
+    ``min.insync.replicas`` = ``ARB_KAFKA_MIN_INSYNC_REPLICAS`` (with ``acks=all``, the
+    producers' setting, a write then needs that many replicas)."""
+    config = ({"min.insync.replicas": str(settings.kafka_min_insync_replicas)}
+              if settings.kafka_min_insync_replicas else {})
+    return NewTopic(name, num_partitions=partitions,
+                    replication_factor=settings.kafka_replication, config=config)
+
+
 def partition_counts(settings: Settings, timeout: float = 15.0) -> dict[str, int]:
     """Partition count of every topic on the broker.
 
@@ -84,11 +94,8 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
     for name, parts in existing.items():
         if name in wanted and parts < wanted[name]:
             log.warning("%s has %d partitions, config asks %d", name, parts, wanted[name])
-    new = [
-        NewTopic(name, num_partitions=parts, replication_factor=settings.kafka_replication)
-        for name, parts in wanted.items()
-        if name not in existing
-    ]
+    new = [new_topic(settings, name, parts) for name, parts in wanted.items()
+           if name not in existing]
     if not new:
         return []
     admin = AdminClient(admin_config(settings))
@@ -114,7 +121,7 @@ def ensure_topic(settings: Settings, name: str, partitions: int = 1,
     if name in partition_counts(settings, timeout):
         return False
     admin = AdminClient(admin_config(settings))
-    new = NewTopic(name, num_partitions=partitions, replication_factor=settings.kafka_replication)
+    new = new_topic(settings, name, partitions)
     try:
         admin.create_topics([new], request_timeout=timeout)[name].result()
     except KafkaException as exc:

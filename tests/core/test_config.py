@@ -641,3 +641,37 @@ def test_no_secret_in_help_errors_or_logs(monkeypatch, caplog) -> None:
     assert "invalid configuration" in text and "clear text" in " ".join(text.split())
     for value in [*SECRET_VALUES.values(), "mongo-Pass-9e0f"]:
         assert value not in text, value
+
+
+def test_kafka_config_passes_through_to_clients_and_spark() -> None:
+    """ARB_KAFKA_CONFIG reaches every librdkafka client and Spark's kafka.* options; secret
+    values stay out of repr; keys owned by other settings are refused."""
+    from arbstream.kafka import KafkaConfig
+    from spark_jobs import arbitrage
+
+    extra = {"client.id": "desk-7", "ssl.ca.location": "/etc/ssl/ca.pem",
+             "ssl.key.password": "key-Pass-42"}
+    s = Settings(kafka_security_protocol="SSL", kafka_config=extra)
+    conf = s.kafka_client_config()
+    assert {k: conf[k] for k in extra} == extra and conf["security.protocol"] == "SSL"
+    spark = arbitrage.kafka_options(s.model_copy(update={"spark_kafka_source": "builtin"}))
+    assert spark["kafka.client.id"] == "desk-7"
+    assert spark["kafka.ssl.ca.location"] == "/etc/ssl/ca.pem"
+    assert "key-Pass-42" not in repr(KafkaConfig.of(s)) and "desk-7" in repr(KafkaConfig.of(s))
+    with pytest.raises(ValidationError, match="must not set"):
+        Settings(kafka_config={"bootstrap.servers": "elsewhere:9092"})
+    with pytest.raises(ValidationError, match="min_insync_replicas must be <="):
+        Settings(kafka_replication=1, kafka_min_insync_replicas=2)
+
+
+def test_topics_are_created_with_min_insync_replicas(settings) -> None:
+    """The real broker accepts topics created with min.insync.replicas."""
+    import uuid
+
+    from arbstream.topics import ensure_topic, new_topic, partition_counts
+
+    conf = settings.model_copy(update={"kafka_min_insync_replicas": 1})
+    assert new_topic(conf, "x", 2).config == {"min.insync.replicas": "1"}
+    name = f"isr.{uuid.uuid4().hex[:8]}"
+    assert ensure_topic(conf, name, partitions=2)
+    assert partition_counts(conf)[name] == 2
