@@ -1,9 +1,10 @@
 """The single place arbstream's configuration lives, validated at start-up.
 
 Sources, highest priority first: keyword arguments, ``ARB_*`` environment variables, a ``.env``
-file in the working directory, the TOML or YAML file named by ``ARB_CONFIG_FILE``, then the
-defaults below. Every variable is documented in ``.env.example``. Secrets (passwords, tokens,
-Kafka SASL credentials) are read from the environment only and never written to logs.
+file in the working directory, secret files (:func:`secrets_dir`), the TOML or YAML file named
+by ``ARB_CONFIG_FILE``, then the defaults below. Every variable is documented in
+``.env.example``. Secrets (passwords, tokens, Kafka SASL credentials) come from the environment
+or from secret files (Docker/Kubernetes ``secrets``), and never appear in logs or errors.
 
 Long module: every setting of every component is declared and cross-validated here, by rule
 (one validated ``Settings``); each section is a flat list of fields.
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
+    SecretsSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
     YamlConfigSettingsSource,
@@ -612,6 +614,9 @@ class Settings(BaseSettings):
             return {k: v for k, v in dotenv_settings().items() if k not in foreign}
 
         sources: list[Any] = [init_settings, env_settings, dotenv_arb_only]
+        folder = secrets_dir()
+        if folder is not None:
+            sources.append(SecretsSettingsSource(settings_cls, secrets_dir=folder))
         path = os.environ.get("ARB_CONFIG_FILE")
         if path:
             file = Path(path)
@@ -659,6 +664,35 @@ class Settings(BaseSettings):
         return self.models_dir if self.models_dir is not None else self.state_dir / "models"
 
 
+#: Where :func:`secrets_dir` looks when ``ARB_SECRETS_DIR`` is not set: compose and Docker
+#: Swarm mount ``secrets:`` there.
+DEFAULT_SECRETS_DIR = Path("/run/secrets")
+#: ``ARB_*`` variables that are read directly, not :class:`Settings` fields.
+EXTRA_ENV_VARS = ("ARB_SECRETS_DIR",)
+
+
+def secrets_dir(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The directory of secret files: ``ARB_SECRETS_DIR``, else ``/run/secrets`` when it
+    exists, else ``None``.
+
+    Each file is named like the variable it sets (``ARB_SMTP_PASSWORD``, case-insensitive) and
+    holds the bare value (a trailing newline is stripped); the environment and ``.env`` take
+    precedence over it, and it over ``ARB_CONFIG_FILE``. This is pydantic-settings' secrets
+    source, the convention of compose ``secrets:`` and Kubernetes secret volumes.
+
+    Raises:
+        FileNotFoundError: ``ARB_SECRETS_DIR`` names no directory.
+    """
+    env = os.environ if environ is None else environ
+    given = env.get("ARB_SECRETS_DIR")
+    if given:
+        folder = Path(given)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"ARB_SECRETS_DIR={given} is not a directory")
+        return folder
+    return DEFAULT_SECRETS_DIR if DEFAULT_SECRETS_DIR.is_dir() else None
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """Load and validate settings once per process.
@@ -675,7 +709,7 @@ def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[tuple[str
     otherwise be ignored without a word."""
     import difflib
 
-    known = {f"ARB_{name.upper()}" for name in Settings.model_fields}
+    known = {f"ARB_{name.upper()}" for name in Settings.model_fields} | set(EXTRA_ENV_VARS)
     env = os.environ if environ is None else environ
     out = []
     for name in sorted(n for n in env if n.upper().startswith("ARB_")):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from arbstream.config import Settings, get_settings
+from arbstream.config import EXTRA_ENV_VARS, Settings, get_settings, secrets_dir
 from arbstream.fees import DEFAULT_TAKER_FEES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +39,8 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
 
 
 def env_names() -> set[str]:
-    return {f"ARB_{name.upper()}" for name in Settings.model_fields}
+    """Every variable arbstream reads: the Settings fields and ``ARB_SECRETS_DIR``."""
+    return {f"ARB_{name.upper()}" for name in Settings.model_fields} | set(EXTRA_ENV_VARS)
 
 
 # --- defaults and fees --------------------------------------------------------------------
@@ -401,7 +402,7 @@ def test_env_example_secrets_unset() -> None:
 def test_env_example_unset_variables_default_to_none() -> None:
     """Commented-out variables are exactly the settings without a default value."""
     active = set(active_values())
-    for name in env_names() - active:
+    for name in env_names() - active - set(EXTRA_ENV_VARS):
         field = name.removeprefix("ARB_").lower()
         assert Settings.model_fields[field].default is None, f"{name} should be set"
 
@@ -675,3 +676,36 @@ def test_topics_are_created_with_min_insync_replicas(settings) -> None:
     name = f"isr.{uuid.uuid4().hex[:8]}"
     assert ensure_topic(conf, name, partitions=2)
     assert partition_counts(conf)[name] == 2
+
+
+# --- secret files (ARB_SECRETS_DIR, compose secrets:) ----------------------------------------
+def test_secret_files_set_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    folder = tmp_path / "secrets"
+    folder.mkdir()
+    (folder / "ARB_SMTP_USERNAME").write_text("desk@example.com\n")
+    (folder / "arb_smtp_password").write_text("abcd efgh ijkl mnop\n")  # any case
+    monkeypatch.setenv("ARB_SECRETS_DIR", str(folder))
+    settings = Settings()
+    assert settings.smtp_username == "desk@example.com"
+    assert settings.smtp_password.get_secret_value() == "abcd efgh ijkl mnop"
+    assert "abcd" not in repr(settings)
+    monkeypatch.setenv("ARB_SMTP_PASSWORD", "from-the-environment")  # the environment wins
+    assert Settings().smtp_password.get_secret_value() == "from-the-environment"
+
+
+def test_secret_file_value_never_in_errors(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    (tmp_path / "ARB_SMTP_PASSWORD").write_text("abcd efgh ijkl mnop")
+    monkeypatch.setenv("ARB_SECRETS_DIR", str(tmp_path))
+    with pytest.raises(ValidationError) as caught:  # a password without a username
+        Settings()
+    assert "abcd" not in str(caught.value)
+
+
+def test_secrets_dir_must_exist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert secrets_dir({"ARB_SECRETS_DIR": str(tmp_path)}) == tmp_path
+    with pytest.raises(FileNotFoundError, match="ARB_SECRETS_DIR"):
+        secrets_dir({"ARB_SECRETS_DIR": str(tmp_path / "missing")})
+    from arbstream.config import unknown_env_vars
+
+    assert unknown_env_vars({"ARB_SECRETS_DIR": str(tmp_path)}) == []
