@@ -59,6 +59,7 @@ from spark_jobs.kafka_source import FORMAT, end_offsets
 from spark_jobs.market import market_input, market_stream
 from spark_jobs.market_source import FORMAT as MARKET_FORMAT
 from spark_jobs.sinks import records
+from spark_jobs.topic_identity import ids_file
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ def query_topics(settings: Settings) -> dict[str, list[str]]:
             "health": [HEALTH]}
 
 
-def _reader(spark: SparkSession, settings: Settings, topics: list[str], fmt: str) -> Any:
+def _reader(spark: SparkSession, settings: Settings, topics: list[str], fmt: str,
+            ids_file: Path | None = None) -> Any:
     reader = (
         spark.readStream.format(fmt)
         .options(**kafka_options(settings))
@@ -112,6 +114,8 @@ def _reader(spark: SparkSession, settings: Settings, topics: list[str], fmt: str
         reader = reader.option("maxOffsetsPerTrigger", str(settings.max_offsets_per_trigger))
     if settings.max_bytes_per_trigger and fmt != "kafka":
         reader = reader.option("maxBytesPerTrigger", str(settings.max_bytes_per_trigger))
+    if ids_file is not None and fmt != "kafka":  # a recreated topic is refused (topic ids)
+        reader = reader.option("topicIdsFile", str(ids_file))
     return reader
 
 
@@ -128,18 +132,22 @@ def _load(reader: Any, settings: Settings) -> DataFrame:
         raise
 
 
-def read_records(spark: SparkSession, settings: Settings, topics: list[str]) -> DataFrame:
-    """Streaming DataFrame of raw Kafka records from ``topics``."""
-    return _load(_reader(spark, settings, topics, _source_format(settings)), settings)
+def read_records(spark: SparkSession, settings: Settings, topics: list[str],
+                 ids_file: Path | None = None) -> DataFrame:
+    """Streaming DataFrame of raw Kafka records from ``topics``; ``ids_file`` pins the
+    topics' ids (:mod:`spark_jobs.topic_identity`; Python source only)."""
+    return _load(_reader(spark, settings, topics, _source_format(settings), ids_file),
+                 settings)
 
 
-def read_market(spark: SparkSession, settings: Settings, topics: list[str]) -> DataFrame:
+def read_market(spark: SparkSession, settings: Settings, topics: list[str],
+                ids_file: Path | None = None) -> DataFrame:
     """Streaming DataFrame of packed, decoded market records (:data:`spark_jobs.decode.
     PACKED_DDL`) from ``topics``: the ``arbmarket`` source, or the built-in source followed by
     :func:`spark_jobs.market.market_input`."""
     if settings.spark_kafka_source == "builtin":
         return market_input(read_records(spark, settings, topics), settings)
-    reader = _reader(spark, settings, topics, MARKET_FORMAT).option(
+    reader = _reader(spark, settings, topics, MARKET_FORMAT, ids_file).option(
         "decode", DecodeConfig.of(settings).to_json())
     return _load(reader, settings)
 
@@ -204,13 +212,17 @@ def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = Non
     verify_checkpoint(settings, root)
     prepare_sinks(settings)
     topics = query_topics(settings)
+
+    def src(name: str) -> DataFrame:
+        return read_records(spark, settings, topics[name], ids_file(root, name))
+
     bodies = {
-        "market": (market_stream(read_market(spark, settings, topics["market"]), settings),
+        "market": (market_stream(read_market(spark, settings, topics["market"],
+                                             ids_file(root, "market")), settings),
                    records.write_batch(settings, root / "market")),
-        "trades": (T.parse_trades(read_records(spark, settings, topics["trades"])),
+        "trades": (T.parse_trades(src("trades")),
                    validated_batch(settings, T.valid_trades, write_trades)),
-        "health": (H.health_stream(T.parse_health(read_records(spark, settings,
-                                                                 topics["health"])), settings),
+        "health": (H.health_stream(T.parse_health(src("health")), settings),
                    validated_batch(settings, lambda b: b.where(F.col("error").isNull()),
                                    write_health)),
     }

@@ -22,6 +22,11 @@ Stream reading (``spark.readStream.format("arbkafka")``), options as in the buil
 * ``failOnDataLoss`` (default ``true``): fail when offsets go backwards (topic recreated, broker
   lost its data) or records were deleted before being read; with ``false`` such partitions
   restart from their earliest available offset and a warning is logged;
+* ``topicIdsFile``: a JSON file pinning the id of every subscribed topic
+  (:mod:`spark_jobs.topic_identity`); before each micro-batch is planned the broker's topic
+  ids are compared with it, and a topic deleted and recreated since the checkpoint was written
+  is data loss (as above), even when it was refilled past the checkpointed offsets, which
+  would otherwise look valid and silently skip the new topic's first records;
 * ``endOffsets``: ``fetch`` (default) takes each partition's end from a fetch response's
   high-water mark; ``list`` uses ListOffsets(LATEST). ``fetch`` exists because tansu answers
   ListOffsets(LATEST) with the last batch's base offset + 1, which is not the end.
@@ -42,6 +47,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -61,6 +67,7 @@ from pyspark.sql.streaming.datasource import (
 from pyspark.sql.types import StructType
 
 from arbstream.kafka import reliable_producer_config
+from spark_jobs.topic_identity import TopicIdentity
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +158,20 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
             raise ValueError("endOffsets must be fetch or list")
         self.poll_timeout = float(options.get("pollTimeoutMs", "120000")) / 1000
         self._consumer: Any = None
+        self._admin: Any = None
         self._available_now: Offsets | None = None
+        ids_file = options.get("topicIdsFile")
+        self._identity = TopicIdentity(Path(ids_file)) if ids_file else None
+        #: the query has no checkpointed offsets: pin the topics as they are now
+        self._fresh = False
+        #: recreated topics read from their earliest offset in the next planned batch
+        self._reset: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_consumer"] = None
+        state["_admin"] = None
+        state["_identity"] = None  # driver-only
         return state
 
     # --- driver side -------------------------------------------------------------------
@@ -186,6 +202,45 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
             if wanted:
                 out[name] = sorted(topic.partitions)
         return out
+
+    def _topic_ids(self, topics: list[str]) -> dict[str, str] | None:
+        """The broker's current id of each of ``topics`` (KIP-516 UUIDs, base64), or
+        ``None`` when the broker does not answer in time (logged; checked again next batch)."""
+        from confluent_kafka import KafkaException, TopicCollection
+        from confluent_kafka.admin import AdminClient
+
+        if self._admin is None:
+            self._admin = AdminClient({**self.conf, "log_level": 0})
+        try:
+            found = self._admin.describe_topics(TopicCollection(topics), request_timeout=15)
+            return {t: str(f.result().topic_id) for t, f in found.items()}
+        except KafkaException as exc:
+            log.warning("could not read topic ids of %s (%s); checked again next batch",
+                        topics, exc)
+            return None
+
+    def _check_identity(self, positions: Offsets) -> None:
+        """Compare the subscribed topics' ids with the pinned ones (``topicIdsFile``); a
+        recreated topic is data loss: raised, or (``failOnDataLoss=false``) read again from its
+        earliest offset. Pins the current ids afterwards."""
+        if self._identity is None or not positions:
+            return
+        current = self._topic_ids(sorted(positions))
+        if current is None:
+            return
+        if self._fresh:
+            self._identity.pinned = {}
+            self._fresh = False
+        for topic, old, new in self._identity.changed(current):
+            self._data_loss(
+                f"{topic} was deleted and recreated since this checkpoint was written (topic "
+                f"id {old} -> {new}); its offsets count the new topic's records, so the "
+                f"checkpointed offsets {positions[topic]} would skip its first records"
+            )
+            for p in positions[topic]:
+                positions[topic][p] = self._earliest(topic, int(p))
+            self._reset.add(topic)
+        self._identity.pin(current)
 
     def _earliest(self, topic: str, partition: int) -> int:
         from confluent_kafka import TopicPartition
@@ -263,6 +318,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         return positions
 
     def initialOffset(self) -> dict:
+        self._fresh = True
         positions = self._positions({})
         if self.starting == "earliest":
             return positions
@@ -276,6 +332,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
 
     def latestOffset(self, start: dict, limit: ReadLimit) -> dict:
         positions = self._positions(start)
+        self._check_identity(positions)
         ends = self._end_offsets(positions)
         if self._available_now is not None:
             ends = _group(
@@ -312,10 +369,11 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
                 begin = start.get(topic, {}).get(p)
                 if begin is None:
                     begin = self._earliest(topic, int(p))
-                if stop < begin:  # data loss already reported in latestOffset
+                if stop < begin or topic in self._reset:  # data loss reported in latestOffset
                     begin = self._earliest(topic, int(p))
                 if stop > begin:
                     out.append(KafkaPartition(topic, int(p), begin, stop))
+        self._reset.clear()
         return out
 
     def commit(self, end: dict) -> None:
@@ -325,6 +383,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
+        self._admin = None
 
     # --- executor side -----------------------------------------------------------------
     def read(self, partition: KafkaPartition) -> Iterator[pa.RecordBatch]:  # type: ignore[override]

@@ -6,6 +6,7 @@ the broker is shared by the whole test session.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -384,6 +385,46 @@ def test_offsets_beyond_the_end_are_data_loss(
     else:
         batches, _ = stream(spark, bootstrap, options, tmp_path / "cp")
         assert by_partition(batches) == _expected(again, topic)
+
+
+@pytest.mark.parametrize("fail_on_data_loss", [True, False])
+def test_topic_recreated_and_refilled_past_the_checkpoint_is_refused(
+    spark: SparkSession, bootstrap: str, tmp_path: Path, fail_on_data_loss: bool
+) -> None:
+    """Offsets alone look valid (the new topic's end is past the checkpoint's 3): only the
+    pinned topic id tells the new topic from the old one."""
+    topic = create_topic(bootstrap, 1)
+    ids = tmp_path / "ids.json"
+    produce(bootstrap, topic, partitions=1, per_partition=3)
+    options = {"subscribe": topic, "topicIdsFile": str(ids),
+               "failOnDataLoss": str(fail_on_data_loss).lower()}
+    batches, _ = stream(spark, bootstrap, options, tmp_path / "cp")
+    assert sum(map(len, batches.values())) == 3
+    first_id = json.loads(ids.read_text())[topic]
+
+    delete_topic(bootstrap, topic)
+    create_topic(bootstrap, 1, topic)
+    again = produce(bootstrap, topic, partitions=1, per_partition=8, first=100)  # end 8 > 3
+    if fail_on_data_loss:
+        expect_error(lambda: stream(spark, bootstrap, options, tmp_path / "cp"),
+                     "was deleted and recreated since this checkpoint was written")
+        assert json.loads(ids.read_text())[topic] == first_id  # refused again on restart
+    else:  # read again from the new topic's first record, not from offset 3
+        batches, _ = stream(spark, bootstrap, options, tmp_path / "cp")
+        assert by_partition(batches) == _expected(again, topic)
+        assert json.loads(ids.read_text())[topic] != first_id
+
+
+def test_unchanged_topic_ids_restart_normally(
+    spark: SparkSession, bootstrap: str, tmp_path: Path
+) -> None:
+    topic = create_topic(bootstrap, 1)
+    options = {"subscribe": topic, "topicIdsFile": str(tmp_path / "ids.json")}
+    produce(bootstrap, topic, partitions=1, per_partition=2)
+    assert sum(map(len, stream(spark, bootstrap, options, tmp_path / "cp")[0].values())) == 2
+    more = produce(bootstrap, topic, partitions=1, per_partition=2, first=50)
+    batches, _ = stream(spark, bootstrap, options, tmp_path / "cp")
+    assert by_partition(batches) == _expected(more, topic, offset0=2)
 
 
 def test_data_loss_is_detected_without_available_now(bootstrap: str) -> None:
