@@ -241,6 +241,15 @@ class Settings(BaseSettings):
     feed_stale_seconds: float = Field(30.0, gt=0, description="Watchdog: reconnect after silence")
     producer_queue_size: int = Field(10_000, ge=1, description="Bounded in-memory queue")
     health_interval_seconds: float = Field(5.0, gt=0, description="md.health period")
+    producer_close_timeout_seconds: float = Field(
+        30.0, gt=0, description="Shutdown deadline to deliver what is held, then exit code 3"
+    )
+    producer_spool_dir: Path | None = Field(
+        None, description="On-disk spool of records not yet delivered (None: memory only)"
+    )
+    producer_spool_fsync: Literal["never", "batch"] = Field(
+        "never", description="Spool fsync: never (page cache) or batch (each batch)"
+    )
     feed_ws_urls: dict[str, str] = Field(
         default_factory=dict, description="Exchange id -> websocket URL override"
     )
@@ -301,6 +310,20 @@ class Settings(BaseSettings):
     )
     starting_offsets: Literal["earliest", "latest"] = "earliest"
     fail_on_data_loss: bool = True
+    stream_max_restarts: int = Field(
+        10, ge=0, description="Failed queries restarted from their checkpoint within "
+        "stream_restart_window_seconds before `arbstream stream` gives up (exit 1); 0: never"
+    )
+    stream_restart_window_seconds: float = Field(
+        900.0, gt=0, description="Window over which query restarts are counted, s"
+    )
+    stream_restart_backoff_seconds: float = Field(
+        2.0, gt=0, description="Wait before a query's first restart, s; doubles per "
+        "consecutive restart up to stream_restart_backoff_max_seconds"
+    )
+    stream_restart_backoff_max_seconds: float = Field(
+        60.0, gt=0, description="Longest wait between restarts of a query, s"
+    )
     watermark_seconds: float = Field(
         10.0, ge=0, description="Allowed lateness behind each exchange's own event-time clock"
     )

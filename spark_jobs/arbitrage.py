@@ -33,7 +33,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
@@ -52,7 +51,7 @@ from arbstream.topics import (
 )
 from spark_jobs import health as H
 from spark_jobs import transforms as T
-from spark_jobs.checkpoint import check_queries
+from spark_jobs.checkpoint import raise_if_incompatible
 from spark_jobs.checkpoint import verify as verify_checkpoint
 from spark_jobs.decode import DecodeConfig
 from spark_jobs.kafka_source import FORMAT, end_offsets
@@ -201,12 +200,25 @@ def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = Non
     """Start the ``market``, ``trades`` and ``health`` queries; checkpoints under
     ``checkpoint`` (default ``ARB_STATE_DIR/checkpoints``).
 
+    Raises:
+        spark_jobs.checkpoint.IncompatibleCheckpointError: the checkpoint was written under
+            settings that change the state or the output ids (nothing is started).
+    """
+    return [begin() for begin in starters(spark, settings, checkpoint).values()]
+
+
+def starters(spark: SparkSession, settings: Settings, checkpoint: Path | None = None
+             ) -> dict[str, Callable[[], StreamingQuery]]:
+    """Verify the checkpoint and prepare the sinks, then return, per query name (``market``,
+    ``trades``, ``health``), a function that starts that query from its checkpoint
+    (``<checkpoint>/<name>``): called once to start it, and again by
+    :func:`spark_jobs.supervisor.supervise` to restart it after a failure.
+
     The health query runs in its own FAIR scheduler pool, so a large market backlog never
     holds its micro-batches back.
 
     Raises:
-        spark_jobs.checkpoint.IncompatibleCheckpointError: the checkpoint was written under
-            settings that change the state or the output ids (nothing is started).
+        spark_jobs.checkpoint.IncompatibleCheckpointError: as :func:`start`.
     """
     root = checkpoint or settings.checkpoint_dir
     verify_checkpoint(settings, root)
@@ -216,34 +228,40 @@ def start(spark: SparkSession, settings: Settings, checkpoint: Path | None = Non
     def src(name: str) -> DataFrame:
         return read_records(spark, settings, topics[name], ids_file(root, name))
 
-    bodies = {
-        "market": (market_stream(read_market(spark, settings, topics["market"],
-                                             ids_file(root, "market")), settings),
-                   records.write_batch(settings, root / "market")),
-        "trades": (T.parse_trades(src("trades")),
-                   validated_batch(settings, T.valid_trades, write_trades)),
-        "health": (H.health_stream(T.parse_health(src("health")), settings),
-                   validated_batch(settings, lambda b: b.where(F.col("error").isNull()),
-                                   write_health)),
+    bodies: dict[str, Callable[[], tuple[DataFrame, Callable[[DataFrame, int], None]]]] = {
+        "market": lambda: (market_stream(read_market(spark, settings, topics["market"],
+                                                     ids_file(root, "market")), settings),
+                           records.write_batch(settings, root / "market")),
+        "trades": lambda: (T.parse_trades(src("trades")),
+                           validated_batch(settings, T.valid_trades, write_trades)),
+        "health": lambda: (H.health_stream(T.parse_health(src("health")), settings),
+                           validated_batch(settings, lambda b: b.where(F.col("error").isNull()),
+                                           write_health)),
     }
     # The health query runs a batch every trigger for its processing-time timers: trigger it
     # once per producer health interval, not every ARB_TRIGGER_SECONDS.
     every = {name: settings.trigger_seconds for name in bodies}
     every["health"] = max(settings.trigger_seconds, settings.health_interval_seconds)
-    queries = []
-    for name, (df, body) in bodies.items():
-        # Streaming queries inherit the starting thread's local properties: one pool each.
-        spark.sparkContext.setLocalProperty("spark.scheduler.pool", name)
-        queries.append(
-            df.writeStream.queryName(name)
-            .outputMode("append")
-            .foreachBatch(body)
-            .option("checkpointLocation", str(root / name))
-            .trigger(processingTime=f"{int(every[name] * 1000)} milliseconds")
-            .start()
-        )
-    spark.sparkContext.setLocalProperty("spark.scheduler.pool", None)
-    return queries
+
+    def starter(name: str) -> Callable[[], StreamingQuery]:
+        def begin() -> StreamingQuery:
+            df, body = bodies[name]()
+            # Streaming queries inherit the starting thread's local properties: one pool each.
+            spark.sparkContext.setLocalProperty("spark.scheduler.pool", name)
+            try:
+                return (
+                    df.writeStream.queryName(name)
+                    .outputMode("append")
+                    .foreachBatch(body)
+                    .option("checkpointLocation", str(root / name))
+                    .trigger(processingTime=f"{int(every[name] * 1000)} milliseconds")
+                    .start()
+                )
+            finally:
+                spark.sparkContext.setLocalProperty("spark.scheduler.pool", None)
+        return begin
+
+    return {name: starter(name) for name in bodies}
 
 
 def wait_started(queries: list[StreamingQuery], timeout: float | None = None) -> None:
@@ -338,22 +356,47 @@ def batch_started(progress: dict[str, Any]) -> float:
 
 
 def main() -> None:
-    """Entry point for ``spark-submit spark_jobs/arbitrage.py`` and ``arbstream stream``."""
+    """Entry point for ``spark-submit spark_jobs/arbitrage.py`` and ``arbstream stream``:
+    run the queries under :func:`spark_jobs.supervisor.supervise` until SIGTERM or SIGINT
+    (then stop them cleanly) or a failure for good.
+
+    Raises:
+        spark_jobs.checkpoint.IncompatibleCheckpointError: the checkpoint is refused.
+        spark_jobs.supervisor.QueryFailedError: a query failed for good.
+    """
+    import signal
+    import threading
+
     from arbstream.topics import ensure_topics
+    from spark_jobs.progress import attach, record_restart
     from spark_jobs.session import build_session
+    from spark_jobs.supervisor import QueryFailedError, RestartPolicy, supervise
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = get_settings()
     ensure_topics(settings)
     spark = build_session(settings, app_name="arbstream-arbitrage", ui=True)
-    queries = start(spark, settings)
-    log.info("queries %s running; checkpoints in %s", [q.name for q in queries],
-             settings.checkpoint_dir)
+    attach(spark, settings)
+    begin = starters(spark, settings)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("%s: stopping the queries", signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    log.info("queries %s starting; checkpoints in %s", list(begin), settings.checkpoint_dir)
     try:
-        spark.streams.awaitAnyTermination()
-    except StreamingQueryException:
-        check_queries(queries, settings.checkpoint_dir)  # Spark's state-schema errors, clearly
+        supervise(begin, RestartPolicy.of(settings),
+                  on_restart=lambda q, n, why: record_restart(settings, q, n, why), stop=stop)
+    except QueryFailedError as exc:
+        check = settings.checkpoint_dir / exc.query
+        raise_if_incompatible(exc.cause, exc.query, check)  # Spark's state errors, clearly
         raise
+    finally:
+        spark.stop()
 
 
 if __name__ == "__main__":

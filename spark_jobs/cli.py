@@ -44,12 +44,17 @@ def stream() -> None:
     """Run the Spark streaming job (ARB_SPARK_MASTER, default local[2]); needs Java 17.
 
     The broker, InfluxDB and MongoDB are checked first (topics, database, indexes), so a
-    service that is down is one error line naming it, not a Spark traceback."""
+    service that is down is one error line naming it, not a Spark traceback. A query that
+    fails later is restarted from its checkpoint (ARB_STREAM_MAX_RESTARTS...); a failure for
+    good (data loss, a refused checkpoint, too many restarts) is one error line and exit 1.
+    SIGTERM or Ctrl-C stops the queries cleanly (exit 0)."""
     from pymongo.errors import PyMongoError
 
     from arbstream.store.influx.client import InfluxError
     from arbstream.topics import ensure_topics
     from spark_jobs.arbitrage import main, prepare_sinks
+    from spark_jobs.checkpoint import IncompatibleCheckpointError
+    from spark_jobs.supervisor import QueryFailedError
 
     settings = settings_or_exit()
     for what, check in (("Kafka", lambda: ensure_topics(settings, timeout=10.0)),
@@ -59,7 +64,10 @@ def stream() -> None:
         except (RuntimeError, InfluxError, PyMongoError) as exc:
             raise fail(RuntimeError(f"{what} is not available: {exc}; start the services "
                                     "(`arbstream up` locally) or fix ARB_* settings")) from None
-    main()
+    try:
+        main()
+    except (QueryFailedError, IncompatibleCheckpointError) as exc:
+        raise fail(exc) from None
 
 
 class Format(StrEnum):
