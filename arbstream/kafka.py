@@ -6,11 +6,15 @@ certificate files, ``client.id``, OAUTHBEARER...), so it is what is handed to cl
 options (as ``kafka.<key>``) and executors.
 :func:`reliable_producer_config` adds the settings every arbstream producer shares (the
 producers, the replay, the stream's Kafka sink and the Python data source's writer).
+:func:`with_logger` routes a client's own log lines to Python logging.
 Key reference: https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,10 +83,58 @@ def _secret_key(key: str) -> bool:
     return any(w in key for w in ("password", "secret", "key.pem", "private"))
 
 
+#: The Python logger librdkafka's log lines go to (:func:`with_logger`).
+LIBRDKAFKA_LOGGER = "arbstream.librdkafka"
+
+
+class RepeatFilter(logging.Filter):
+    """Lets a log line through once per ``every_s`` seconds per message shape (the message
+    with its digits removed: ports, counts and timings vary), and tells how many were held
+    back: an unreachable broker makes librdkafka report every reconnection attempt."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self.seen: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        shape = re.sub(r"\d+", "#", record.getMessage())
+        now = time.monotonic()
+        last, held = self.seen.get(shape, (float("-inf"), 0))
+        if now - last < self.every_s:
+            self.seen[shape] = (last, held + 1)
+            return False
+        if held:
+            record.msg = f"{record.msg} ({held} similar lines in the last {self.every_s:g} s)"
+        self.seen[shape] = (now, 0)
+        return True
+
+
+def librdkafka_logger() -> logging.Logger:
+    """``arbstream.librdkafka``: WARNING and above unless its level is set otherwise
+    (``logging.getLogger("arbstream.librdkafka").setLevel(logging.DEBUG)`` shows librdkafka's
+    debug lines when its ``debug`` setting is given), repeated lines held back by
+    :class:`RepeatFilter`."""
+    logger = logging.getLogger(LIBRDKAFKA_LOGGER)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, RepeatFilter) for f in logger.filters):
+        logger.addFilter(RepeatFilter())
+    return logger
+
+
+def with_logger(conf: dict[str, Any]) -> dict[str, Any]:
+    """``conf`` with librdkafka's log lines (syslog levels) delivered to
+    :func:`librdkafka_logger` instead of printed to stderr by librdkafka. For Python clients
+    only: not a ``kafka.*`` Spark option. Lines are delivered when the client is polled."""
+    return {**conf, "logger": librdkafka_logger()}
+
+
 def reliable_producer_config(client: dict[str, Any], *, linger_ms: int = 20,
                              **extra: Any) -> dict[str, Any]:
     """``client`` (:meth:`KafkaConfig.client_config`) plus the settings of every arbstream
-    producer: no record lost, duplicated or reordered by the client's own retries.
+    producer: no record lost, duplicated or reordered by the client's own retries, and
+    librdkafka's log lines in Python logging (:func:`with_logger`).
 
     Args:
         client: connection settings.
@@ -91,7 +143,7 @@ def reliable_producer_config(client: dict[str, Any], *, linger_ms: int = 20,
             pass them in a ``**{"key.name": value}`` mapping.
     """
     return {
-        **client,
+        **with_logger(client),  # librdkafka's log lines through Python logging
         "enable.idempotence": True,  # no duplicates or reordering on internal retries
         "acks": "all",  # a record counts as delivered once every in-sync replica has it
         "compression.type": "lz4",  # cheap CPU, ~3x smaller JSON on the wire

@@ -66,7 +66,7 @@ from pyspark.sql.streaming.datasource import (
 )
 from pyspark.sql.types import StructType
 
-from arbstream.kafka import reliable_producer_config
+from arbstream.kafka import reliable_producer_config, with_logger
 from spark_jobs.topic_identity import TopicIdentity
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,11 @@ Offsets = dict[str, dict[str, int]]
 
 class KafkaDataLossError(RuntimeError):
     """Offsets went backwards or records vanished before the query read them."""
+
+
+class KafkaReadTimeoutError(RuntimeError):
+    """A planned offset range could not be read within ``pollTimeoutMs`` (the broker did not
+    answer): transient, unlike :class:`KafkaDataLossError`; the job restarts the query."""
 
 
 def _flag(value: str | None, default: bool) -> bool:
@@ -181,7 +186,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         if self._consumer is None:
             self._consumer = Consumer(
                 {
-                    **self.conf,
+                    **with_logger(self.conf),  # librdkafka's log lines via Python logging
                     "group.id": f"arbstream-planner-{uuid.uuid4()}",
                     "enable.auto.commit": False,
                     "enable.partition.eof": True,
@@ -391,8 +396,8 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         :data:`ARROW_BATCH_BYTES`.
 
         Raises:
-            KafkaDataLossError: records in the range were deleted (``failOnDataLoss``), or the
-                range could not be read within ``pollTimeoutMs``.
+            KafkaDataLossError: records in the range were deleted (``failOnDataLoss``).
+            KafkaReadTimeoutError: the range could not be read within ``pollTimeoutMs``.
         """
         for cols in self.read_columns(partition):
             yield pa.RecordBatch.from_pydict(cols, schema=ARROW_SCHEMA)
@@ -409,7 +414,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
 
         consumer = Consumer(
             {
-                **self.conf,
+                **with_logger(self.conf),  # librdkafka's log lines via Python logging
                 "group.id": f"arbstream-reader-{uuid.uuid4()}",
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
@@ -432,7 +437,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
                 )
                 if msg is None or at_end:
                     if time.monotonic() > deadline:
-                        raise KafkaDataLossError(
+                        raise KafkaReadTimeoutError(
                             f"timed out reading {partition.topic}[{partition.partition}] "
                             f"offsets {expected}..{partition.end}"
                         )
