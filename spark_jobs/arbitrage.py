@@ -296,7 +296,8 @@ def processed_offsets(query: StreamingQuery) -> dict[str, dict[str, int]]:
 
 
 def wait_drained(
-    queries: list[StreamingQuery], settings: Settings, timeout: float = 1800.0
+    queries: list[StreamingQuery], settings: Settings, timeout: float = 1800.0,
+    progress: Callable[[int, bool], None] | None = None,
 ) -> dict[str, Any]:
     """Block until every query has processed all records now in its topics and is idle.
 
@@ -306,7 +307,9 @@ def wait_drained(
     that started that long after its last batch with input has completed. Another query is
     idle once it has nothing to read and its last micro-batch read nothing (the health query
     runs no-data batches for its own timers forever). Returns the end offsets that were
-    reached, per topic.
+    reached, per topic. ``progress(records left, caught up)`` is called every poll (records
+    the queries have still to read; ``caught up`` once none is left and only the closing
+    idle timer is awaited).
 
     Raises:
         TimeoutError: not drained within ``timeout`` seconds.
@@ -321,12 +324,21 @@ def wait_drained(
         for q in queries:
             if q.exception():
                 raise q.exception()  # type: ignore[misc]
-        caught_up = all(
-            processed_offsets(q).get(t, {}).get(p, -1) >= off
+        done = {q.name: processed_offsets(q) for q in queries}
+        left = sum(
+            max(0, off - done[q.name].get(t, {}).get(p, 0))
             for q in queries
             for t in per_query[q.name]
             for p, off in targets.get(t, {}).items()
         )
+        caught_up = all(
+            done[q.name].get(t, {}).get(p, -1) >= off
+            for q in queries
+            for t in per_query[q.name]
+            for p, off in targets.get(t, {}).items()
+        )
+        if progress is not None:
+            progress(left, caught_up)
         idle = all(not q.status["isDataAvailable"] and (
             _closed(q, settings.idle_timeout_seconds) if q.name == "market" else (
                 not q.status["isTriggerActive"]

@@ -79,7 +79,8 @@ def demo(
         report = replay_iaqf(settings, _time(start), _time(end), None)
         err.print(report.summary())
         err.print("waiting for the stream to drain the topics ...")
-        targets = arbitrage.wait_drained(queries, settings)
+        with DrainProgress(settings.idle_timeout_seconds) as shown:
+            targets = arbitrage.wait_drained(queries, settings, progress=shown.update)
         # wait_drained also waits out the idle timer that closes the last windows
         drained = time.monotonic() - replay_started - settings.idle_timeout_seconds
         market = next(q for q in queries if q.name == "market")
@@ -118,6 +119,59 @@ def demo(
             "quotes/s it is under a second (bench/README.md).")
     except (PyMongoError, InfluxError) as exc:
         raise fail(exc) from None
+
+
+class DrainProgress:
+    """Shows the drain's progress on stderr: a live line on a terminal, else a line every
+    ``every_s`` seconds (and at each change of phase): records left, read rate, and, once
+    caught up, the idle timer that closes the last windows."""
+
+    def __init__(self, idle_timeout_s: float, every_s: float = 15.0) -> None:
+        self.idle_timeout_s, self.every_s = idle_timeout_s, every_s
+        self.start = time.monotonic()
+        self.first: int | None = None
+        self.last_print = float("-inf")
+        self.caught_up_at: float | None = None
+        self.status: Any = None
+
+    def __enter__(self) -> DrainProgress:
+        if err.is_terminal:
+            self.status = err.status("draining ...")
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.__exit__(*exc)
+
+    def text(self, left: int, caught_up: bool, now: float) -> str:
+        """The progress line for ``left`` records still to read at ``now`` (monotonic s)."""
+        if self.first is None:
+            self.first = left
+        elapsed = now - self.start
+        if caught_up:
+            if self.caught_up_at is None:
+                self.caught_up_at = now
+            waited = now - self.caught_up_at
+            return (f"all {self.first:,} records read in {self.caught_up_at - self.start:.0f} "
+                    f"s; closing the last windows (idle timer {self.idle_timeout_s:.0f} s, "
+                    f"{waited:.0f} s so far)")
+        done = self.first - left
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = f", about {left / rate:.0f} s left" if rate > 0 else ""
+        return (f"{done:,} of {self.first:,} records read ({rate:,.0f}/s), {left:,} to "
+                f"go{eta}")
+
+    def update(self, left: int, caught_up: bool) -> None:
+        """:func:`spark_jobs.arbitrage.wait_drained`'s progress callback."""
+        now = time.monotonic()
+        phase_change = caught_up and self.caught_up_at is None
+        line = self.text(left, caught_up, now)
+        if self.status is not None:
+            self.status.update(line)
+        elif phase_change or now - self.last_print >= self.every_s:
+            err.print(line, soft_wrap=True)  # one line each in a log
+            self.last_print = now
 
 
 def _ranges(start: dict[str, dict[str, int]], end: dict[str, dict[str, int]]
