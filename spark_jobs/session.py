@@ -21,6 +21,12 @@ def build_session(
     Under ``spark-submit`` (a JVM gateway already exists) the master and resources come from
     spark-submit's own flags; otherwise ``settings.spark_master`` (``local[2]`` by default).
 
+    The web UI (``ui``) never offers its kill links, and with a ``local[...]`` master the
+    driver, and so the UI, binds to 127.0.0.1 unless ``SPARK_LOCAL_IP`` says otherwise:
+    nothing outside this machine needs to reach a local job (Spark binds the UI to 0.0.0.0
+    by default). On a cluster the driver must be reachable: set ``SPARK_LOCAL_IP`` and guard
+    the UI (``spark.ui.filters``, a firewall) as the cluster's practice is.
+
     Java is not installed here: that is local-stack tooling
     (:func:`arbstream.shell.stack.ensure_java`, called by the CLI and the tests before this),
     never part of a job's code path.
@@ -36,6 +42,8 @@ def build_session(
         # Executors' Python workers must import arbstream: use this very interpreter.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+        if settings.spark_master.startswith("local"):
+            os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # the UI and driver ports
     builder = SparkSession.builder.appName(app_name)
     if not submitted:
         builder = builder.master(settings.spark_master).config(
@@ -46,6 +54,7 @@ def build_session(
         .config("spark.executor.extraJavaOptions", "-Duser.timezone=UTC")
         .config("spark.sql.shuffle.partitions", str(settings.spark_shuffle_partitions))
         .config("spark.ui.enabled", str(ui).lower())
+        .config("spark.ui.killEnabled", "false")  # no "kill" links on the web UI
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.streaming.stateStore.providerClass",
                 "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider")
