@@ -88,10 +88,18 @@ def produce(
     symbols: Annotated[str | None, typer.Option(help="BTC-USDT,ETH-USDT")] = None,
     all_: Annotated[bool, typer.Option("--all", help="every feed in ARB_FEEDS")] = False,
 ) -> None:
-    """Stream live websocket market data into the per-exchange topics until SIGTERM."""
+    """Stream live websocket market data into the per-exchange topics until SIGTERM.
+
+    Exit codes: 0 all delivered, 1 configuration or start-up error, 3 records undelivered at
+    the shutdown deadline, 4 fatal Kafka error, 5 other producer error (docs/producers.md).
+    """
     import asyncio
     import logging
 
+    from rich.markup import escape
+
+    from arbstream.console import err
+    from producers.errors import ProducerError
     from producers.live import produce as run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -99,6 +107,9 @@ def produce(
     feeds = _feeds_arg(settings, exchange, symbols, all_)
     try:
         stats = asyncio.run(run(settings, feeds))
+    except ProducerError as exc:  # exit codes 3, 4, 5: producers/errors.py
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(exc.exit_code) from None
     except (ValueError, RuntimeError) as exc:
         raise fail(exc) from None
     for name, s in stats.items():

@@ -34,6 +34,9 @@ class ProducerConfig:
         ws_urls, rest_urls: per-exchange endpoint overrides (a local replay server).
         ca_file: extra CA bundle (PEM) trusted for the overridden URLs, or None.
         feed_options: per-exchange extra keyword arguments of the cryptofeed Feed.
+        close_timeout: shutdown deadline to deliver what is held, seconds.
+        spool_dir: the on-disk spool's directory, or None (records only in memory).
+        spool_fsync: ``"never"`` or ``"batch"`` (:mod:`producers.spool`).
     """
 
     kafka: KafkaConfig
@@ -47,6 +50,9 @@ class ProducerConfig:
     rest_urls: Mapping[str, str]
     ca_file: Path | None
     feed_options: Mapping[str, Mapping[str, Any]]
+    close_timeout: float = 30.0
+    spool_dir: Path | None = None
+    spool_fsync: str = "never"
 
     @classmethod
     def of(cls, settings: Settings) -> ProducerConfig:
@@ -63,6 +69,9 @@ class ProducerConfig:
             rest_urls=dict(settings.feed_rest_urls),
             ca_file=settings.feed_ca_file,
             feed_options={k: dict(v) for k, v in settings.feed_options.items()},
+            close_timeout=settings.producer_close_timeout_seconds,
+            spool_dir=settings.producer_spool_dir,
+            spool_fsync=settings.producer_spool_fsync,
         )
 
 

@@ -4,7 +4,9 @@
 :mod:`producers.exchanges`, built by :func:`producers.exchanges.feed.make_feed`), each
 connection under arbstream's reconnect/watchdog/dead-letter policy
 (:mod:`producers.resilience`), all records through one :class:`~producers.publisher.
-Publisher`. SIGTERM or SIGINT stops the feeds, then everything queued is flushed to Kafka.
+Publisher`. SIGTERM or SIGINT stops the feeds, then what is held is delivered within
+``ARB_PRODUCER_CLOSE_TIMEOUT_SECONDS``; a fatal Kafka error stops everything (exit codes:
+:mod:`producers.errors`).
 
 ``arbstream record`` runs :func:`record`: the same feeds with cryptofeed's raw-data recorder
 (``AsyncFileCallback``), which writes frames in the line format of
@@ -30,9 +32,11 @@ from typing import Any
 from arbstream.config import Settings
 from arbstream.topics import ensure_topics
 from producers.config import ProducerConfig
+from producers.errors import ProducerError, UndeliveredError
 from producers.exchanges.feed import make_feed
 from producers.publisher import ExchangeStats, Publisher
 from producers.resilience import FeedHooks, start_resilient
+from producers.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +97,23 @@ async def produce(
     Returns the final per-exchange counters. Pass ``publisher`` to watch them while running.
     ``settings`` creates the topics and is then narrowed to :class:`ProducerConfig`.
 
+    Stops on ``stop`` (or SIGTERM/SIGINT with ``handle_signals``) or when the publisher fails;
+    then the feeds stop and what is held is delivered within ``ARB_PRODUCER_CLOSE_TIMEOUT_
+    SECONDS``.
+
     Raises:
         ValueError: an exchange is unknown to cryptofeed or not in ``ARB_EXCHANGES``.
-        RuntimeError: Kafka is unreachable at start-up (topics cannot be created), or records
-            were still undelivered 30 s after stopping.
+        RuntimeError: Kafka is unreachable at start-up (topics cannot be created).
+        UndeliveredError: records were still undelivered at the shutdown deadline (its
+            ``undelivered`` counts them; exit code 3).
+        ProducerFatalError: librdkafka reported a fatal error (exit code 4).
+        ProducerError: another unrecoverable client error (exit code 5).
+        SpoolError: the spool directory is in use by another process.
     """
     stop = stop or asyncio.Event()
     ensure_topics(settings)
     cfg = ProducerConfig.of(settings)
-    publisher = publisher or Publisher(cfg.kafka, cfg.queue_size, cfg.health_interval)
+    publisher = publisher or make_publisher(cfg)
     built = await asyncio.to_thread(_build_feeds, cfg, feeds, publisher.submit)
     loop = asyncio.get_running_loop()
     for exchange, feed in built.items():
@@ -111,21 +123,46 @@ async def produce(
     if handle_signals:
         _stop_on_signals(stop)
     runner = asyncio.create_task(publisher.run())
+    stopped = asyncio.create_task(stop.wait())
+    failure: ProducerError | None = None
     try:
-        await stop.wait()
+        await asyncio.wait({runner, stopped}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        stopped.cancel()
         for feed in built.values():
             feed.stop()
         for feed in built.values():
             with contextlib.suppress(Exception):
                 await feed.shutdown()
         runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await runner
+        except asyncio.CancelledError:
+            pass
+        except ProducerError as exc:
+            failure = exc
         undelivered = await publisher.close()
+    if failure is not None:  # fatal or client error: exit 4 or 5, the supervisor restarts
+        failure.undelivered, failure.spooled = undelivered, publisher.spool is not None
+        raise failure
     if undelivered:
-        raise RuntimeError(f"{undelivered} records still undelivered after 30 s of flushing")
+        raise UndeliveredError(
+            f"stopped with records undelivered {cfg.close_timeout:g} s after the stop "
+            "(ARB_PRODUCER_CLOSE_TIMEOUT_SECONDS)",
+            undelivered, publisher.spool is not None)
     return dict(publisher.stats)
+
+
+def make_publisher(cfg: ProducerConfig) -> Publisher:
+    """The publisher of ``cfg``: its queue, health period, shutdown deadline and spool.
+
+    Raises:
+        SpoolError: the spool directory is in use by another process.
+    """
+    spool = (Spool(cfg.spool_dir, fsync=cfg.spool_fsync)  # type: ignore[arg-type]
+             if cfg.spool_dir is not None else None)
+    return Publisher(cfg.kafka, cfg.queue_size, cfg.health_interval,
+                     close_timeout=cfg.close_timeout, spool=spool)
 
 
 async def record(

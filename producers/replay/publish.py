@@ -306,8 +306,13 @@ def _publish(
         ) from exc
     finally:
         bar.close()
-    while len(producer) > 0:
-        producer.flush(1.0)  # every record gets a report within message.timeout.ms
+    try:
+        while len(producer) > 0:
+            producer.flush(1.0)  # every record gets a report within message.timeout.ms
+    except KafkaException as exc:  # a fatal error (confluent-kafka raises it from flush)
+        raise _delivery_error(
+            f"Kafka failed while flushing: {exc}", failures, acked, first_ts, last_ts, started
+        ) from exc
     if failures:
         raise _delivery_error(
             f"{len(failures)} record(s) were not delivered (first: {failures[0]})",
