@@ -165,6 +165,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         self._consumer: Any = None
         self._admin: Any = None
         self._available_now: Offsets | None = None
+        self._latest: Offsets | None = None
         ids_file = options.get("topicIdsFile")
         self._identity = TopicIdentity(Path(ids_file)) if ids_file else None
         #: the query has no checkpointed offsets: pin the topics as they are now
@@ -353,11 +354,19 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
                         f"{begin}: the topic was recreated or the broker lost its data"
                     )
                     positions[topic][p] = self._earliest(topic, int(p))
+        self._latest = ends  # before the caps: the source's true end (consumer lag)
         if isinstance(limit, ReadMaxRows):
             ends = _rate_limit(positions, ends, limit.max_rows)
         if self.max_bytes is not None:
             ends = _byte_limit(positions, ends, self.max_bytes, self._record_bytes)
         return ends
+
+    def reportLatestOffset(self) -> dict | None:
+        """The end offsets seen by the last :meth:`latestOffset`, before the
+        ``maxOffsetsPerTrigger``/``maxBytesPerTrigger`` caps (Spark reports them as the source's
+        ``latestOffset`` in query progress: the consumer lag is their distance from
+        ``endOffset``); ``None`` before the first call."""
+        return self._latest
 
     def _data_loss(self, message: str) -> None:
         if self.fail_on_data_loss:

@@ -78,8 +78,23 @@ def down() -> None:
 
 
 @app.command()
-def status() -> None:
-    """Health-check every service (exit code 1 if any is unhealthy)."""
+def status(
+    live: Annotated[bool, typer.Option(
+        "--live", help="Also show the stream job's queries, the exchanges' health and the "
+        "last opportunity, refreshed every --interval seconds until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(
+        min=0.2, help="Seconds between two refreshes of --live.")] = 2.0,
+    once: Annotated[bool, typer.Option(
+        "--once", help="Print one frame of the --live view and exit (implies --live).")] = False,
+) -> None:
+    """Health-check every service (exit code 1 if any is unhealthy); --live watches the
+    running job (docs/operations.md)."""
+    if live or once:
+        from arbstream.shell import status_live
+
+        if not status_live.run(settings_or_exit(), console, interval, once):
+            raise typer.Exit(1)
+        return
     rows = stack.status(settings_or_exit())
     console.print(_status_table(rows))
     if not all(r.healthy for r in rows):

@@ -166,6 +166,7 @@ def stream(
         assert query.awaitTermination(90), "query did not finish"
     finally:
         query.stop()
+    stream.progress = query.recentProgress  # type: ignore[attr-defined]
     return batches, df
 
 
@@ -307,6 +308,22 @@ def test_stream_reads_every_record_once_in_order_within_max_offsets(
     assert max(sizes) <= 10
     assert len([s for s in sizes if s]) >= 4
     assert by_partition(batches) == _expected(produced, topic)
+
+
+def test_progress_reports_the_true_end_beside_the_capped_batch_end(
+    spark: SparkSession, bootstrap: str, tmp_path: Path
+) -> None:
+    """``latestOffset`` in query progress is the topic's end (consumer lag = its distance
+    from ``endOffset``), not the ``maxOffsetsPerTrigger``-capped end of the batch."""
+    topic = create_topic(bootstrap, 1)
+    produce(bootstrap, topic, partitions=1, per_partition=30)
+    stream(spark, bootstrap, {"subscribe": topic, "maxOffsetsPerTrigger": "10"},
+           tmp_path / "cp")
+    first = next(p for p in stream.progress if p["numInputRows"] > 0)  # type: ignore[attr-defined]
+    source = first["sources"][0]
+    latest, end = json.loads(source["latestOffset"]), json.loads(source["endOffset"])
+    assert end == {topic: {"0": 10}}
+    assert latest == {topic: {"0": 30}}
 
 
 def test_stream_reads_within_max_bytes(

@@ -29,6 +29,9 @@ Retention policies: :mod:`~arbstream.store.influx.schema`.
   :func:`ml_score_point`.
 * ``pair_stats`` (one point per pair-trading pair and common window end), see
   :func:`pair_stats_point`.
+* ``query_progress`` (one point per streaming-query progress, idle or termination event of
+  the stream job), see :func:`query_progress_point`; ``query_restarts`` (one point per
+  restart of a failed query), see :func:`restart_point`.
 
 Writes are idempotent: InfluxDB keeps one point per (measurement, tag set, timestamp) and a
 rewrite replaces its fields, so replaying a micro-batch does not add points. (Two different
@@ -54,6 +57,8 @@ from arbstream.store.influx.schema import (
     ML_SCORE,
     PAIR_STATS,
     PERCENTILES,
+    QUERY_PROGRESS,
+    QUERY_RESTARTS,
     QUOTE,
     SPREAD,
     STREAM,
@@ -345,6 +350,65 @@ def pair_stats_point(row: Mapping[str, Any]) -> Point:
     return point.time(to_ms(row["window_end"]), WritePrecision.MS)
 
 
+#: Float fields of ``query_progress`` points (see :func:`query_progress_point`).
+QUERY_PROGRESS_FIELDS = (
+    "input_rows_per_s", "processed_rows_per_s", "num_input_rows", "batch_id",
+    "batch_duration_ms", "event_time_lag_s", "consumer_lag_records", "failed",
+)
+#: Events of a streaming query, the ``event`` tag of ``query_progress``.
+QUERY_EVENTS = ("progress", "idle", "terminated")
+
+
+def query_progress_point(row: Mapping[str, Any]) -> Point:
+    """The ``query_progress`` point of one event of one streaming query of the stream job
+    (written by :mod:`spark_jobs.progress`).
+
+    Tags ``query`` (the query's name) and ``event``: ``progress`` (a completed micro-batch),
+    ``idle`` (the query waits for data) or ``terminated`` (it stopped). Fields, each only when
+    not ``None`` and finite: ``input_rows_per_s`` and ``processed_rows_per_s`` (rows per
+    second), ``num_input_rows`` (rows of the micro-batch), ``batch_id``,
+    ``batch_duration_ms`` (the trigger's execution, ms), ``event_time_lag_s`` (batch start
+    minus the query's event-time watermark, s), ``consumer_lag_records`` (records between the
+    batch's end offsets and the sources' latest offsets, summed over sources and partitions),
+    ``failed`` (1 when the query terminated with an exception, 0 when it was stopped); and
+    ``exception`` (string: the exception's first line, already free of secrets). Every
+    ``idle`` point has field ``idle`` = 1 (a point needs a field). Time = ``ts`` (UTC ms: the
+    batch start for ``progress``, the event's time otherwise).
+
+    Raises:
+        KeyError: ``query``, ``event`` or ``ts`` is missing.
+        ValueError: ``event`` is not one of :data:`QUERY_EVENTS`.
+    """
+    if row["event"] not in QUERY_EVENTS:
+        raise ValueError(f"query event must be one of {QUERY_EVENTS}, got {row['event']!r}")
+    point = Point(QUERY_PROGRESS).tag("query", row["query"]).tag("event", row["event"])
+    for name in QUERY_PROGRESS_FIELDS:
+        value = row.get(name)
+        if value is not None and math.isfinite(value):
+            point.field(name, float(value))
+    if row.get("exception") is not None:
+        point.field("exception", str(row["exception"]))
+    if row["event"] == "idle":
+        point.field("idle", 1.0)
+    return point.time(to_ms(row["ts"]), WritePrecision.MS)
+
+
+def restart_point(row: Mapping[str, Any]) -> Point:
+    """The ``query_restarts`` point of one restart of a failed streaming query: tag ``query``
+    (its name); fields ``attempt`` (the restart's number since the job started, 1 for the
+    first, as float) and ``reason`` (string, free of secrets) when not ``None``; time = ``ts``
+    (UTC ms, wall clock). Count the points for the number of restarts.
+
+    Raises:
+        KeyError: ``query``, ``attempt`` or ``ts`` is missing.
+    """
+    point = (Point(QUERY_RESTARTS).tag("query", row["query"])
+             .field("attempt", float(row["attempt"])))
+    if row.get("reason") is not None:
+        point.field("reason", str(row["reason"]))
+    return point.time(to_ms(row["ts"]), WritePrecision.MS)
+
+
 def quote_line(row: Mapping[str, Any]) -> str:
     """Line protocol (ms precision) of one quote row; ``""`` when it has no finite field."""
     return quote_point(row).to_line_protocol()
@@ -423,4 +487,6 @@ LINES: dict[str, Callable[[Mapping[str, Any]], str]] = {
     HEALTH: _line(health_point),
     ML_SCORE: _line(ml_score_point),
     PAIR_STATS: _line(pair_stats_point),
+    QUERY_PROGRESS: _line(query_progress_point),
+    QUERY_RESTARTS: _line(restart_point),
 }

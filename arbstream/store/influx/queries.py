@@ -1,5 +1,7 @@
-"""InfluxQL reads: arbitrary queries (dashboards, checks), the demo's lowest mid, and the
-model scores and spread series the live model evaluation labels them with."""
+"""InfluxQL reads: arbitrary queries (dashboards, checks), the demo's lowest mid, the
+model scores and spread series the live model evaluation labels them with, and what
+``arbstream status --live`` shows (the latest streaming-query progress, restarts and exchange
+health)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,16 @@ from typing import Any
 
 from arbstream.store.config import InfluxConfig
 from arbstream.store.influx.client import run_query
-from arbstream.store.influx.schema import ML_SCORE, QUOTE, SPREAD, ident, ref
+from arbstream.store.influx.schema import (
+    HEALTH,
+    ML_SCORE,
+    QUERY_PROGRESS,
+    QUERY_RESTARTS,
+    QUOTE,
+    SPREAD,
+    ident,
+    ref,
+)
 from arbstream.timestamps import from_ms, to_ms
 
 
@@ -126,3 +137,88 @@ def last_time(conf: InfluxConfig, measurement: str, field: str) -> int | None:
     """
     rows = query(conf, f"SELECT last({ident(field)}) FROM {ref(measurement)}")
     return int(rows[0]["time"]) if rows else None
+
+
+def _latest_per(conf: InfluxConfig, measurement: str, tags: tuple[str, ...], *, retries: int,
+                backoff: float) -> list[dict[str, Any]]:
+    """The latest point of every series of ``measurement`` grouped by ``tags``."""
+    group = ", ".join(ident(t) for t in tags)
+    return query(conf, f"SELECT * FROM {ref(measurement)} GROUP BY {group} "
+                       "ORDER BY time DESC LIMIT 1", retries=retries, backoff=backoff)
+
+
+def latest_query_progress(conf: InfluxConfig, *, retries: int = 3,
+                          backoff: float = 0.5) -> dict[str, dict[str, Any]]:
+    """The state of every streaming query from its latest ``query_progress`` points (see
+    :func:`~arbstream.store.influx.lines.query_progress_point`).
+
+    Returns:
+        Query name -> the fields of its latest ``progress`` point (``None`` when absent; no
+        ``progress`` point yet: all ``None``) plus ``time`` (that batch's start, UTC ms, or
+        ``None``), ``state`` (``"running"``; ``"idle"`` when its latest ``idle`` point is
+        newer than that batch; ``"failed"`` or ``"stopped"`` when its latest ``terminated``
+        point is, by its ``failed`` field), ``state_time`` (UTC ms of the point that set the
+        state) and ``exception`` (the failure's first line, or ``None``). Ordered by name.
+
+    Raises:
+        InfluxError, InfluxUnavailableError: as :func:`query` (``retries``, ``backoff``).
+    """
+    from arbstream.store.influx.lines import QUERY_PROGRESS_FIELDS
+
+    latest: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in _latest_per(conf, QUERY_PROGRESS, ("query", "event"), retries=retries,
+                           backoff=backoff):
+        latest.setdefault(row["query"], {})[row["event"]] = row
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(latest):
+        events = latest[name]
+        progress = events.get("progress", {})
+        state = {**{f: progress.get(f) for f in QUERY_PROGRESS_FIELDS if f != "failed"},
+                 "time": progress.get("time"), "state": "running",
+                 "state_time": progress.get("time"), "exception": None}
+        since = progress.get("time") or -1
+        idle, end = events.get("idle"), events.get("terminated")
+        if idle and idle["time"] > since:
+            state.update(state="idle", state_time=idle["time"])
+            since = idle["time"]
+        if end and end["time"] > since:
+            state.update(state="failed" if end.get("failed") else "stopped",
+                         state_time=end["time"], exception=end.get("exception"))
+        out[name] = state
+    return out
+
+
+def restart_count(conf: InfluxConfig, since: dt.datetime, *, retries: int = 3,
+                  backoff: float = 0.5) -> dict[str, int]:
+    """How many times each streaming query was restarted after a failure (``query_restarts``
+    points, see :func:`~arbstream.store.influx.lines.restart_point`) at or after ``since``
+    (naive means UTC).
+
+    Returns:
+        Query name -> restarts; queries without any are absent.
+
+    Raises:
+        InfluxError, InfluxUnavailableError: as :func:`query` (``retries``, ``backoff``).
+    """
+    rows = query(conf, f'SELECT count("attempt") FROM {ref(QUERY_RESTARTS)} WHERE '
+                       f'time >= {to_ms(since)}ms GROUP BY "query"', retries=retries,
+                 backoff=backoff)
+    return {r["query"]: int(r["count"]) for r in rows if r.get("count")}
+
+
+def latest_health(conf: InfluxConfig, *, retries: int = 3,
+                  backoff: float = 0.5) -> list[dict[str, Any]]:
+    """The latest ``health`` point of every exchange (see
+    :func:`~arbstream.store.influx.lines.health_point`), by exchange name.
+
+    Returns:
+        One dict per exchange: ``exchange``, ``time`` (UTC ms), ``status`` (``ok``,
+        ``degraded``, ``stale``, or ``None`` on a raw point) and every field of the point
+        (e.g. ``staleness_s`` in s, ``messages_per_s``, ``rate_score`` and ``reliability`` as
+        fractions; ``None`` when absent).
+
+    Raises:
+        InfluxError, InfluxUnavailableError: as :func:`query` (``retries``, ``backoff``).
+    """
+    rows = _latest_per(conf, HEALTH, ("exchange",), retries=retries, backoff=backoff)
+    return sorted(({"status": None, **r} for r in rows), key=lambda r: r["exchange"])

@@ -6,7 +6,9 @@ Measurements (points and fields in :mod:`~arbstream.store.influx.lines`): ``quot
 scores) and ``pair_stats`` (the pairs job's rolling hedge ratio, spread and z-score per pair;
 default policy like ``spread``, the other per-window pair series: one point per pair and
 window is small, and a run over old lake data must not be dropped as beyond a retention) in
-the default policy.
+the default policy. ``query_progress`` (the stream job's streaming-query progress, written by
+its listener :mod:`spark_jobs.progress`) and ``query_restarts`` (one point per restart of a
+failed query) are small operational series, also in the default policy.
 
 Retention: in v1, :func:`ensure_database` keeps retention policies ``raw``
 (``conf.raw_retention``) and ``features`` (``conf.features_retention``) beside the default
@@ -37,6 +39,8 @@ STREAM = "stream"
 HEALTH = "health"
 ML_SCORE = "ml_score"
 PAIR_STATS = "pair_stats"
+QUERY_PROGRESS = "query_progress"
+QUERY_RESTARTS = "query_restarts"
 
 RP_RAW = "raw"
 RP_FEATURES = "features"

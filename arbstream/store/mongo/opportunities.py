@@ -17,7 +17,7 @@ import datetime as dt
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING
+from pymongo import ASCENDING, DESCENDING, MongoClient
 from pymongo.database import Database
 
 from arbstream.store.config import MongoConfig
@@ -209,3 +209,28 @@ def first_seen_since(conf: MongoConfig, since: dt.datetime,
     with C.connect(conf) as client:
         return list(client[conf.db][OPPORTUNITIES].find(
             {"first_seen_at": {"$gte": to_utc(since)}}, projection))
+
+
+def latest_opportunity(conf: MongoConfig, timeout: float = 2.0) -> dict[str, Any] | None:
+    """The newest stored opportunity: the latest ``window_end``, and of those the highest
+    ``net_bps`` (the first of :func:`find_opportunities` with ``newest_first``), for a status
+    display that must not hang on a server that is down.
+
+    Args:
+        timeout: seconds to find and connect to the server (``serverSelectionTimeoutMS``,
+            ``connectTimeoutMS``) and for the query (``socketTimeoutMS``).
+
+    Returns:
+        The document shaped as in :func:`find_opportunities`, or ``None`` when there is none.
+
+    Raises:
+        pymongo.errors.PyMongoError: e.g. ``ServerSelectionTimeoutError`` when the server is
+            not reachable within ``timeout``.
+    """
+    ms = max(1, int(timeout * 1000))
+    with MongoClient(conf.uri.get_secret_value(), tz_aware=True, tzinfo=dt.UTC,
+                     serverSelectionTimeoutMS=ms, connectTimeoutMS=ms,
+                     socketTimeoutMS=ms) as client:
+        doc = client[conf.db][OPPORTUNITIES].find_one(
+            {}, sort=[("window_end", DESCENDING), ("net_bps", DESCENDING)])
+    return None if doc is None else C.public(doc, "opportunity_id")
