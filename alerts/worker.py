@@ -47,8 +47,12 @@ Delivery is **at most once** per (rule, episode): a crash after the claim and be
 SMTP server accepted the message loses that alert rather than risking a second e-mail; the
 claim stays ``sending`` and a later start marks it ``unknown`` (logged ``failed``/
 ``interrupted``). Records handled but not yet committed are re-read after a crash and find
-their claims. MongoDB or Kafka errors stop the worker (exit 1) without committing; run it
-under a supervisor (``restart: unless-stopped``).
+their claims. MongoDB calls are retried through connection errors for up to 120 s
+(:mod:`alerts.store_retry`; a claim whose reply was lost is recognised as the worker's own);
+a commit the group no longer accepts (assignment lost while the broker did not answer for a
+session timeout, a rebalance) is skipped, its records read again. Other MongoDB or Kafka
+errors stop the worker (exit 1) without committing; run it under a supervisor
+(``restart: unless-stopped``).
 
 The worker takes :class:`AlertsConfig` (``AlertsConfig.of(settings)``): the rules, topics and
 timings of the alerts section, with the Kafka, MongoDB, SMTP, message, model-registry and
@@ -62,7 +66,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from pydantic import ValidationError
@@ -90,6 +94,7 @@ from alerts.pair_alerts import (
 from alerts.rules import Event, alert_key, figures, filter_mismatch, fires_on, mismatch, rule_stage
 from alerts.scoring import NO_SCORES, ModelScores, Scorer, model_mismatch, required_models
 from alerts.smtp import SmtpConfig, SmtpError, SmtpTransport, send_budget_seconds
+from alerts.store_retry import RetryingStore
 from arbstream.config import AlertRule
 from arbstream.kafka import KafkaConfig, reliable_producer_config
 from arbstream.schemas import DeadLetter, OpportunityEvent, PairSignal
@@ -113,6 +118,10 @@ POLL_SECONDS = 0.5
 MAX_PENDING_SCORES = 10_000
 #: Pause before writing ``ml_score`` again after a failed write, seconds.
 SCORE_RETRY_SECONDS = 30.0
+#: Commit errors meaning the consumer no longer owns its partitions (assignment lost,
+#: rebalance under way, generation or member unknown): not fatal, the records are re-read.
+GROUP_MOVED_ON = frozenset({KafkaError._ASSIGNMENT_LOST, KafkaError.REBALANCE_IN_PROGRESS,
+                            KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID})
 
 
 @dataclass(frozen=True)
@@ -268,7 +277,9 @@ class AlertWorker:
         self.rules: list[AlertRule] = list(config.rules)
         self.by_name = {r.name: r for r in self.rules}
         self.transport = transport or SmtpTransport(config.smtp)
-        self.store = store or AlertStore(config.mongo)
+        #: the store, its calls retried through MongoDB connection errors (same interface)
+        self.store: AlertStore = cast(AlertStore, RetryingStore(store or AlertStore(
+            config.mongo)))
         self.scorer = scorer or Scorer(config.registry, config.model_reload_seconds)
         self.stats: Counter[str] = Counter()
         self._legs: OrderedDict[str, OpportunityEvent] = OrderedDict()
@@ -670,13 +681,21 @@ class AlertWorker:
 
     def _commit(self, consumer: Consumer) -> None:
         """Write buffered decisions and model scores, then commit the stored offsets
-        (synchronously)."""
+        (synchronously). A commit refused because the group moved on (the assignment was
+        lost, e.g. the broker did not answer for a session timeout, or a rebalance) is logged
+        and skipped: the records are read again by the partitions' next owner and find their
+        claims, so nothing is sent twice."""
         self.flush_log()
         self.flush_scores()
         try:
             consumer.commit(asynchronous=False)
         except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
+            code = exc.args[0].code()
+            if code in GROUP_MOVED_ON:
+                self.stats["commits_refused"] += 1
+                log.warning("offsets not committed, records will be read again: %s",
+                            exc.args[0].str())
+            elif code != KafkaError._NO_OFFSET:
                 raise
 
     def run(self, stop: threading.Event | None = None) -> None:
@@ -685,7 +704,8 @@ class AlertWorker:
 
         Raises:
             confluent_kafka.KafkaException: a fatal consumer error or a failed commit.
-            pymongo.errors.PyMongoError: MongoDB unreachable.
+            pymongo.errors.PyMongoError: MongoDB unreachable for longer than the retry
+                budget (:data:`alerts.store_retry.RETRY_SECONDS`), or another MongoDB error.
         """
         stop = stop or threading.Event()
         self.start()

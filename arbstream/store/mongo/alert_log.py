@@ -12,8 +12,9 @@
 
     Also ``rule, episode_id, symbol, sell_symbol, buy_exchange, sell_exchange, event_ms``
     (event time of the triggering event, UTC ms), ``claimed_at, updated_at`` (UTC),
-    ``message_id``, ``digest_id`` and ``item`` (the alert item as JSON,
-    :class:`alerts.message.AlertItem`).
+    ``message_id``, ``digest_id``, ``item`` (the alert item as JSON,
+    :class:`alerts.message.AlertItem`) and ``token`` (of the claiming attempt, when given:
+    :meth:`AlertStore.claim`).
 ``alerts``  the decision log, one document per (key, decision, reason):
     ``_id`` = ``<key>|<decision>|<reason>``, ``decision`` one of ``sent``, ``queued``
     (digest), ``suppressed``, ``skipped`` (a rule with model thresholds whose champion gave
@@ -112,12 +113,18 @@ class AlertStore:
         ensure_alert_indexes(self.db)
 
     # --- claims ------------------------------------------------------------------------------
-    def claim(self, item: AlertKey, state: str, message_id: str | None = None) -> bool:
+    def claim(self, item: AlertKey, state: str, message_id: str | None = None,
+              token: str | None = None) -> bool:
         """Insert the claim of ``item.key`` in ``state`` (``queued`` or ``sending``).
+
+        Args:
+            token: a value unique to this claim attempt, stored with it, so that a retry
+                after a lost reply (the insert applied, the connection dropped) recognises
+                its own claim instead of taking it for another worker's.
 
         Returns:
             ``False`` when the key is already claimed (by this or another worker, earlier or
-            concurrently): the caller must not send.
+            concurrently, with another ``token``): the caller must not send.
         """
         now = _now()
         doc = {
@@ -127,10 +134,15 @@ class AlertStore:
             "event_ms": item.event_ms, "state": state, "claimed_at": now, "updated_at": now,
             "message_id": message_id, "digest_id": None, "item": item.model_dump(mode="json"),
         }
+        if token is not None:
+            doc["token"] = token
         try:
             self.claims.insert_one(doc)
         except DuplicateKeyError:
-            return False
+            if token is None:
+                return False
+            mine = self.claims.find_one({"_id": item.key, "token": token}, {"_id": 1})
+            return mine is not None
         return True
 
     def claim_of(self, key: str) -> dict[str, Any] | None:
