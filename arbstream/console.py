@@ -47,8 +47,9 @@ def _fields_in(message: str) -> list[str]:
 
 
 def fail(exc: Exception) -> typer.Exit:
-    """Print ``exc`` as an error; return the ``typer.Exit`` (code 1) to raise."""
-    err.print("[red]error:[/red] " + escape(str(exc)))
+    """Print ``exc`` as an error (not wrapped: one line stays one line in a log); return
+    the ``typer.Exit`` (code 1) to raise."""
+    err.print("[red]error:[/red] " + escape(str(exc)), soft_wrap=True)
     return typer.Exit(1)
 
 

@@ -382,7 +382,7 @@ def main() -> None:
     from arbstream.topics import ensure_topics
     from spark_jobs.progress import attach, record_restart
     from spark_jobs.session import build_session
-    from spark_jobs.supervisor import QueryFailedError, RestartPolicy, supervise
+    from spark_jobs.supervisor import QueryFailedError, RestartPolicy, is_fatal, supervise
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = get_settings()
@@ -404,11 +404,17 @@ def main() -> None:
         supervise(begin, RestartPolicy.of(settings),
                   on_restart=lambda q, n, why: record_restart(settings, q, n, why), stop=stop)
     except QueryFailedError as exc:
+        if stop.is_set() and not is_fatal(exc.cause):
+            log.info("a query failed while stopping: %s", exc)  # e.g. the JVM got the signal
+            return
         check = settings.checkpoint_dir / exc.query
         raise_if_incompatible(exc.cause, exc.query, check)  # Spark's state errors, clearly
         raise
     finally:
-        spark.stop()
+        try:
+            spark.stop()
+        except Exception as exc:  # the JVM is already gone (it got the signal too)
+            log.info("Spark already stopped: %s", type(exc).__name__)
 
 
 if __name__ == "__main__":

@@ -231,7 +231,9 @@ def _texts(exc: BaseException) -> Iterable[str]:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         yield str(current)
-        for getter in ("getCondition", "getErrorClass", "getMessage"):
+        getters = ("getCondition", "getMessage") if hasattr(current, "getCondition") else (
+            "getErrorClass", "getMessage")  # getErrorClass is deprecated where both exist
+        for getter in getters:
             method = getattr(current, getter, None)
             if callable(method):
                 try:

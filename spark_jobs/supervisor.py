@@ -84,17 +84,18 @@ def is_fatal(exc: BaseException) -> bool:
     return any(m in text for m in FATAL_MARKERS) or is_state_incompatibility(exc)
 
 
-def first_line(exc: BaseException, limit: int = 300) -> str:
+def first_line(exc: BaseException, limit: int = 800) -> str:
     """The line of ``exc``'s message that says what went wrong: the one naming a
     :data:`FATAL_MARKERS` error when there is one (Spark wraps it in its own lines), else the
     first non-empty line (its type name when there is none)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in lines:
+    # a Python error inside Spark: the last "SomeError: message" of the embedded traceback,
+    # preferably one no restart can fix
+    raised = [line for line in lines if _RAISED.match(line) and not line.startswith(_WRAPPERS)]
+    for line in reversed(raised):
         for marker in FATAL_MARKERS:
             if marker in line:
                 return line[line.index(marker):][:limit]
-    # a Python error inside Spark: the last "SomeError: message" of the embedded traceback
-    raised = [line for line in lines if _RAISED.match(line) and not line.startswith(_WRAPPERS)]
     return (raised[-1] if raised else lines[0] if lines else type(exc).__name__)[:limit]
 
 

@@ -38,6 +38,8 @@ sort plus ``drop_duplicates(keep="last")`` and pairs a self-merge, all vectorise
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -252,3 +254,21 @@ def reference_opportunities(
     first["windows"] = runs.size()
     out = first.sort_values("opportunity_id", kind="stable").reset_index(drop=True)
     return out[[*OUTPUT_COLUMNS, "valid_from", "valid_to", "windows"]]
+
+
+def replayed_iaqf_quotes(data_dir: Path, start: datetime, end: datetime) -> pd.DataFrame:
+    """The IAQF bars of ``[start, end)`` as the stream receives them from ``arbstream replay
+    iaqf``: :func:`producers.replay.iaqf.load_iaqf_quotes` with ``received_ts`` =
+    ``exchange_ts`` (UTC ms) and the stream's ``dedupe_key``
+    (``exchange:symbol:q:exchange_ts:bid:ask:None:None``), the input of
+    :func:`reference_spreads` and :func:`reference_opportunities`."""
+    from producers.replay.iaqf import load_iaqf_quotes
+
+    quotes = load_iaqf_quotes(data_dir, start, end)
+    quotes["received_ts"] = quotes["exchange_ts"]
+    quotes["dedupe_key"] = [
+        f"{e}:{s}:q:{t}:{b!r}:{a!r}:None:None"
+        for e, s, t, b, a in zip(quotes.exchange, quotes.symbol, quotes.exchange_ts,
+                                 quotes.bid, quotes.ask, strict=True)
+    ]
+    return quotes

@@ -41,8 +41,8 @@ from arbstream.store.config import InfluxConfig, MongoConfig
 from arbstream.store.influx.queries import query
 from arbstream.store.mongo.episodes import find_episodes
 from arbstream.topics import ensure_topics
-from producers.replay.iaqf import load_iaqf_quotes, replay_iaqf
-from testing.reference import OUTPUT_COLUMNS, reference_spreads
+from producers.replay.iaqf import replay_iaqf
+from testing.reference import OUTPUT_COLUMNS, reference_spreads, replayed_iaqf_quotes
 from testing.spark_cluster import SPARK_HOME, Cluster, executor_python, get_json, spark_cluster
 from testing.support import REPO
 from tests.spark_jobs import test_e2e as E2E
@@ -209,14 +209,7 @@ def arb_env(conf: Settings) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def expected(conf: Settings) -> pd.DataFrame:
     """The slice's quotes as the stream receives them (test_e2e's ``expected``)."""
-    quotes = load_iaqf_quotes(conf.data_dir, START, END)
-    quotes["received_ts"] = quotes["exchange_ts"]
-    quotes["dedupe_key"] = [
-        f"{e}:{s}:q:{t}:{b!r}:{a!r}:None:None"
-        for e, s, t, b, a in zip(quotes.exchange, quotes.symbol, quotes.exchange_ts,
-                                 quotes.bid, quotes.ask, strict=True)
-    ]
-    return quotes
+    return replayed_iaqf_quotes(conf.data_dir, START, END)
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ from arbstream.store.influx.queries import query
 from arbstream.store.mongo.episodes import find_episodes
 from arbstream.store.mongo.opportunities import find_opportunities
 from arbstream.topics import DEADLETTER, HEALTH, OPPORTUNITIES, ensure_topics, quotes_topic
-from producers.replay.iaqf import load_iaqf_quotes, replay_iaqf
+from producers.replay.iaqf import replay_iaqf
 from spark_jobs import arbitrage
 from spark_jobs.kafka_source import end_offsets
-from testing.reference import reference_opportunities, reference_spreads
+from testing.reference import reference_opportunities, reference_spreads, replayed_iaqf_quotes
 from testing.support import consume
 
 pytestmark = pytest.mark.e2e
@@ -70,14 +70,7 @@ def e2e_settings(settings: Settings) -> Settings:
 
 @pytest.fixture(scope="module")
 def expected(e2e_settings: Settings) -> pd.DataFrame:
-    quotes = load_iaqf_quotes(e2e_settings.data_dir, START, END)
-    quotes["received_ts"] = quotes["exchange_ts"]
-    quotes["dedupe_key"] = [
-        f"{e}:{s}:q:{t}:{b!r}:{a!r}:None:None"
-        for e, s, t, b, a in zip(quotes.exchange, quotes.symbol, quotes.exchange_ts,
-                                 quotes.bid, quotes.ask, strict=True)
-    ]
-    return quotes
+    return replayed_iaqf_quotes(e2e_settings.data_dir, START, END)
 
 
 @pytest.fixture(scope="module")
