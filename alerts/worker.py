@@ -96,7 +96,7 @@ from alerts.scoring import NO_SCORES, ModelScores, Scorer, model_mismatch, requi
 from alerts.smtp import SmtpConfig, SmtpError, SmtpTransport, send_budget_seconds
 from alerts.store_retry import RetryingStore
 from arbstream.config import AlertRule
-from arbstream.kafka import KafkaConfig, reliable_producer_config
+from arbstream.kafka import KafkaConfig, reliable_producer_config, with_logger
 from arbstream.schemas import DeadLetter, OpportunityEvent, PairSignal
 from arbstream.store.config import InfluxConfig, MongoConfig
 from arbstream.store.influx.client import InfluxError
@@ -199,7 +199,7 @@ def consumer_config(config: AlertsConfig) -> dict[str, Any]:
     session_ms = round(config.session_timeout_seconds * 1000)
     poll_ms = max(300_000, round(send_budget_seconds(config.smtp) * 1000 * 2) + 60_000)
     return {
-        **config.kafka.client_config(),
+        **with_logger(config.kafka.client_config()),  # librdkafka lines via Python logging
         "group.id": config.group_id,
         "client.id": "arbstream-alerts",
         "enable.auto.commit": False,
