@@ -40,6 +40,7 @@ from arbstream.config import Settings
 from arbstream.fees import DEFAULT_TAKER_FEES
 from arbstream.store.config import InfluxConfig, MongoConfig
 from arbstream.store.influx.queries import query
+from arbstream.store.influx.schema import QUERY_PROGRESS, QUERY_RESTARTS, STREAM
 from arbstream.store.mongo.client import connect
 from arbstream.store.mongo.schema import OPPORTUNITIES
 from arbstream.topics import ensure_topics
@@ -70,8 +71,9 @@ IDLE_SECONDS = JOB_IDLE_SECONDS + 15.0
 RUN_TIMEOUT = 900.0  # generous: CI machines have 2 cores
 #: Fields holding wall-clock time of the write, which legitimately differ between runs.
 WALL_CLOCK_FIELDS = {"first_seen_at", "emitted_ts"}
-#: Measurements stamped with processing time (per-batch stream counters): not content.
-PROCESSING_TIME_MEASUREMENTS = {"stream"}
+#: Measurements stamped with processing time (per-batch stream counters, the job's query
+#: progress and restarts): not content.
+PROCESSING_TIME_MEASUREMENTS = {STREAM, QUERY_PROGRESS, QUERY_RESTARTS}
 
 Offsets = dict[str, dict[str, int]]
 
