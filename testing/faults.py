@@ -28,7 +28,6 @@ import email.policy
 import logging
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -210,21 +209,10 @@ class ManagedService:
             FaultError: it exits early (the tail of its log is included) or is not healthy
                 within ``timeout`` s.
         """
-        log_path = self.home / "service.log"
-        with log_path.open("ab") as out:
-            proc = subprocess.Popen(
-                self.service.command(self.home), stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.home,
-                env={**os.environ, "NO_COLOR": "1"})
-        (self.home / "pid").write_text(str(proc.pid))
-        deadline = time.monotonic() + timeout
-        while not self.healthy():
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise FaultError(f"{self.name} exited with {proc.returncode}:\n{tail}")
-            if time.monotonic() > deadline:
-                raise FaultError(f"{self.name} not healthy {timeout:g} s after its restart")
-            time.sleep(0.1)
+        try:
+            stack.start_service(self.settings, self.service, timeout)
+        except stack.StackError as exc:
+            raise FaultError(f"{self.name} restart failed: {exc}") from None
 
 
 class PrivateStack:

@@ -303,28 +303,38 @@ def up(settings: Settings, timeout: float = 60.0) -> list[ServiceStatus]:
                 f"{svc.name} at {svc.endpoint.host}:{svc.endpoint.port} is external and "
                 "not reachable; arbstream only starts services on this machine"
             )
-        home = _home(settings, svc.name)
-        home.mkdir(parents=True, exist_ok=True)
-        log_path = home / "service.log"
-        cmd = svc.command(home)
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=home, env={**os.environ, "NO_COLOR": "1"},
-            )
-        (home / "pid").write_text(str(proc.pid))
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise StackError(f"{svc.name} exited with {proc.returncode}:\n{tail}")
-            healthy, detail = svc.health(settings, timeout=1.0)
-            if healthy:
-                break
-            if time.monotonic() > deadline:
-                raise StackError(f"{svc.name} not healthy after {timeout:.0f}s: {detail}")
-            time.sleep(0.3)
+        start_service(settings, svc, timeout)
     return status(settings)
+
+
+def start_service(settings: Settings, svc: Service, timeout: float = 60.0) -> None:
+    """Run ``svc``'s command in a session of its own (data, log and pid file under
+    ``<state_dir>/services/<name>/``) and wait until it is healthy.
+
+    Raises:
+        StackError: the process exits early (the tail of its log is included) or is not
+            healthy within ``timeout`` s.
+    """
+    home = _home(settings, svc.name)
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = home / "service.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            svc.command(home), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=home, env={**os.environ, "NO_COLOR": "1"},
+        )
+    (home / "pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise StackError(f"{svc.name} exited with {proc.returncode}:\n{tail}")
+        healthy, detail = svc.health(settings, timeout=1.0)
+        if healthy:
+            return
+        if time.monotonic() > deadline:
+            raise StackError(f"{svc.name} not healthy after {timeout:.0f}s: {detail}")
+        time.sleep(0.3)
 
 
 def down(settings: Settings, timeout: float = 15.0) -> list[str]:
