@@ -57,7 +57,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     """Whether a live (not zombie) process of group ``pgid`` exists (Linux ``/proc``)."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -67,6 +67,48 @@ def _group_alive(pgid: int) -> bool:
         if fields[0] != "Z" and int(fields[2]) == pgid:
             return True
     return False
+
+
+def wait_group_gone(pgid: int, timeout: float = 30.0) -> None:
+    """Wait until no process of group ``pgid`` is left (a Spark JVM may outlive its Python
+    driver), SIGKILLing the group after ``timeout`` s.
+
+    Raises:
+        FaultError: still alive ``timeout`` s after the SIGKILL.
+    """
+    for signum in (None, signal.SIGKILL):
+        if signum is not None:
+            signal_group(pgid, signum)
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: not group_alive(pgid), timeout, 0.2)
+            return
+    raise FaultError(f"process group {pgid} survived SIGKILL")
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 30.0) -> int:
+    """SIGTERM the process group of ``proc`` (started with ``start_new_session=True``),
+    SIGKILL it if ``proc`` is still running after ``grace`` s, then wait until the whole
+    group is gone (:func:`wait_group_gone`); return ``proc``'s exit code (negative: killed
+    by that signal)."""
+    if proc.poll() is None:
+        signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            note(f"pid {proc.pid} still running {grace:g} s after SIGTERM: SIGKILL")
+            signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    wait_group_gone(proc.pid, grace)
+    return proc.returncode
+
+
+def kill_group(proc: subprocess.Popen, timeout: float = 30.0) -> int:
+    """SIGKILL the process group of ``proc`` at once and wait until it is gone; return
+    ``proc``'s exit code (``-9``)."""
+    signal_group(proc.pid, signal.SIGKILL)
+    code = proc.wait(timeout)
+    wait_group_gone(proc.pid, timeout)
+    return code
 
 
 class Component:
@@ -110,40 +152,16 @@ class Component:
     def kill(self, timeout: float = 30.0) -> int:
         """SIGKILL the whole process group (e.g. the driver and its JVM); return the exit
         code (``-9``)."""
-        signal_group(self.proc.pid, signal.SIGKILL)
-        code = self.proc.wait(timeout)
-        self._wait_group_gone(timeout)
+        code = kill_group(self.proc, timeout)
         note(f"`{self.name}` SIGKILLed (exit {code})")
         return code
 
     def stop(self, grace: float = 30.0) -> int:
         """SIGTERM the process group, SIGKILL whatever is left after ``grace`` s; return the
         main process's exit code (negative: killed by that signal)."""
-        if self.proc.poll() is None:
-            signal_group(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                note(f"`{self.name}` still running {grace:g} s after SIGTERM: SIGKILL")
-                signal_group(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
-        self._wait_group_gone(grace)
-        note(f"`{self.name}` stopped (exit {self.proc.returncode})")
-        return self.proc.returncode
-
-    def _wait_group_gone(self, timeout: float) -> None:
-        """Wait until no process of the group is left, SIGKILLing it after ``timeout`` s.
-
-        Raises:
-            FaultError: still alive ``timeout`` s after the SIGKILL.
-        """
-        for signum in (None, signal.SIGKILL):
-            if signum is not None:
-                signal_group(self.proc.pid, signum)
-            with contextlib.suppress(TimeoutError):
-                wait_until(lambda: not _group_alive(self.proc.pid), timeout, 0.2)
-                return
-        raise FaultError(f"process group {self.proc.pid} survived SIGKILL")
+        code = stop_group(self.proc, grace)
+        note(f"`{self.name}` stopped (exit {code})")
+        return code
 
 
 def run_stream(settings: Settings, log: Path, extra_env: dict[str, str] | None = None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from arbstream.config import Settings
 from arbstream.shell import stack
 from arbstream.shell.demo import DEMO_OVERRIDES
 from arbstream.shell.stack import free_port
+from testing.components import stop_group
 from tests.shell.test_compose import COMPOSE, DOCKERFILE, HEALTHCHECK, REPO, settings_env
 
 #: A short stretch of the compose replay's range: USDC fell below 0.9 in these hours.
@@ -108,13 +108,7 @@ def demo_stream(settings: Settings, tmp_path: Path, spark_conf: tuple[Path, int]
     try:
         yield proc, env, spark_conf[1], tmp_path / "stream.log"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc, grace=60)
         log.close()
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import time
 import uuid
@@ -42,6 +41,7 @@ from arbstream.store.influx.queries import query
 from arbstream.store.mongo.episodes import find_episodes
 from arbstream.topics import ensure_topics
 from producers.replay.iaqf import replay_iaqf
+from testing.components import stop_group
 from testing.reference import OUTPUT_COLUMNS, reference_spreads, replayed_iaqf_quotes
 from testing.spark_cluster import SPARK_HOME, Cluster, executor_python, get_json, spark_cluster
 from testing.support import REPO
@@ -283,13 +283,7 @@ def stream_run(cluster: Cluster, shipped: Shipped, conf: Settings, expected: pd.
         executors = get_json(f"http://127.0.0.1:{ui}/api/v1/applications/{app['id']}"
                              "/allexecutors")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, grace=60)
     return StreamRun(app["id"], executors, log.read_text(), seconds)
 
 

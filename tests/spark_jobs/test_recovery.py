@@ -22,10 +22,8 @@ generically, so collections and measurements added to the job later are covered 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -47,6 +45,7 @@ from arbstream.topics import ensure_topics
 from producers.replay.iaqf import load_iaqf_quotes
 from producers.replay.publish import publish_quotes
 from spark_jobs.kafka_source import end_offsets
+from testing.components import kill_group, stop_group
 
 pytestmark = pytest.mark.e2e
 
@@ -142,53 +141,11 @@ class Job:
 
     def kill(self) -> None:
         """SIGKILL the whole process group: the Python driver and the Spark JVM at once."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        _wait_group_gone(self.proc.pid)
+        kill_group(self.proc)
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the process group; SIGKILL whatever is left after ``grace`` seconds."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-        _wait_group_gone(self.proc.pid, grace)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether a live (not zombie) process of group ``pgid`` exists (Linux ``/proc``)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
-
-
-def _wait_group_gone(pgid: int, timeout: float = 30.0) -> None:
-    """Wait until no process of group ``pgid`` is left (the JVM may outlive the driver),
-    SIGKILLing the group after ``timeout`` seconds.
-
-    Raises:
-        AssertionError: still alive ``timeout`` seconds after the SIGKILL.
-    """
-    for signum in (None, signal.SIGKILL):
-        if signum is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signum)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not _group_alive(pgid):
-                return
-            time.sleep(0.2)
-    raise AssertionError(f"process group {pgid} survived SIGKILL")
+        stop_group(self.proc, grace)
 
 
 # --- reading the checkpoint from outside ---------------------------------------------------------
