@@ -324,19 +324,16 @@ def wait_drained(
         for q in queries:
             if q.exception():
                 raise q.exception()  # type: ignore[misc]
-        done = {q.name: processed_offsets(q) for q in queries}
-        left = sum(
-            max(0, off - done[q.name].get(t, {}).get(p, 0))
+        # (processed offset or None, target) of every partition each query reads
+        reached = [
+            (done.get(t, {}).get(p), off)
             for q in queries
+            for done in (processed_offsets(q),)
             for t in per_query[q.name]
             for p, off in targets.get(t, {}).items()
-        )
-        caught_up = all(
-            done[q.name].get(t, {}).get(p, -1) >= off
-            for q in queries
-            for t in per_query[q.name]
-            for p, off in targets.get(t, {}).items()
-        )
+        ]
+        left = sum(max(0, off - (at or 0)) for at, off in reached)
+        caught_up = all(at is not None and at >= off for at, off in reached)
         if progress is not None:
             progress(left, caught_up)
         idle = all(not q.status["isDataAvailable"] and (

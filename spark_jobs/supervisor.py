@@ -158,8 +158,8 @@ def supervise(
         stop.set()
 
     def run(name: str) -> None:
-        started = [clock()]
-        consecutive = [0]
+        started = clock()
+        consecutive = 0
 
         def retryable(exc: BaseException) -> bool:
             return not stop.is_set() and not is_fatal(exc)
@@ -168,19 +168,20 @@ def supervise(
             return not budget.take()
 
         def wait(state: RetryCallState) -> float:
-            if clock() - started[0] > 2 * policy.backoff_max_s:
-                consecutive[0] = 0  # it ran well for a while: start the backoff again
-            consecutive[0] += 1
-            return policy.wait(consecutive[0])
+            nonlocal consecutive
+            if clock() - started > 2 * policy.backoff_max_s:
+                consecutive = 0  # it ran well for a while: start the backoff again
+            consecutive += 1
+            return policy.wait(consecutive)
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             reason = first_line(exc) if exc else "unknown"
             log.warning("query %s failed (%s); restart %d from its checkpoint in %.1f s",
-                        name, reason, consecutive[0], state.upcoming_sleep)
+                        name, reason, consecutive, state.upcoming_sleep)
             if on_restart is not None:
                 try:
-                    on_restart(name, consecutive[0], reason)
+                    on_restart(name, consecutive, reason)
                 except Exception:  # reporting must not stop the healing
                     log.exception("could not record the restart of query %s", name)
 
@@ -193,7 +194,7 @@ def supervise(
                 with attempt:
                     if stop.is_set():
                         return
-                    started[0] = clock()
+                    started = clock()
                     query = active[name] = starters[name]()
                     query.awaitTermination()  # raises StreamingQueryException on failure
         except Exception as exc:
